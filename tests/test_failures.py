@@ -1,0 +1,100 @@
+"""Bad input fails fast with one sentence; a dead generator or Ctrl-C stops everything, leaving no orphans."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import ROOT, SFT_STEPS
+
+
+def start(script, cache_dir, tmp_path, *flags, marker=None):
+    env = dict(os.environ, ASYNC_DPO_TEST_MARKER=marker or "none")
+    cmd = [sys.executable, os.path.join(ROOT, script), "--cache_dir", cache_dir, "--output_dir", str(tmp_path),
+           "--sft_steps", str(SFT_STEPS), *flags]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+
+
+def processes_with(marker):
+    """Processes still alive that carry this run's marker in their environment (the spawned generator inherits it)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"ASYNC_DPO_TEST_MARKER={marker}".encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_samples", "1"], "--num_samples"),
+        (["--beta", "0"], "--beta"),
+        (["--temperature", "0"], "--temperature"),
+        (["--batch_size", "10", "--micro_batch_size", "4"], "not divisible"),
+        (["--async_steps", "-1"], "--async_steps"),
+        (["--model_name_or_path", "/no/such/model"], "--model_name_or_path"),
+        (["--reward_fn", "no_such_module:score"], "--reward_fn"),
+        (["--response_length", "100"], "context"),
+    ],
+)
+def test_bad_input_gives_one_sentence_before_spawning(cache_dir, tmp_path, flags, message):
+    marker = uuid.uuid4().hex
+    p = start("async_online_dpo.py", cache_dir, tmp_path, *flags, marker=marker)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err and "run " not in out  # nothing started
+    assert not os.listdir(tmp_path)  # no run folder either
+
+
+def test_unknown_flag_is_rejected(cache_dir, tmp_path):
+    p = start("async_online_dpo.py", cache_dir, tmp_path, "--num_stepz", "3")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and "--num_stepz" in err
+
+
+def test_sync_baseline_refuses_async_steps(cache_dir, tmp_path):
+    p = start("sync_baseline.py", cache_dir, tmp_path, "--async_steps", "2")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and err.strip().startswith("error: sync_baseline.py always runs with --async_steps 0")
+
+
+def test_generator_crash_stops_the_trainer_with_its_traceback(cache_dir, tmp_path):
+    marker = uuid.uuid4().hex
+    p = start("async_online_dpo.py", cache_dir, tmp_path, "--num_steps", "6", "--batch_size", "8",
+              "--micro_batch_size", "4", "--eval_prompts", "8", "--crash_generator_at", "2", marker=marker)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 1
+    assert "the generator process crashed" in err and "Traceback" in err
+    assert "generator crashed on purpose at batch 2" in err
+    assert "step   2/6" in out and "step   4/6" not in out  # it stopped right there, not at the end
+    assert processes_with(marker) == []
+
+
+def test_ctrl_c_stops_both_processes(cache_dir, tmp_path):
+    marker = uuid.uuid4().hex
+    p = start("async_online_dpo.py", cache_dir, tmp_path, "--num_steps", "200", "--batch_size", "8",
+              "--micro_batch_size", "4", "--eval_prompts", "8", marker=marker)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until training is under way
+        line = p.stdout.readline()
+        if line.startswith("step   2/"):
+            break
+    assert len(processes_with(marker)) >= 2  # trainer and generator both alive
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: SIGINT to the whole group
+    t = time.time()
+    _, err = p.communicate(timeout=60)
+    assert time.time() - t < 30
+    assert p.returncode != 0 and "interrupted" in err
+    time.sleep(1)
+    assert processes_with(marker) == []

@@ -1,0 +1,68 @@
+"""The weight sync is real: after a push, vLLM in the generator process samples from the pushed weights."""
+
+import torch
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import async_online_dpo as A
+
+
+def transformers_greedy(model, tokenizer, prompts, max_new_tokens):
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        out = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        outputs.append(out[0, ids.shape[1]:].tolist())
+    return outputs
+
+
+def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
+    args = A.Args(cache_dir=cache_dir, num_steps=2, batch_size=4, eval_prompts=24, eval_every=1,
+                  async_steps=0, response_length=16)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    policy = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    ctx = mp.get_context("spawn")
+    weights_queue, samples_queue, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    process = ctx.Process(target=A.generator, args=(args, model_path, 32, [0], weights_queue, samples_queue, stop))
+    process.start()
+    try:
+        def push(version):
+            state_dict = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+            weights_queue.put({"version": version, "state_dict": state_dict, "evaluate": True})
+
+        # Version 0: the generator's greedy output is transformers' greedy output from the same weights.
+        push(0)
+        batch = A.receive(samples_queue, process)
+        (eval0,) = batch["evals"]
+        assert batch["version"] == 0 and eval0["version"] == 0
+        old = transformers_greedy(policy, tokenizer, eval0["prompts"], args.response_length)
+        assert eval0["response_ids"] == old
+
+        # The trainer changes its weights (a few optimizer steps towards reversed answers) and pushes them.
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+        for _ in range(5):
+            prompts = eval0["prompts"]
+            seqs = [tokenizer(p)["input_ids"] + tokenizer(p[:-1][::-1])["input_ids"] + [tokenizer.eos_token_id] for p in prompts]
+            ids, mask = A.pad_right(seqs, tokenizer.pad_token_id)
+            policy(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+            optimizer.step(), optimizer.zero_grad()
+        policy.eval()
+        push(1)
+        batch = A.receive(samples_queue, process)
+        (eval1,) = batch["evals"]
+        assert batch["version"] == 1 and eval1["version"] == 1
+        new = transformers_greedy(policy, tokenizer, eval1["prompts"], args.response_length)
+        assert eval1["response_ids"] == new  # vLLM now serves the new weights...
+        assert sum(a != b for a, b in zip(new, old)) >= len(old) // 2  # ...which really changed the output
+
+        push(2)  # the generator evaluates the final version, then exits
+        final = A.receive(samples_queue, process)
+        assert [e["version"] for e in final["evals"]] == [2]
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    finally:
+        stop.set()
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
