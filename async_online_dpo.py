@@ -22,6 +22,7 @@ import random
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -267,7 +268,10 @@ def generator(args: Args, model_path: str, max_model_len: int, cpu_cores: list[i
         # With the engine inside this process, collective_rpc can pass tensors (vLLM 0.32).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_CACHE_ROOT"] = os.path.abspath(os.path.join(args.cache_dir, "vllm"))
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM 0.32 warns on every reload that RotaryEmbedding has no weights (its tables are computed,
+        # not loaded); that would bury the step lines. Set VLLM_LOGGING_LEVEL=INFO to see everything.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        warnings.filterwarnings("ignore", message=".*reduce_op.*", category=FutureWarning)
         if not torch.cuda.is_available():
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.vllm_cpu_kv_cache_gib)
             os.environ["OMP_NUM_THREADS"] = str(len(cpu_cores))

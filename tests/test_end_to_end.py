@@ -65,3 +65,16 @@ def test_sync_run(cache_dir, tmp_path):
     check_run_folder(run_dir, steps, evals)
     assert [r["async/lag"] for r in steps] == [0, 0, 0, 0]
     assert os.path.basename(run_dir).startswith("sync_baseline__")
+
+
+def test_own_model_and_reward_function(cache_dir, model_path, tmp_path):
+    """Any local transformers model folder and any module:function reward work in place of the defaults."""
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path, "--model_name_or_path", model_path,
+                        "--reward_fn", "tests.my_rewards:count_a")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"model {model_path}" in result.stdout
+    run_dir, steps, evals = read_run(tmp_path)
+    check_run_folder(run_dir, steps, evals)
+    samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
+    for s in samples:  # the logged gold reward is the user's function, not the built-in one
+        assert s["gold"] == s["completion"].count("a") / max(1, len(s["completion"]))
