@@ -253,6 +253,20 @@ def warm_start(args: Args) -> str:
 #                                 ^ push v1  ^ push v2
 #
 # With N = 0 the generator waits for version i before batch i, and the trainer waits while it samples.
+def pin_to_cores(cores: list[int]):
+    """Run this process on these CPU cores only (Linux; elsewhere the thread count alone separates them)."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+
+
+def split_cpu_cores():
+    """On a CPU the generator takes the first half of our cores and the trainer the rest."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    half = max(1, len(cores) // 2)
+    return cores[:half], cores[half:] or cores
+
+
 def load_weights_into_vllm(llm, state_dict):
     """Every vLLM internal we touch, in one place. Written against vLLM 0.32.0 (V1 engine).
 
@@ -275,8 +289,7 @@ def generator(args: Args, model_path: str, max_model_len: int, cpu_cores: list[i
         if not torch.cuda.is_available():
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.vllm_cpu_kv_cache_gib)
             os.environ["OMP_NUM_THREADS"] = str(len(cpu_cores))
-            os.sched_setaffinity(0, cpu_cores)  # our cores, so the trainer's never slow us down
-            torch.set_num_threads(len(cpu_cores))
+            pin_to_cores(cpu_cores)  # our own cores, so the trainer never slows us down
         from vllm import LLM, SamplingParams
 
         llm = LLM(
@@ -385,11 +398,6 @@ def check_lengths(args: Args, model_path: str, tokenizer):
     return longest_prompt + args.response_length
 
 
-def split_cpu_cores():
-    """On a CPU the generator takes the first half of our cores and the trainer the rest."""
-    cores = sorted(os.sched_getaffinity(0))
-    half = max(1, len(cores) // 2)
-    return cores[:half], cores[half:] or cores
 
 
 def receive(samples_queue, process):
@@ -429,8 +437,7 @@ def main(args: Args):
     else:
         device = torch.device("cpu")
         generator_cores, trainer_cores = split_cpu_cores()
-        os.sched_setaffinity(0, trainer_cores)
-        torch.set_num_threads(len(trainer_cores))
+        pin_to_cores(trainer_cores)
     policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
     ref_policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
     ref_policy.requires_grad_(False)
@@ -457,18 +464,19 @@ def main(args: Args):
         evaluate = version % args.eval_every == 0 or version == args.num_steps
         weights_queue.put({"version": version, "state_dict": state_dict, "evaluate": evaluate})
 
-    def log_evals(evals, last_kl):
+    def log_evals(evals, kl):
+        """Score the generator's held-out completions with the gold reward; kl is the latest training KL."""
         for e in evals:
             completions = tokenizer.batch_decode(e["response_ids"], skip_special_tokens=True)
-            gold = sum(reward_fn(e["prompts"], completions)) / len(completions)
-            eval_log.append({"version": e["version"], "gold_reward": gold, "kl": last_kl})
-            writer.add_scalar("eval/gold_reward", gold, e["version"])
-            metrics_file.write(json.dumps({"eval/version": e["version"], "eval/gold_reward": gold}) + "\n")
-            shown = [{"version": e["version"], "prompt": p, "completion": c, "gold": r}
-                     for p, c, r in zip(e["prompts"], completions, reward_fn(e["prompts"], completions))][: args.log_samples]  # fmt: skip
-            samples_file.write("".join(json.dumps(s) + "\n" for s in shown))
-            examples = "  ".join(f"{s['prompt']}{s['completion']}" for s in shown)
-            print(f"eval  policy v{e['version']:<4d} gold reward {gold:.3f}   e.g. {examples}")
+            rewards = reward_fn(e["prompts"], completions)
+            row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl}
+            eval_log.append(row)
+            writer.add_scalar("eval/gold_reward", row["eval/gold_reward"], e["version"])
+            metrics_file.write(json.dumps(row) + "\n")
+            shown = list(zip(e["prompts"], completions, rewards))[: args.log_samples]
+            samples_file.write("".join(json.dumps({"version": e["version"], "prompt": p, "completion": c, "gold": r}) + "\n" for p, c, r in shown))
+            examples = "  ".join(p + c for p, c, _ in shown)
+            print(f"eval  policy v{e['version']:<4d} gold reward {row['eval/gold_reward']:.3f}  kl {kl:.2f}  e.g. {examples}")
 
     # ------------------------------------------------------------------------------------------------
     # Start the generator. It loads the model from disk once; after that, weights arrive by queue.
@@ -603,8 +611,8 @@ def main(args: Args):
         "push_weights_per_step": mean("time/push_weights"),
         "speedup_achieved": (G + T) / mean("time/step"),
         "speedup_ideal": (G + T) / max(G, T),
-        "eval_gold_reward_start": eval_log[0]["gold_reward"],
-        "eval_gold_reward_end": eval_log[-1]["gold_reward"],
+        "eval_gold_reward_start": eval_log[0]["eval/gold_reward"],
+        "eval_gold_reward_end": eval_log[-1]["eval/gold_reward"],
         "kl_end": step_log[-1]["objective/kl"],
         "lags": [m["async/lag"] for m in step_log],
     }

@@ -32,7 +32,7 @@ def read_run(output_dir):
 def check_run_folder(run_dir, steps, evals, num_steps=4):
     assert [r["step"] for r in steps] == list(range(num_steps))
     assert [e["eval/version"] for e in evals] == [0, 2, 4]  # start, every --eval_every, end
-    assert all(0 <= e["eval/gold_reward"] <= 1 for e in evals)
+    assert all(0 <= e["eval/gold_reward"] <= 1 and "eval/kl" in e for e in evals)
     assert json.load(open(os.path.join(run_dir, "args.json")))["num_steps"] == num_steps
     assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]

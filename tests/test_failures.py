@@ -16,8 +16,10 @@ def start(script, cache_dir, tmp_path, *flags, marker=None):
     env = dict(os.environ, ASYNC_DPO_TEST_MARKER=marker or "none")
     cmd = [sys.executable, os.path.join(ROOT, script), "--cache_dir", cache_dir, "--output_dir", str(tmp_path),
            "--sft_steps", str(SFT_STEPS), *flags]
+    # A terminal starts programs with SIGINT at its default; a shell's background job (CI may be one)
+    # starts them with SIGINT ignored, which Python keeps. Restore the default so Ctrl-C can be tested.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def processes_with(marker):
