@@ -19,6 +19,7 @@ import json
 import os
 import queue
 import random
+import signal
 import sys
 import time
 import traceback
@@ -193,6 +194,12 @@ def pad_right(sequences: list[list[int]], pad_id: int):
     return ids, mask.long()
 
 
+def mask_prompts(attention_mask, prompt_lengths: list[int]):
+    """(B, T) mask that is 1 on response tokens only: 0 on each row's prompt and on padding."""
+    positions = torch.arange(attention_mask.shape[1])[None, :]
+    return attention_mask * (positions >= torch.tensor(prompt_lengths)[:, None])
+
+
 # ----------------------------------------------------------------------------------------------------
 # The warm start: with no --model_name_or_path we build a ~10 M parameter Llama and a character
 # tokenizer here, and teach it the task briefly with supervised learning, to an imperfect SFT policy.
@@ -277,6 +284,10 @@ def load_weights_into_vllm(llm, state_dict):
     llm.reset_prefix_cache()
 
 
+class Stopped(Exception):
+    """Raised in the generator when the trainer has finished, failed or been killed."""
+
+
 def generator(args: Args, model_path: str, max_model_len: int, cpu_cores: list[int], weights_queue, samples_queue, stop):
     try:
         # With the engine inside this process, collective_rpc can pass tensors (vLLM 0.32).
@@ -302,27 +313,31 @@ def generator(args: Args, model_path: str, max_model_len: int, cpu_cores: list[i
         eval_prompts = builtin_prompts(random.Random("eval"), args.eval_prompts)  # held out: another stream
         version = -1
 
+        def check_trainer():
+            if stop.is_set() or not mp.parent_process().is_alive():  # done, failed, or killed outright
+                raise Stopped
+
         def generate(prompts, params):
             outputs = llm.generate(prompts, params, use_tqdm=False)
             return [o.prompt_token_ids for o in outputs], [list(c.token_ids) for o in outputs for c in o.outputs]
 
         def take_weights(min_version):
-            """Load the newest snapshot, waiting until it is at least min_version. Older snapshots
-            flagged for evaluation are loaded and evaluated on the way, so no evaluation is skipped."""
+            """Load the newest snapshot, first waiting until there is one of at least min_version. Older
+            snapshots flagged for evaluation are loaded and evaluated on the way, so none is skipped."""
             nonlocal version
-            snapshots, timing, evals = [], {"wait_weights": 0.0, "load_weights": 0.0, "eval": 0.0}, []
-            while True:
-                newest = snapshots[-1]["version"] if snapshots else version
-                t = time.time()
+            timing, evals, snapshots = {"load_weights": 0.0, "eval": 0.0}, [], []
+            t = time.time()
+            while (snapshots[-1]["version"] if snapshots else version) < min_version:  # the staleness bound
                 try:
-                    snapshots.append(weights_queue.get(timeout=1) if newest < min_version else weights_queue.get_nowait())
+                    snapshots.append(weights_queue.get(timeout=1))
                 except queue.Empty:
-                    if newest >= min_version:
-                        break
-                    if stop.is_set():
-                        raise KeyboardInterrupt  # the trainer has gone; leave quietly
-                finally:
-                    timing["wait_weights"] += time.time() - t
+                    check_trainer()
+            while True:  # and take whatever newer snapshots are already waiting
+                try:
+                    snapshots.append(weights_queue.get_nowait())
+                except queue.Empty:
+                    break
+            timing["wait_weights"] = time.time() - t
             for snapshot in snapshots:
                 if snapshot is snapshots[-1] or snapshot["evaluate"]:
                     t = time.time()
@@ -337,7 +352,8 @@ def generator(args: Args, model_path: str, max_model_len: int, cpu_cores: list[i
             return timing, evals
 
         for index in range(args.num_steps):
-            timing, evals = take_weights(min_version=index - args.async_steps)
+            check_trainer()
+            timing, evals = take_weights(min_version=max(0, index - args.async_steps))
             if index == args.crash_generator_at:
                 raise RuntimeError(f"generator crashed on purpose at batch {index} (--crash_generator_at)")
             prompts = builtin_prompts(random.Random(f"train-{args.seed}-{index}"), args.batch_size)
@@ -350,7 +366,7 @@ def generator(args: Args, model_path: str, max_model_len: int, cpu_cores: list[i
             )  # fmt: skip
         timing, evals = take_weights(min_version=args.num_steps)  # the final policy, for the last evaluation
         samples_queue.put({"index": args.num_steps, "evals": evals, "timing": timing})
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
         samples_queue.cancel_join_thread()  # Ctrl-C or the trainer stopped: exit without flushing
     except BaseException:
         samples_queue.put({"error": traceback.format_exc()})  # the trainer re-raises it with this traceback
@@ -369,39 +385,41 @@ def check_args(args: Args):
         fail(f"--num_samples is {args.num_samples}, but online DPO needs at least 2 completions per prompt to compare.")
     if args.beta <= 0:
         fail(f"--beta is {args.beta}; it must be positive (the paper uses 0.1 on TL;DR).")
-    if args.temperature <= 0:
-        fail(f"--temperature is {args.temperature}; sampling needs a positive temperature (the paper uses 0.7).")
-    if min(args.num_steps, args.batch_size, args.micro_batch_size, args.eval_every, args.eval_prompts) < 1:
-        fail("--num_steps, --batch_size, --micro_batch_size, --eval_every and --eval_prompts must be at least 1.")
-    if args.batch_size % args.micro_batch_size:
-        fail(f"--batch_size {args.batch_size} is not divisible by --micro_batch_size {args.micro_batch_size}; pick sizes that divide.")
+    if args.temperature <= 0 or args.eval_temperature < 0:
+        fail("--temperature must be positive (the paper uses 0.7) and --eval_temperature at least 0 (0 is greedy).")
+    if min(args.num_steps, args.batch_size, args.micro_batch_size, args.response_length, args.eval_every, args.eval_prompts) < 1:
+        fail("--num_steps, --batch_size, --micro_batch_size, --response_length, --eval_every and --eval_prompts must be at least 1.")
     if args.async_steps < 0:
-        fail(f"--async_steps is {args.async_steps}; use 0 for synchronous training or N >= 1 to let the generator run N batches ahead.")
+        fail(f"--async_steps is {args.async_steps}; use 0 to train synchronously or N >= 1 to let the generator run N batches ahead.")
     if args.model_name_or_path:
         try:
             AutoConfig.from_pretrained(args.model_name_or_path)
         except (OSError, ValueError):
-            fail(f"--model_name_or_path {args.model_name_or_path!r} is not a transformers model folder; give one written by save_pretrained, or leave it empty for the built-in model.")
+            fail(f"--model_name_or_path {args.model_name_or_path!r} is not a transformers model folder; "
+                 "give one written by save_pretrained, or leave it empty for the built-in model.")  # fmt: skip
     if args.reward_fn:
         try:
             load_reward_fn(args.reward_fn)
         except (ImportError, AttributeError, ValueError):
-            fail(f"--reward_fn {args.reward_fn!r} cannot be imported; give it as module:function, with the module importable from this folder.")
+            fail(f"--reward_fn {args.reward_fn!r} cannot be imported; give it as module:function, with the module importable from here.")
 
 
-def check_lengths(args: Args, model_path: str, tokenizer):
-    """Prompt plus response must fit in the model's context (the longest prompt the task can make)."""
-    longest_prompt = len(tokenizer("z" * MAX_LETTERS + "=")["input_ids"])
+def check_lengths(args: Args, model_path: str, tokenizer) -> int:
+    """Prompt plus response must fit in the model's context. Returns the longest sequence, for vLLM."""
+    longest_prompt = MAX_LETTERS + 1 + len(tokenizer("")["input_ids"])  # a token covers >= 1 character
     context = AutoConfig.from_pretrained(model_path).max_position_embeddings
     if longest_prompt + args.response_length > context:
-        sys.exit(f"error: prompts of up to {longest_prompt} tokens plus --response_length {args.response_length} exceed the model's context of {context} tokens; lower --response_length to at most {context - longest_prompt}.")
+        sys.exit(f"error: prompts of up to {longest_prompt} tokens plus --response_length {args.response_length} exceed "
+                 f"the model's context of {context} tokens; lower --response_length to at most {context - longest_prompt}.")  # fmt: skip
     return longest_prompt + args.response_length
 
 
+class GeneratorError(RuntimeError):
+    """The generator process crashed (its traceback is in the message) or died."""
 
 
 def receive(samples_queue, process):
-    """Next message from the generator; a crash there becomes an error here within a second."""
+    """Next message from the generator; a crash there becomes a GeneratorError here within seconds."""
     while True:
         try:
             message = samples_queue.get(timeout=1)
@@ -411,9 +429,9 @@ def receive(samples_queue, process):
             try:  # it may have died just after putting its traceback on the queue
                 message = samples_queue.get(timeout=1)
             except queue.Empty:
-                raise RuntimeError(f"the generator process died (exit code {process.exitcode}) without a traceback")
+                raise GeneratorError(f"the generator process died (exit code {process.exitcode}) without a traceback")
         if "error" in message:
-            raise RuntimeError("the generator process crashed:\n" + message["error"])
+            raise GeneratorError("the generator process crashed:\n" + message["error"])
         return message
 
 
@@ -443,6 +461,8 @@ def main(args: Args):
     ref_policy.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / args.num_steps)
+    eos = policy.generation_config.eos_token_id  # vLLM stops at any of these
+    eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
 
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
@@ -454,6 +474,7 @@ def main(args: Args):
     writer = SummaryWriter(run_dir)
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w")
     samples_file = open(os.path.join(run_dir, "samples.jsonl"), "w")
+    step_log, eval_log = [], []
     mode = f"async, generator up to {args.async_steps} batch(es) ahead" if args.async_steps else "synchronous"
     print(f"run {run_dir}: {mode}; trainer on {device}, model {model_path}")
 
@@ -464,19 +485,23 @@ def main(args: Args):
         evaluate = version % args.eval_every == 0 or version == args.num_steps
         weights_queue.put({"version": version, "state_dict": state_dict, "evaluate": evaluate})
 
-    def log_evals(evals, kl):
-        """Score the generator's held-out completions with the gold reward; kl is the latest training KL."""
+    def log_evals(evals):
+        """Score the generator's held-out completions with the gold reward. The KL logged beside it is the
+        one measured on policy version v's training batch (the last one, for the final version)."""
         for e in evals:
             completions = tokenizer.batch_decode(e["response_ids"], skip_special_tokens=True)
             rewards = reward_fn(e["prompts"], completions)
+            kl = step_log[min(e["version"], len(step_log) - 1)]["objective/kl"]
             row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl}
             eval_log.append(row)
             writer.add_scalar("eval/gold_reward", row["eval/gold_reward"], e["version"])
+            writer.add_scalar("eval/kl", kl, e["version"])
             metrics_file.write(json.dumps(row) + "\n")
             shown = list(zip(e["prompts"], completions, rewards))[: args.log_samples]
-            samples_file.write("".join(json.dumps({"version": e["version"], "prompt": p, "completion": c, "gold": r}) + "\n" for p, c, r in shown))
+            for p, c, r in shown:
+                samples_file.write(json.dumps({"version": e["version"], "prompt": p, "completion": c, "gold": r}) + "\n")
             examples = "  ".join(p + c for p, c, _ in shown)
-            print(f"eval  policy v{e['version']:<4d} gold reward {row['eval/gold_reward']:.3f}  kl {kl:.2f}  e.g. {examples}")
+            print(f"eval  policy v{e['version']:<4d} gold reward {row['eval/gold_reward']:.3f}  kl {kl:5.2f}  e.g. {examples}")
 
     # ------------------------------------------------------------------------------------------------
     # Start the generator. It loads the model from disk once; after that, weights arrive by queue.
@@ -486,40 +511,38 @@ def main(args: Args):
         target=generator, args=(args, model_path, max_model_len, generator_cores, weights_queue, samples_queue, stop), daemon=True
     )
     process.start()
-    eval_log, step_log = [], []
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops both processes, as Ctrl-C does
     try:
         push_weights(version=0)
         for step in range(args.num_steps):
-            # 1. Get a batch from the generator. Its version lags ours by up to N updates.
+            # 1. Get a batch from the generator. It was sampled by a policy up to N updates older than ours.
             t0 = time.time()
             batch = receive(samples_queue, process)
             t1 = time.time()
-            metrics = {"async/learner_version": step, "async/batch_version": batch["version"], "async/lag": step - batch["version"]}
-            log_evals(batch["evals"], step_log[-1]["objective/kl"] if step_log else 0.0)
 
             # 2. Score every completion with the reward; a completion with no EOS gets the penalty instead.
             P, k = len(batch["prompts"]), args.num_samples
             responses = batch["response_ids"]  # P*k token lists, the k samples of a prompt side by side
-            has_eos = torch.tensor([len(r) > 0 and r[-1] == tokenizer.eos_token_id for r in responses])
+            has_eos = torch.tensor([len(r) > 0 and r[-1] in eos_ids for r in responses])
             completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
             gold = torch.tensor(reward_fn([p for p in batch["prompts"] for _ in range(k)], completions), dtype=torch.float)
             scores = apply_missing_eos_penalty(gold, has_eos, args.missing_eos_penalty).view(P, k)
 
             # 3. Pick chosen (best) and rejected (worst) per prompt; drop ties, they carry no preference.
             chosen, rejected, valid = select_pairs(scores)
-            pairs = valid.nonzero().squeeze(1).tolist()
+            chosen, rejected, pairs = chosen.tolist(), rejected.tolist(), valid.nonzero().squeeze(1).tolist()
 
             # 4. DPO loss on summed response log-probs of policy and reference, one update per batch.
             #    The loss of each micro-batch is divided by the pairs in the whole batch, so the
-            #    accumulated gradient is the mean over pairs, whatever the micro-batch split.
-            stats = {name: [] for name in ("loss", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")}
+            #    accumulated gradient is the mean over pairs, whatever the micro-batch size.
+            stats = {"loss": [], "chosen_logps": [], "rejected_logps": [], "ref_chosen_logps": [], "ref_rejected_logps": []}
             for start in range(0, len(pairs), args.micro_batch_size):
                 mb = pairs[start : start + args.micro_batch_size]
-                sequences = [batch["prompt_ids"][i] + responses[i * k + chosen[i]] for i in mb]
-                sequences += [batch["prompt_ids"][i] + responses[i * k + rejected[i]] for i in mb]
-                input_ids, attention_mask = pad_right(sequences, tokenizer.pad_token_id or 0)
-                prompt_lengths = torch.tensor([len(batch["prompt_ids"][i]) for i in mb] * 2)
-                response_mask = attention_mask * (torch.arange(input_ids.shape[1])[None, :] >= prompt_lengths[:, None])
+                prompts = [batch["prompt_ids"][i] for i in mb]
+                sequences = [p + responses[i * k + chosen[i]] for p, i in zip(prompts, mb)]
+                sequences += [p + responses[i * k + rejected[i]] for p, i in zip(prompts, mb)]
+                input_ids, attention_mask = pad_right(sequences, tokenizer.pad_token_id or 0)  # (2M, T)
+                response_mask = mask_prompts(attention_mask, [len(p) for p in prompts] * 2)
                 input_ids, attention_mask, response_mask = input_ids.to(device), attention_mask.to(device), response_mask.to(device)
                 logps = sequence_logprobs(policy, input_ids, attention_mask, response_mask, args.temperature)  # (2M,)
                 with torch.no_grad():
@@ -530,58 +553,61 @@ def main(args: Args):
                 (losses.sum() / len(pairs)).backward()
                 for name, value in zip(stats, (losses, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)):
                     stats[name].append(value.detach().cpu())
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm) if pairs else torch.tensor(0.0)
-            metrics["objective/lr"] = scheduler.get_last_lr()[0]
-            optimizer.step(), scheduler.step(), optimizer.zero_grad()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()  # with every pair tied there are no gradients, and AdamW leaves the weights be
+            scheduler.step()
+            optimizer.zero_grad()
             t2 = time.time()
 
             # 5. Push the new weights; the generator picks them up for its next batch.
             push_weights(version=step + 1)
             t3 = time.time()
 
-            # 6. Log one line and one dict per step.
-            s = {name: torch.cat(v) if v else torch.zeros(0) for name, v in stats.items()}
-            chosen_ratio = s["chosen_logps"] - s["ref_chosen_logps"]
-            rejected_ratio = s["rejected_logps"] - s["ref_rejected_logps"]
-            rows = torch.arange(P)
-            metrics |= {
-                "objective/loss": s["loss"].mean().item() if pairs else 0.0,
-                "objective/kl": torch.cat([chosen_ratio, rejected_ratio]).mean().item() if pairs else 0.0,
+            # 6. Log one dict and one line per step. Means over no pairs (all tied) are NaN.
+            s = {name: torch.cat(values) if values else torch.zeros(0) for name, values in stats.items()}
+            chosen_ratio, rejected_ratio = s["chosen_logps"] - s["ref_chosen_logps"], s["rejected_logps"] - s["ref_rejected_logps"]
+            metrics = {
+                "async/learner_version": step,
+                "async/batch_version": batch["version"],
+                "async/lag": step - batch["version"],
+                "objective/loss": s["loss"].mean().item(),
+                "objective/kl": torch.cat([chosen_ratio, rejected_ratio]).mean().item(),
                 "objective/grad_norm": grad_norm.item(),
+                "objective/lr": lr,
                 "rewards/score": scores.mean().item(),
                 "rewards/gold": gold.mean().item(),
-                "rewards/chosen_score": scores[rows, chosen].mean().item(),
-                "rewards/rejected_score": scores[rows, rejected].mean().item(),
+                "rewards/chosen_score": scores.max(1).values.mean().item(),
+                "rewards/rejected_score": scores.min(1).values.mean().item(),
                 "rewards/missing_eos_frac": 1 - has_eos.float().mean().item(),
                 "rewards/tie_frac": 1 - valid.float().mean().item(),
-                "rewards/dpo_margin": (args.beta * (chosen_ratio - rejected_ratio)).mean().item() if pairs else 0.0,
-                "rewards/dpo_accuracy": (chosen_ratio > rejected_ratio).float().mean().item() if pairs else 0.0,
-                "logps/chosen": s["chosen_logps"].mean().item() if pairs else 0.0,
-                "logps/rejected": s["rejected_logps"].mean().item() if pairs else 0.0,
+                "rewards/dpo_margin": (args.beta * (chosen_ratio - rejected_ratio)).mean().item(),
+                "rewards/dpo_accuracy": (chosen_ratio > rejected_ratio).float().mean().item(),
+                "logps/chosen": s["chosen_logps"].mean().item(),
+                "logps/rejected": s["rejected_logps"].mean().item(),
                 "time/wait_samples": t1 - t0,
                 "time/train": t2 - t1,
                 "time/push_weights": t3 - t2,
                 "time/step": t3 - t0,
+                **{f"time/{name}": seconds for name, seconds in batch["timing"].items()},
             }
-            metrics |= {f"time/{name}": value for name, value in batch["timing"].items()}
             step_log.append(metrics)
             for name, value in metrics.items():
                 writer.add_scalar(name, value, step)
             metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
-            m = metrics
             print(
-                f"step {step + 1:3d}/{args.num_steps}  batch v{batch['version']:<3d} lag {m['async/lag']}  "
-                f"loss {m['objective/loss']:.3f}  kl {m['objective/kl']:6.2f}  score {m['rewards/score']:.3f} "
-                f"(chosen {m['rewards/chosen_score']:.2f} rejected {m['rewards/rejected_score']:.2f})  "
-                f"gen {m['time/generate'] + m['time/load_weights']:.2f}s  train {m['time/train'] + m['time/push_weights']:.2f}s  "
-                f"wait {m['time/wait_samples']:.2f}s"
+                f"step {step + 1:3d}/{args.num_steps}  policy v{step:<3d} on batch v{batch['version']:<3d} (lag {metrics['async/lag']})  "
+                f"loss {metrics['objective/loss']:.3f}  kl {metrics['objective/kl']:5.2f}  score {metrics['rewards/score']:.3f}  "
+                f"gen {metrics['time/generate'] + metrics['time/load_weights']:.2f}s  "
+                f"train {metrics['time/train'] + metrics['time/push_weights']:.2f}s  wait {metrics['time/wait_samples']:.2f}s"
             )
+            log_evals(batch["evals"])
 
         final = receive(samples_queue, process)  # the generator evaluates the final policy
-        log_evals(final["evals"], step_log[-1]["objective/kl"])
+        log_evals(final["evals"])
     except KeyboardInterrupt:
         sys.exit("interrupted: stopped the trainer and the generator")
-    except RuntimeError as error:
+    except GeneratorError as error:
         sys.exit(f"error: {error}")
     finally:
         stop.set()
@@ -589,7 +615,9 @@ def main(args: Args):
         process.join(timeout=10)
         if process.is_alive():
             process.kill()
-        metrics_file.close(), samples_file.close(), writer.close()
+        metrics_file.close()
+        samples_file.close()
+        writer.close()
 
     # ------------------------------------------------------------------------------------------------
     # Save the model and summarise where the time went.

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, SFT_STEPS
@@ -29,7 +30,7 @@ def read_run(output_dir):
     return run_dir, steps, evals
 
 
-def check_run_folder(run_dir, steps, evals, num_steps=4):
+def check_run_folder(run_dir, steps, evals, initial_model, num_steps=4):
     assert [r["step"] for r in steps] == list(range(num_steps))
     assert [e["eval/version"] for e in evals] == [0, 2, 4]  # start, every --eval_every, end
     assert all(0 <= e["eval/gold_reward"] <= 1 and "eval/kl" in e for e in evals)
@@ -38,31 +39,34 @@ def check_run_folder(run_dir, steps, evals, num_steps=4):
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
     assert samples and {"version", "prompt", "completion", "gold"} <= set(samples[0])
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
-    assert summary["speedup_ideal"] >= 1
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "model"))  # loads back
-    assert sum(p.numel() for p in model.parameters()) > 1_000_000
+    assert summary["lags"] == [r["async/lag"] for r in steps]
+    assert summary["generate_per_step"] > 0 and summary["train_per_step"] > 0
+    trained = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "model"))  # loads back...
+    initial = AutoModelForCausalLM.from_pretrained(initial_model)
+    changed = [not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters())]
+    assert sum(changed) > len(changed) // 2  # ...and training changed it
     return summary
 
 
 @pytest.mark.parametrize("async_steps", [1, 2])
-def test_async_run(cache_dir, tmp_path, async_steps):
+def test_async_run(cache_dir, model_path, tmp_path, async_steps):
     result = run_script("async_online_dpo.py", cache_dir, tmp_path, "--async_steps", str(async_steps))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, steps, evals = read_run(tmp_path)
-    check_run_folder(run_dir, steps, evals)
+    check_run_folder(run_dir, steps, evals, model_path)
     lags = [r["async/lag"] for r in steps]
-    # Batch 0 can only come from the initial policy (lag 0); after that every batch is off-policy,
-    # by at least one update and never by more than N.
+    # Batch 0 can only come from the initial policy (lag 0). The generator starts each next batch the
+    # moment it has sent one, long before the trainer can finish an update, so every later batch is
+    # off-policy by at least one update, and never by more than N.
     assert lags[0] == 0 and all(1 <= lag <= async_steps for lag in lags[1:]), lags
-    assert all(r["async/batch_version"] == r["step"] - r["async/lag"] for r in steps)
     assert "step   4/4" in result.stdout and "overlap speedup" in result.stdout
 
 
-def test_sync_run(cache_dir, tmp_path):
+def test_sync_run(cache_dir, model_path, tmp_path):
     result = run_script("sync_baseline.py", cache_dir, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, steps, evals = read_run(tmp_path)
-    check_run_folder(run_dir, steps, evals)
+    check_run_folder(run_dir, steps, evals, model_path)
     assert [r["async/lag"] for r in steps] == [0, 0, 0, 0]
     assert os.path.basename(run_dir).startswith("sync_baseline__")
 
@@ -74,7 +78,7 @@ def test_own_model_and_reward_function(cache_dir, model_path, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"model {model_path}" in result.stdout
     run_dir, steps, evals = read_run(tmp_path)
-    check_run_folder(run_dir, steps, evals)
+    check_run_folder(run_dir, steps, evals, model_path)
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
     for s in samples:  # the logged gold reward is the user's function, not the built-in one
         assert s["gold"] == s["completion"].count("a") / max(1, len(s["completion"]))

@@ -41,7 +41,7 @@ def processes_with(marker):
         (["--num_samples", "1"], "--num_samples"),
         (["--beta", "0"], "--beta"),
         (["--temperature", "0"], "--temperature"),
-        (["--batch_size", "10", "--micro_batch_size", "4"], "not divisible"),
+        (["--response_length", "0"], "--response_length"),
         (["--async_steps", "-1"], "--async_steps"),
         (["--model_name_or_path", "/no/such/model"], "--model_name_or_path"),
         (["--reward_fn", "no_such_module:score"], "--reward_fn"),
@@ -79,7 +79,7 @@ def test_generator_crash_stops_the_trainer_with_its_traceback(cache_dir, tmp_pat
     assert p.returncode == 1
     assert "the generator process crashed" in err and "Traceback" in err
     assert "generator crashed on purpose at batch 2" in err
-    assert "step   2/6" in out and "step   4/6" not in out  # it stopped right there, not at the end
+    assert "step   2/6" in out and "step   3/6" not in out  # batches 0 and 1 came through, then it stopped
     assert processes_with(marker) == []
 
 
@@ -87,16 +87,18 @@ def test_ctrl_c_stops_both_processes(cache_dir, tmp_path):
     marker = uuid.uuid4().hex
     p = start("async_online_dpo.py", cache_dir, tmp_path, "--num_steps", "200", "--batch_size", "8",
               "--micro_batch_size", "4", "--eval_prompts", "8", marker=marker)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # wait until training is under way
-        line = p.stdout.readline()
-        if line.startswith("step   2/"):
-            break
-    assert len(processes_with(marker)) >= 2  # trainer and generator both alive
-    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: SIGINT to the whole group
-    t = time.time()
-    _, err = p.communicate(timeout=60)
-    assert time.time() - t < 30
-    assert p.returncode != 0 and "interrupted" in err
-    time.sleep(1)
-    assert processes_with(marker) == []
+    try:
+        for line in p.stdout:  # wait until training is under way
+            if line.startswith("step   2/"):
+                break
+        assert len(processes_with(marker)) >= 2  # trainer and generator both alive
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: SIGINT to the whole group
+        t = time.time()
+        _, err = p.communicate(timeout=60)
+        assert time.time() - t < 30
+        assert p.returncode != 0 and "interrupted" in err
+        time.sleep(1)
+        assert processes_with(marker) == []
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)

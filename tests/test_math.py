@@ -20,9 +20,7 @@ def test_sequence_logprobs_matches_token_by_token_reference():
     model = tiny_model()
     prompts, responses = [[3, 4, 5], [6, 7]], [[8, 9, 1], [2, 3, 4, 5]]
     ids, mask = A.pad_right([p + r for p, r in zip(prompts, responses)], pad_id=0)
-    response_mask = torch.zeros_like(ids)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        response_mask[i, len(p) : len(p) + len(r)] = 1
+    response_mask = A.mask_prompts(mask, [len(p) for p in prompts])
     temperature = 0.7
     got = A.sequence_logprobs(model, ids, mask, response_mask, temperature)
 
@@ -103,6 +101,15 @@ def test_edit_distance_against_brute_force():
         b = "".join(rng.choices("abc", k=rng.randint(0, 7)))
         assert A.edit_distance(a, b) == reference(a, b), (a, b)
     assert A.edit_distance("kitten", "sitting") == 3
+
+
+def test_mask_prompts_marks_exactly_the_response_tokens():
+    prompts, responses = [[3, 4, 5], [6, 7]], [[8, 9, 1], [2, 3, 4, 5]]
+    _, mask = A.pad_right([p + r for p, r in zip(prompts, responses)], pad_id=0)
+    expected = torch.zeros_like(mask)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        expected[i, len(p) : len(p) + len(r)] = 1
+    assert torch.equal(A.mask_prompts(mask, [len(p) for p in prompts]), expected)
 
 
 def test_pad_right():

@@ -66,3 +66,33 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
         process.join(timeout=10)
         if process.is_alive():
             process.kill()
+
+
+def test_generator_takes_the_newest_snapshot_and_evaluates_every_flagged_one(cache_dir, model_path):
+    """Four snapshots wait on the queue before vLLM has even started. The generator must sample with the
+    newest (v3), skip the unflagged v1, and still load and evaluate the flagged v0 and v2 on the way."""
+    args = A.Args(cache_dir=cache_dir, num_steps=4, batch_size=4, eval_prompts=8, async_steps=8, response_length=16)
+    policy = AutoModelForCausalLM.from_pretrained(model_path)
+    ctx = mp.get_context("spawn")
+    weights_queue, samples_queue, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    process = ctx.Process(target=A.generator, args=(args, model_path, 32, [0], weights_queue, samples_queue, stop))
+    try:
+        state_dict = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        for version, evaluate in [(0, True), (1, False), (2, True), (3, False)]:
+            weights_queue.put({"version": version, "state_dict": state_dict, "evaluate": evaluate})
+        process.start()
+        first = A.receive(samples_queue, process)
+        assert first["version"] == 3 and [e["version"] for e in first["evals"]] == [0, 2]
+        for _ in range(3):  # batches 1-3 are allowed to be up to 8 versions stale, so v3 serves them all
+            later = A.receive(samples_queue, process)
+            assert later["version"] == 3 and later["evals"] == []
+        weights_queue.put({"version": 4, "state_dict": state_dict, "evaluate": True})
+        final = A.receive(samples_queue, process)  # the generator ends by waiting for version num_steps
+        assert [e["version"] for e in final["evals"]] == [4]
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    finally:
+        stop.set()
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
