@@ -5,13 +5,15 @@ Models" (Noukhovitch et al., ICLR 2025, arXiv 2410.18252). A vLLM generator samp
 policy that is up to N updates old while the trainer learns from the previous batch with online DPO, so
 generation and training overlap. `sync_baseline.py` runs the same code with N = 0 for comparison.
 
-    python async_online_dpo.py                                  # CPU or GPU, built-in task, ~4 minutes
-    python async_online_dpo.py --async_steps 4                  # let the generator run 4 batches ahead
+    python async_online_dpo.py                      # CPU: generator and trainer on separate cores (~4 min)
+    python async_online_dpo.py                      # 1 GPU: both share GPU 0 (--vllm_gpu_memory_utilization)
+    CUDA_VISIBLE_DEVICES=0,1 python async_online_dpo.py   # 2 GPUs: generator on GPU 0, trainer on GPU 1
+    python async_online_dpo.py --async_steps 4      # let the generator run up to 4 batches ahead
     python async_online_dpo.py --model_name_or_path PATH --reward_fn my_module:my_reward
-    python sync_baseline.py                                     # same run, generation and training in turn
+    python sync_baseline.py                         # the same run, generation and training in turn
 
-On one GPU the generator and the trainer share it; with two or more the generator has GPU 0 to itself
-and the trainer uses GPU 1. On a CPU they get separate cores. See README.md for every logged metric.
+The trainer uses one device: with more than two GPUs, the ones after GPU 1 stay idle. See README.md
+for what every logged metric means.
 """
 
 import importlib

@@ -1,5 +1,7 @@
 """The weight sync is real: after a push, vLLM in the generator process samples from the pushed weights."""
 
+from contextlib import contextmanager
+
 import torch
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -17,16 +19,29 @@ def transformers_greedy(model, tokenizer, prompts, max_new_tokens):
     return outputs
 
 
+@contextmanager
+def generator_process(args, model_path):
+    """The real generator in a spawned process, with its real queues; stopped and reaped afterwards."""
+    ctx = mp.get_context("spawn")
+    weights_queue, samples_queue, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    process = ctx.Process(target=A.generator, args=(args, model_path, 32, [0], weights_queue, samples_queue, stop))
+    try:
+        yield process, weights_queue, samples_queue
+    finally:
+        stop.set()
+        if process.is_alive():
+            process.join(timeout=10)
+            process.kill()
+
+
 def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
     args = A.Args(cache_dir=cache_dir, num_steps=2, batch_size=4, eval_prompts=24, eval_every=1,
                   async_steps=0, response_length=16)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     policy = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    ctx = mp.get_context("spawn")
-    weights_queue, samples_queue, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    process = ctx.Process(target=A.generator, args=(args, model_path, 32, [0], weights_queue, samples_queue, stop))
-    process.start()
-    try:
+    with generator_process(args, model_path) as (process, weights_queue, samples_queue):
+        process.start()
+
         def push(version):
             state_dict = {k: v.detach().clone() for k, v in policy.state_dict().items()}
             weights_queue.put({"version": version, "state_dict": state_dict, "evaluate": True})
@@ -61,11 +76,6 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
         assert [e["version"] for e in final["evals"]] == [2]
         process.join(timeout=30)
         assert process.exitcode == 0
-    finally:
-        stop.set()
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
 
 
 def test_generator_takes_the_newest_snapshot_and_evaluates_every_flagged_one(cache_dir, model_path):
@@ -73,10 +83,7 @@ def test_generator_takes_the_newest_snapshot_and_evaluates_every_flagged_one(cac
     newest (v3), skip the unflagged v1, and still load and evaluate the flagged v0 and v2 on the way."""
     args = A.Args(cache_dir=cache_dir, num_steps=4, batch_size=4, eval_prompts=8, async_steps=8, response_length=16)
     policy = AutoModelForCausalLM.from_pretrained(model_path)
-    ctx = mp.get_context("spawn")
-    weights_queue, samples_queue, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    process = ctx.Process(target=A.generator, args=(args, model_path, 32, [0], weights_queue, samples_queue, stop))
-    try:
+    with generator_process(args, model_path) as (process, weights_queue, samples_queue):
         state_dict = {k: v.detach().clone() for k, v in policy.state_dict().items()}
         for version, evaluate in [(0, True), (1, False), (2, True), (3, False)]:
             weights_queue.put({"version": version, "state_dict": state_dict, "evaluate": evaluate})
@@ -91,8 +98,3 @@ def test_generator_takes_the_newest_snapshot_and_evaluates_every_flagged_one(cac
         assert [e["version"] for e in final["evals"]] == [4]
         process.join(timeout=30)
         assert process.exitcode == 0
-    finally:
-        stop.set()
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
