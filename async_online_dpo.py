@@ -363,11 +363,11 @@ def generator(args: Args, model_path: str, max_model_len: int, cpu_cores: list[i
             prompt_ids, response_ids = generate(prompts, sample_params)
             timing["generate"] = time.time() - t
             samples_queue.put(
-                {"index": index, "version": version, "prompts": prompts, "prompt_ids": prompt_ids,
-                 "response_ids": response_ids, "evals": evals, "timing": timing}
+                {"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids,
+                 "evals": evals, "timing": timing}
             )  # fmt: skip
         timing, evals = take_weights(min_version=args.num_steps)  # the final policy, for the last evaluation
-        samples_queue.put({"index": args.num_steps, "evals": evals, "timing": timing})
+        samples_queue.put({"evals": evals, "timing": timing})
     except (KeyboardInterrupt, Stopped):
         samples_queue.cancel_join_thread()  # Ctrl-C or the trainer stopped: exit without flushing
     except BaseException:
