@@ -106,6 +106,9 @@ class Args:
     """share of GPU 0's memory vLLM reserves; keep it low when the trainer shares GPU 0"""
     vllm_cpu_kv_cache_gib: int = 1
     """GiB of RAM vLLM reserves for its KV cache on a CPU (vLLM's own default takes most of the RAM)"""
+    cpu_share_cores: bool = False
+    """on a CPU, give the generator and the trainer every core instead of half each. Only sensible with
+    --async_steps 0, where they take turns; the paper's setting (separate GPUs) is the split"""
 
     # --- testing
     crash_generator_at: int = -1
@@ -269,9 +272,11 @@ def pin_to_cores(cores: list[int]):
     torch.set_num_threads(len(cores))
 
 
-def split_cpu_cores():
-    """On a CPU the generator takes the first half of our cores and the trainer the rest."""
+def split_cpu_cores(share: bool = False):
+    """On a CPU the generator takes the first half of our cores and the trainer the rest (or both take all)."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    if share:
+        return cores, cores
     half = max(1, len(cores) // 2)
     return cores[:half], cores[half:] or cores
 
@@ -327,7 +332,7 @@ def generator(args: Args, model_path: str, max_model_len: int, cpu_cores: list[i
             """Load the newest snapshot, first waiting until there is one of at least min_version. Older
             snapshots flagged for evaluation are loaded and evaluated on the way, so none is skipped."""
             nonlocal version
-            timing, evals, snapshots = {"load_weights": 0.0, "eval": 0.0}, [], []
+            timing, evals, snapshots = {"load_weights": 0.0, "eval": 0.0, "spans": []}, [], []
             t = time.time()
             while (snapshots[-1]["version"] if snapshots else version) < min_version:  # the staleness bound
                 try:
@@ -340,17 +345,20 @@ def generator(args: Args, model_path: str, max_model_len: int, cpu_cores: list[i
                 except queue.Empty:
                     break
             timing["wait_weights"] = time.time() - t
+            timing["spans"].append(("wait", t, time.time()))
             for snapshot in snapshots:
                 if snapshot is snapshots[-1] or snapshot["evaluate"]:
                     t = time.time()
                     load_weights_into_vllm(llm, snapshot["state_dict"])
                     version = snapshot["version"]
                     timing["load_weights"] += time.time() - t
+                    timing["spans"].append(("load", t, time.time()))
                 if snapshot["evaluate"]:
                     t = time.time()
                     _, response_ids = generate(eval_prompts, eval_params)
                     evals.append({"version": snapshot["version"], "prompts": eval_prompts, "response_ids": response_ids})
                     timing["eval"] += time.time() - t
+                    timing["spans"].append(("eval", t, time.time()))
             return timing, evals
 
         for index in range(args.num_steps):
@@ -362,6 +370,7 @@ def generator(args: Args, model_path: str, max_model_len: int, cpu_cores: list[i
             t = time.time()
             prompt_ids, response_ids = generate(prompts, sample_params)
             timing["generate"] = time.time() - t
+            timing["spans"].append(("generate", t, time.time()))
             samples_queue.put(
                 {"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids,
                  "evals": evals, "timing": timing}
@@ -456,7 +465,7 @@ def main(args: Args):
         device, generator_cores = torch.device(f"cuda:{min(1, torch.cuda.device_count() - 1)}"), []
     else:
         device = torch.device("cpu")
-        generator_cores, trainer_cores = split_cpu_cores()
+        generator_cores, trainer_cores = split_cpu_cores(args.cpu_share_cores)
         pin_to_cores(trainer_cores)
     policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
     ref_policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
@@ -476,7 +485,7 @@ def main(args: Args):
     writer = SummaryWriter(run_dir)
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w")
     samples_file = open(os.path.join(run_dir, "samples.jsonl"), "w")
-    step_log, eval_log = [], []
+    step_log, eval_log, version_time = [], [], {}  # version_time: seconds from the start until version v existed
     mode = f"async, generator up to {args.async_steps} batch(es) ahead" if args.async_steps else "synchronous"
     print(f"run {run_dir}: {mode}; trainer on {device}, model {model_path}")
 
@@ -494,7 +503,8 @@ def main(args: Args):
             completions = tokenizer.batch_decode(e["response_ids"], skip_special_tokens=True)
             rewards = reward_fn(e["prompts"], completions)
             kl = step_log[min(e["version"], len(step_log) - 1)]["objective/kl"]
-            row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl}
+            row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl,
+                   "eval/wall_time": version_time[e["version"]]}
             eval_log.append(row)
             writer.add_scalar("eval/gold_reward", row["eval/gold_reward"], e["version"])
             writer.add_scalar("eval/kl", kl, e["version"])
@@ -515,6 +525,7 @@ def main(args: Args):
     process.start()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops both processes, as Ctrl-C does
     try:
+        version_time[0] = time.time() - t_start
         push_weights(version=0)
         for step in range(args.num_steps):
             # 1. Get a batch from the generator. It was sampled by a policy up to N updates older than ours.
@@ -591,12 +602,18 @@ def main(args: Args):
                 "time/train": t2 - t1,
                 "time/push_weights": t3 - t2,
                 "time/step": t3 - t0,
-                **{f"time/{name}": seconds for name, seconds in batch["timing"].items()},
+                **{f"time/{name}": seconds for name, seconds in batch["timing"].items() if name != "spans"},
             }
             step_log.append(metrics)
             for name, value in metrics.items():
                 writer.add_scalar(name, value, step)
-            metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            # When each process did what, in seconds since the start, for the benchmark's timeline plot.
+            timeline = {
+                "generator": [(name, a - t_start, b - t_start, batch["version"]) for name, a, b in batch["timing"]["spans"]],
+                "trainer": [(name, a - t_start, b - t_start, step) for name, a, b in [("wait", t0, t1), ("train", t1, t2), ("push", t2, t3)]],
+            }
+            version_time[step + 1] = t3 - t_start
+            metrics_file.write(json.dumps({"step": step, **metrics, "timeline": timeline}) + "\n")
             print(
                 f"step {step + 1:3d}/{args.num_steps}  policy v{step:<3d} on batch v{batch['version']:<3d} (lag {metrics['async/lag']})  "
                 f"loss {metrics['objective/loss']:.3f}  kl {metrics['objective/kl']:5.2f}  score {metrics['rewards/score']:.3f}  "
