@@ -2,39 +2,50 @@
 
 Reference implementation of "Asynchronous RLHF: Faster and More Efficient Off-Policy RL for Language
 Models" (Noukhovitch et al., ICLR 2025, arXiv 2410.18252). A vLLM generator samples completions with a
-policy that is up to N updates old while the trainer learns from the previous batch with online DPO, so
-generation and training overlap. `sync_baseline.py` runs the same code with N = 0 for comparison.
+policy exactly N updates old while the trainer learns from earlier batches with online DPO, so generation
+and training overlap. `sync_baseline.py` runs the same code with N = 0 for comparison.
 
     python async_online_dpo.py                      # CPU: generator and trainer on separate cores (~4 min)
     python async_online_dpo.py                      # 1 GPU: both share GPU 0 (--vllm_gpu_memory_utilization)
     CUDA_VISIBLE_DEVICES=0,1 python async_online_dpo.py   # 2 GPUs: generator on GPU 0, trainer on GPU 1
-    python async_online_dpo.py --async_steps 4      # let the generator run up to 4 batches ahead
-    python async_online_dpo.py --model_name_or_path PATH --reward_fn my_module:my_reward
+    python async_online_dpo.py --trainer_ranks 7 --fsdp --bf16   # 8 GPUs: generator + 7 FSDP2 trainer ranks
+    python async_online_dpo.py --async_steps 4      # let the generator run 4 batches ahead
+    python async_online_dpo.py --model_name_or_path PATH --dataset data.jsonl --reward_model_path RM
+    python async_online_dpo.py --save_every 16      # then, after a crash: --resume runs/RUN_FOLDER
     python sync_baseline.py                         # the same run, generation and training in turn
 
-The trainer uses one device: with more than two GPUs, the ones after GPU 1 stay idle. See README.md
-for what every logged metric means.
+See README.md for the GPU recipes (Pythia on TL;DR, Llama 3.1 8B) and what every logged metric means.
 """
 
+import glob
 import importlib
 import json
 import os
 import queue
 import random
+import shutil
 import signal
+import socket
 import sys
 import time
 import traceback
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import tyro
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
+)  # fmt: skip
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 
 @dataclass
@@ -53,12 +64,29 @@ class Args:
     wandb_project: str = "async-online-dpo"
     """W&B project name, used with --track"""
 
-    # --- model and reward
+    # --- model, data and reward
     model_name_or_path: str = ""
-    """transformers causal LM folder for the policy and the frozen reference; empty = the built-in model"""
+    """transformers causal LM (folder or hub name) for the policy and the frozen reference; empty = the
+    built-in model"""
+    dataset: str = ""
+    """hub dataset name or local .json/.jsonl file of prompts; empty = the built-in letter-sorting task"""
+    dataset_split: str = "train"
+    """split of --dataset to train on (a local file has one split, "train")"""
+    eval_split: str = ""
+    """split of --dataset to evaluate on; empty = hold out the last --eval_prompts rows of --dataset_split"""
+    prompt_column: str = "prompt"
+    """column with the prompt: text, or a list of chat messages rendered with the model's chat template"""
+    reference_column: str = ""
+    """column with a reference completion; when set, evaluation reports the win-rate against it"""
     reward_fn: str = ""
     """`module:function` taking (prompts, completions) lists of str and returning one float each;
     empty = the built-in task's gold reward"""
+    reward_model_path: str = ""
+    """transformers sequence-classification reward model for training (overrides --reward_fn); it may use
+    a different tokenizer from the policy's"""
+    gold_reward_model_path: str = ""
+    """sequence-classification reward model for evaluation only (the paper's gold model); empty = the
+    training reward"""
     sft_steps: int = 30
     """supervised warm-start steps for the built-in model (cached under --cache_dir)"""
 
@@ -66,7 +94,7 @@ class Args:
     num_steps: int = 128
     """policy updates; each consumes one batch of --batch_size prompts"""
     batch_size: int = 64
-    """prompts per batch (the paper uses 512 on TL;DR)"""
+    """prompts per batch, across all trainer ranks (the paper uses 512 on TL;DR)"""
     num_samples: int = 2
     """k, completions sampled per prompt; chosen = best score, rejected = worst"""
     response_length: int = 16
@@ -82,14 +110,14 @@ class Args:
     learning_rate: float = 1e-4
     """AdamW learning rate, decayed linearly to 0 over --num_steps"""
     micro_batch_size: int = 32
-    """(chosen, rejected) pairs per forward/backward; gradients accumulate to one update per batch"""
+    """(chosen, rejected) pairs per forward/backward on each rank; gradients accumulate to one update"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
 
     # --- asynchrony
     async_steps: int = 1
-    """N, how many batches the generator may run ahead: batch i may come from any policy version
-    ≥ i - N. 0 is synchronous (what sync_baseline.py runs)"""
+    """N, how far the generator runs ahead: batch i is sampled by policy version max(0, i - N).
+    0 is synchronous (what sync_baseline.py runs)"""
 
     # --- evaluation
     eval_every: int = 16
@@ -101,7 +129,23 @@ class Args:
     log_samples: int = 4
     """eval completions written to samples.jsonl and printed at each evaluation"""
 
+    # --- checkpoints
+    save_every: int = 0
+    """save a checkpoint every this many updates (0 = never); only the newest is kept"""
+    resume: str = ""
+    """run folder to continue from its newest checkpoint, with the flags it was started with"""
+
     # --- hardware
+    trainer_ranks: int = 1
+    """data-parallel trainer processes: GPUs 1..R on a GPU machine (the generator keeps GPU 0), or
+    shares of the trainer's cores on a CPU"""
+    fsdp: bool = False
+    """shard policy, reference and optimizer state over the trainer ranks with FSDP2, for models whose
+    Adam state does not fit on one device"""
+    bf16: bool = False
+    """train under bfloat16 autocast (weights and Adam state stay float32) and run vLLM in bfloat16"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
     vllm_gpu_memory_utilization: float = 0.4
     """share of GPU 0's memory vLLM reserves; keep it low when the trainer shares GPU 0"""
     vllm_cpu_kv_cache_gib: int = 1
@@ -146,12 +190,78 @@ def builtin_reward(prompts: list[str], completions: list[str]) -> list[float]:
     return rewards
 
 
-def load_reward_fn(spec: str):
-    if not spec:
-        return builtin_reward
-    module, _, name = spec.partition(":")
-    sys.path.insert(0, os.getcwd())
-    return getattr(importlib.import_module(module), name)
+# ----------------------------------------------------------------------------------------------------
+# Prompts and rewards from elsewhere: a dataset loaded with `datasets`, a reward function or a reward model.
+def load_prompts(args: Args, tokenizer):
+    """Training prompts (None for the built-in task, whose prompts are drawn per batch), held-out eval
+    prompts, and the eval prompts' reference completions (None without --reference_column)."""
+    if not args.dataset:
+        return None, builtin_prompts(random.Random("eval"), args.eval_prompts), None
+    from datasets import load_dataset
+
+    def split(name):
+        if os.path.isfile(args.dataset):
+            return load_dataset("json", data_files=args.dataset, split=name)
+        return load_dataset(args.dataset, split=name)
+
+    train = split(args.dataset_split)
+    if args.eval_split:
+        held_out = split(args.eval_split)
+        held_out = held_out.select(range(min(args.eval_prompts, len(held_out))))
+    else:
+        held_out = train.select(range(max(0, len(train) - args.eval_prompts), len(train)))
+        train = train.select(range(len(train) - len(held_out)))
+
+    def render(prompt):  # chat messages -> the model's template; vLLM adds the BOS token itself
+        if isinstance(prompt, list):
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return prompt.removeprefix(tokenizer.bos_token or "")
+        return prompt
+
+    references = held_out[args.reference_column] if args.reference_column else None
+    return [render(p) for p in train[args.prompt_column]], [render(p) for p in held_out[args.prompt_column]], references
+
+
+def batch_prompts(args: Args, train_prompts, index: int) -> list[str]:
+    """The prompts of batch `index`: a function of the seed and the index alone, so a resumed run
+    sees the same data as an uninterrupted one. A dataset is shuffled anew each epoch."""
+    if train_prompts is None:
+        return builtin_prompts(random.Random(f"train-{args.seed}-{index}"), args.batch_size)
+    prompts, n, orders = [], len(train_prompts), {}
+    for position in range(index * args.batch_size, (index + 1) * args.batch_size):
+        epoch, offset = divmod(position, n)
+        if epoch not in orders:
+            orders[epoch] = random.Random(f"{args.seed}-{epoch}").sample(range(n), n)
+        prompts.append(train_prompts[orders[epoch][offset]])
+    return prompts
+
+
+def load_reward(args: Args, model_path: str, device):
+    """(prompts, completions) -> one float each: a reward model if a path is given, else --reward_fn or
+    the built-in gold reward."""
+    if not model_path:
+        if not args.reward_fn:
+            return builtin_reward
+        module, _, name = args.reward_fn.partition(":")
+        sys.path.insert(0, os.getcwd())
+        return getattr(importlib.import_module(module), name)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def reward_model(prompts, completions):
+        # The policy's tokens arrive here as text and are tokenized again with the reward model's own
+        # tokenizer, so policy and reward model need not share a vocabulary.
+        texts, scores = [p + c for p, c in zip(prompts, completions)], []
+        for start in range(0, len(texts), args.micro_batch_size):
+            inputs = tokenizer(texts[start : start + args.micro_batch_size], padding=True, return_tensors="pt")
+            scores += model(**inputs.to(device)).logits[:, 0].float().tolist()
+        return scores
+
+    return reward_model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,12 +362,12 @@ def warm_start(args: Args) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # The generator process. It owns vLLM. Two queues and one stop signal connect it to the trainer:
-#   weights_queue  trainer -> generator  {"version", "state_dict", "evaluate"}, one per update
+#   weights_queue  trainer -> generator  {"version", "state_dict"}, one per update
 #   samples_queue  generator -> trainer  one batch per step, tagged with the version that sampled it
 #   stop           set by the trainer when it is done or has failed
 #
-# The only difference between async and sync is one rule: batch i may be sampled by any policy version
-# >= i - N (N = --async_steps). With N = 1 the generator samples batch i+1 while the trainer learns
+# The only difference between async and sync is one rule: batch i is sampled by policy version
+# max(0, i - N) (N = --async_steps). With N = 1 the generator samples batch i+1 while the trainer learns
 # from batch i, one version behind:
 #
 #   generator | b0 (v0) | b1 (v0) | b2 (v1) | b3 (v2) | ...        b_i (v_j): batch i sampled by version j
@@ -265,6 +375,8 @@ def warm_start(args: Args) -> str:
 #                                 ^ push v1  ^ push v2
 #
 # With N = 0 the generator waits for version i before batch i, and the trainer waits while it samples.
+# The version is exact, not "at least": with per-prompt sampling seeds, a run is then reproducible, and
+# a resumed run samples what the uninterrupted one would have.
 def pin_to_cores(cores: list[int]):
     """Run this process on these CPU cores only (Linux; elsewhere the thread count alone separates them)."""
     if hasattr(os, "sched_setaffinity"):
@@ -291,11 +403,18 @@ def load_weights_into_vllm(llm, state_dict):
     llm.reset_prefix_cache()
 
 
+def is_eval_version(args: Args, version: int) -> bool:
+    return version % args.eval_every == 0 or version == args.num_steps
+
+
 class Stopped(Exception):
     """Raised in the generator when the trainer has finished, failed or been killed."""
 
 
-def generator(args: Args, model_path: str, max_model_len: int, cpu_cores: list[int], weights_queue, samples_queue, stop):
+def generator(args: Args, model_path: str, start_version: int, first_batch: int, max_model_len: int,
+              cpu_cores: list[int], weights_queue, samples_queue, stop):  # fmt: skip
+    """Sample batches first_batch, first_batch + 1, ... with vLLM, starting from the policy version
+    saved at model_path (0 for a new run; a checkpoint's version when resuming)."""
     try:
         # With the engine inside this process, collective_rpc can pass tensors (vLLM 0.32).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -311,83 +430,84 @@ def generator(args: Args, model_path: str, max_model_len: int, cpu_cores: list[i
         from vllm import LLM, SamplingParams
 
         llm = LLM(
-            model=model_path, dtype="float32", seed=args.seed, max_model_len=max_model_len,
-            enforce_eager=True, enable_prefix_caching=False,
+            model=model_path, dtype="bfloat16" if args.bf16 else "float32", seed=args.seed,
+            max_model_len=max_model_len, enforce_eager=True, enable_prefix_caching=False,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         )  # fmt: skip
-        sample_params = SamplingParams(n=args.num_samples, temperature=args.temperature, max_tokens=args.response_length)
-        eval_params = SamplingParams(n=1, temperature=args.eval_temperature, max_tokens=args.response_length)
-        eval_prompts = builtin_prompts(random.Random("eval"), args.eval_prompts)  # held out: another stream
-        version = -1
+        train_prompts, eval_prompts, _ = load_prompts(args, AutoTokenizer.from_pretrained(model_path))
+        version = start_version
 
         def check_trainer():
             if stop.is_set() or not mp.parent_process().is_alive():  # done, failed, or killed outright
                 raise Stopped
 
-        def generate(prompts, params):
+        def generate(prompts, temperature, n, seed):
+            # One seed per prompt: what a prompt samples depends only on the weights and its seed.
+            params = [SamplingParams(n=n, temperature=temperature, max_tokens=args.response_length, seed=seed + j)
+                      for j in range(len(prompts))]  # fmt: skip
             outputs = llm.generate(prompts, params, use_tqdm=False)
             return [o.prompt_token_ids for o in outputs], [list(c.token_ids) for o in outputs for c in o.outputs]
 
-        def take_weights(min_version):
-            """Load the newest snapshot, first waiting until there is one of at least min_version. Older
-            snapshots flagged for evaluation are loaded and evaluated on the way, so none is skipped."""
-            nonlocal version
-            timing, evals, snapshots = {"load_weights": 0.0, "eval": 0.0, "spans": []}, [], []
+        def evaluate(timing, evals):
             t = time.time()
-            while (snapshots[-1]["version"] if snapshots else version) < min_version:  # the staleness bound
-                try:
-                    snapshots.append(weights_queue.get(timeout=1))
-                except queue.Empty:
-                    check_trainer()
-            while True:  # and take whatever newer snapshots are already waiting
-                try:
-                    snapshots.append(weights_queue.get_nowait())
-                except queue.Empty:
-                    break
-            timing["wait_weights"] = time.time() - t
-            timing["spans"].append(("wait", t, time.time()))
-            for snapshot in snapshots:
-                if snapshot is snapshots[-1] or snapshot["evaluate"]:
+            _, response_ids = generate(eval_prompts, args.eval_temperature, 1, seed=10**12 + version * len(eval_prompts))
+            evals.append({"version": version, "prompts": eval_prompts, "response_ids": response_ids})
+            timing["eval"] += time.time() - t
+            timing["spans"].append(("eval", t, time.time()))
+
+        def take_weights(target, timing, evals):
+            """Read snapshots in order up to policy version `target` and load it. Versions due for
+            evaluation are loaded and evaluated on the way, so none is skipped."""
+            nonlocal version
+            while version < target:
+                t = time.time()
+                while True:
+                    try:
+                        snapshot = weights_queue.get(timeout=1)
+                        break
+                    except queue.Empty:
+                        check_trainer()
+                timing["wait_weights"] += time.time() - t
+                timing["spans"].append(("wait", t, time.time()))
+                version = snapshot["version"]
+                if version == target or is_eval_version(args, version):
                     t = time.time()
                     load_weights_into_vllm(llm, snapshot["state_dict"])
-                    version = snapshot["version"]
                     timing["load_weights"] += time.time() - t
                     timing["spans"].append(("load", t, time.time()))
-                if snapshot["evaluate"]:
-                    t = time.time()
-                    _, response_ids = generate(eval_prompts, eval_params)
-                    evals.append({"version": snapshot["version"], "prompts": eval_prompts, "response_ids": response_ids})
-                    timing["eval"] += time.time() - t
-                    timing["spans"].append(("eval", t, time.time()))
-            return timing, evals
+                if is_eval_version(args, version):
+                    evaluate(timing, evals)
 
-        for index in range(args.num_steps):
+        new_timing = lambda: {"wait_weights": 0.0, "load_weights": 0.0, "eval": 0.0, "generate": 0.0, "spans": []}  # noqa: E731
+        timing, evals = new_timing(), []
+        if is_eval_version(args, version):
+            evaluate(timing, evals)  # the starting policy, loaded from disk
+        for index in range(first_batch, args.num_steps):
             check_trainer()
-            timing, evals = take_weights(min_version=max(0, index - args.async_steps))
+            take_weights(max(0, index - args.async_steps), timing, evals)  # the staleness rule
             if index == args.crash_generator_at:
                 raise RuntimeError(f"generator crashed on purpose at batch {index} (--crash_generator_at)")
-            prompts = builtin_prompts(random.Random(f"train-{args.seed}-{index}"), args.batch_size)
-            t = time.time()
-            prompt_ids, response_ids = generate(prompts, sample_params)
+            prompts, t = batch_prompts(args, train_prompts, index), time.time()
+            seed = (args.seed * 10**6 + index) * args.batch_size
+            prompt_ids, response_ids = generate(prompts, args.temperature, args.num_samples, seed)
             timing["generate"] = time.time() - t
             timing["spans"].append(("generate", t, time.time()))
             samples_queue.put(
                 {"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids,
                  "evals": evals, "timing": timing}
             )  # fmt: skip
-        timing, evals = take_weights(min_version=args.num_steps)  # the final policy, for the last evaluation
+            timing, evals = new_timing(), []
+        take_weights(args.num_steps, timing, evals)  # the final policy, for the last evaluation
         samples_queue.put({"evals": evals, "timing": timing})
     except (KeyboardInterrupt, Stopped):
         samples_queue.cancel_join_thread()  # Ctrl-C or the trainer stopped: exit without flushing
     except BaseException:
         samples_queue.put({"error": traceback.format_exc()})  # the trainer re-raises it with this traceback
         sys.exit(1)
-
-
 # ----------------------------------------------------------------------------------------------------
-# The trainer, in the main process.
+# Checks, before any process is spawned.
 def check_args(args: Args):
-    """Fail with one sentence naming the fix, before any process is spawned."""
+    """Fail with one sentence naming the fix."""
 
     def fail(message):
         sys.exit(f"error: {message}")
@@ -398,33 +518,71 @@ def check_args(args: Args):
         fail(f"--beta is {args.beta}; it must be positive (the paper uses 0.1 on TL;DR).")
     if args.temperature <= 0 or args.eval_temperature < 0:
         fail("--temperature must be positive (the paper uses 0.7) and --eval_temperature at least 0 (0 is greedy).")
-    if min(args.num_steps, args.batch_size, args.micro_batch_size, args.response_length, args.eval_every, args.eval_prompts) < 1:
-        fail("--num_steps, --batch_size, --micro_batch_size, --response_length, --eval_every and --eval_prompts must be at least 1.")
+    if min(args.num_steps, args.batch_size, args.micro_batch_size, args.response_length, args.eval_every,
+           args.eval_prompts, args.trainer_ranks) < 1 or args.save_every < 0:  # fmt: skip
+        fail("--num_steps, --batch_size, --micro_batch_size, --response_length, --eval_every, --eval_prompts and "
+             "--trainer_ranks must be at least 1, and --save_every at least 0.")  # fmt: skip
     if args.async_steps < 0:
         fail(f"--async_steps is {args.async_steps}; use 0 to train synchronously or N >= 1 to let the generator run N batches ahead.")
+    if args.batch_size % args.trainer_ranks:
+        fail(f"--batch_size {args.batch_size} does not split evenly over --trainer_ranks {args.trainer_ranks}; "
+             f"make it a multiple of {args.trainer_ranks}.")  # fmt: skip
+    gpus = torch.cuda.device_count()
+    if gpus and args.trainer_ranks > max(1, gpus - 1):
+        fail(f"--trainer_ranks {args.trainer_ranks} needs {args.trainer_ranks + 1} GPUs (GPU 0 is the generator's), "
+             f"but there are {gpus}; use --trainer_ranks {max(1, gpus - 1)}.")  # fmt: skip
+    if not gpus and args.trainer_ranks > len(split_cpu_cores(share=True)[0]):
+        fail(f"--trainer_ranks {args.trainer_ranks} is more than the {len(split_cpu_cores(share=True)[0])} CPU cores "
+             "this process may use; lower it.")  # fmt: skip
     if args.model_name_or_path:
         try:
             AutoConfig.from_pretrained(args.model_name_or_path)
         except (OSError, ValueError):
-            fail(f"--model_name_or_path {args.model_name_or_path!r} is not a transformers model folder; "
-                 "give one written by save_pretrained, or leave it empty for the built-in model.")  # fmt: skip
+            fail(f"--model_name_or_path {args.model_name_or_path!r} is not a transformers model folder or hub "
+                 "name; give one written by save_pretrained, or leave it empty for the built-in model.")  # fmt: skip
+    for flag, path in (("--reward_model_path", args.reward_model_path), ("--gold_reward_model_path", args.gold_reward_model_path)):
+        if not path:
+            continue
+        try:
+            architectures = AutoConfig.from_pretrained(path).architectures or []
+        except (OSError, ValueError):
+            fail(f"{flag} {path!r} is not a transformers model folder or hub name.")
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            fail(f"{flag} {path!r} is a {' / '.join(architectures) or 'model'}, not a sequence-classification reward "
+                 "model; give one saved from AutoModelForSequenceClassification.")  # fmt: skip
     if args.reward_fn:
         try:
-            load_reward_fn(args.reward_fn)
+            load_reward(args, "", "cpu")
         except (ImportError, AttributeError, ValueError):
             fail(f"--reward_fn {args.reward_fn!r} cannot be imported; give it as module:function, with the module importable from here.")
+    if args.dataset:
+        from datasets import load_dataset
+
+        try:
+            kind = ("json",) if os.path.isfile(args.dataset) else ()
+            columns = load_dataset(*kind, args.dataset, split=args.dataset_split, streaming=True).column_names
+        except Exception as error:  # datasets raises many kinds: missing file, unknown split, no network
+            fail(f"--dataset {args.dataset!r} with --dataset_split {args.dataset_split!r} cannot be loaded "
+                 f"({type(error).__name__}); give a local .json/.jsonl file or a hub dataset name and one of its splits.")  # fmt: skip
+        for flag, column in (("--prompt_column", args.prompt_column), ("--reference_column", args.reference_column)):
+            if column and columns is not None and column not in columns:
+                fail(f"--dataset {args.dataset!r} has no column {column!r} (it has {', '.join(columns)}); "
+                     f"name the right one with {flag}.")  # fmt: skip
 
 
-def check_lengths(args: Args, model_path: str, tokenizer) -> int:
+def check_lengths(args: Args, model_path: str, tokenizer, prompts: list[str]) -> int:
     """Prompt plus response must fit in the model's context. Returns the longest sequence, for vLLM."""
-    longest_prompt = MAX_LETTERS + 1 + len(tokenizer("")["input_ids"])  # a token covers >= 1 character
+    longest_prompt = max(len(ids) for ids in tokenizer(prompts + ["z" * MAX_LETTERS + "="])["input_ids"])
     context = AutoConfig.from_pretrained(model_path).max_position_embeddings
     if longest_prompt + args.response_length > context:
         sys.exit(f"error: prompts of up to {longest_prompt} tokens plus --response_length {args.response_length} exceed "
-                 f"the model's context of {context} tokens; lower --response_length to at most {context - longest_prompt}.")  # fmt: skip
+                 f"the model's context of {context} tokens; lower --response_length or use shorter prompts.")  # fmt: skip
     return longest_prompt + args.response_length
 
 
+# ----------------------------------------------------------------------------------------------------
+# The trainer. Rank 0 is the process you started: it starts the generator and the other ranks, trades
+# batches and weights with the generator, and logs. Every rank trains on its share of each batch.
 class GeneratorError(RuntimeError):
     """The generator process crashed (its traceback is in the message) or died."""
 
@@ -446,126 +604,222 @@ def receive(samples_queue, process):
         return message
 
 
-def main(args: Args):
-    check_args(args)
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
+def latest_checkpoint(run_dir: str):
+    """The newest complete checkpoint folder. Checkpoints are written under a temporary name and renamed
+    when complete, so a half-written one is never picked."""
+    found = sorted(glob.glob(os.path.join(run_dir, "checkpoint-*")))
+    return found[-1] if found else None
+
+
+def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
+    if rank == 0 and args.resume:  # continue with the flags the run was started with
+        with open(os.path.join(args.resume, "args.json")) as f:
+            args = Args(**{**json.load(f), "resume": args.resume})
+        if not latest_checkpoint(args.resume):
+            sys.exit(f"error: --resume {args.resume!r} has no checkpoint-* folder; start runs with --save_every N to write them.")
+    if rank == 0:
+        check_args(args)
+    world, t_start = args.trainer_ranks, time.time()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    t_start = time.time()
-    model_path = args.model_name_or_path or warm_start(args)
-    reward_fn = load_reward_fn(args.reward_fn)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    max_model_len = check_lengths(args, model_path, tokenizer)
-    time_warm_start = time.time() - t_start
+    base_model = args.model_name_or_path or warm_start(args)  # the reference policy, where training starts
+    checkpoint = latest_checkpoint(args.resume) if args.resume else None
+    model_path = os.path.join(checkpoint, "model") if checkpoint else base_model
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
 
-    # Placement: the generator gets GPU 0; the trainer GPU 1 if there is one, else it shares GPU 0.
-    # On a CPU each process is pinned to its own cores, so they run side by side without contention.
-    if torch.cuda.is_available():
-        device, generator_cores = torch.device(f"cuda:{min(1, torch.cuda.device_count() - 1)}"), []
+    # Placement: the generator gets GPU 0; trainer rank r gets GPU r + 1, or shares GPU 0 on a one-GPU
+    # machine. On a CPU each process is pinned to its own cores, so they run side by side without contention.
+    cuda = torch.cuda.is_available()
+    if cuda:
+        device, generator_cores = torch.device(f"cuda:{rank + 1 if torch.cuda.device_count() > 1 else 0}"), []
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         generator_cores, trainer_cores = split_cpu_cores(args.cpu_share_cores)
-        pin_to_cores(trainer_cores)
-    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
-    ref_policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
-    ref_policy.requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / args.num_steps)
-    eos = policy.generation_config.eos_token_id  # vLLM stops at any of these
-    eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
+        pin_to_cores(trainer_cores[rank::world] or trainer_cores)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32  # of the reference policy and of vLLM's weights
+    state = torch.load(os.path.join(checkpoint, "trainer.pt"), weights_only=False, mmap=True) if checkpoint else {}
+    start = state.get("version", 0)  # the policy version we start from; batch `start` is trained next
 
-    os.makedirs(run_dir)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    if args.track:
-        import wandb
+    reward_fn = load_reward(args, args.reward_model_path, device)  # every rank scores its own share
+    if rank == 0:
+        train_prompts, eval_prompts, references = load_prompts(args, tokenizer)
+        max_model_len = check_lengths(args, base_model, tokenizer, eval_prompts + (train_prompts or []))
+        gold_fn = load_reward(args, args.gold_reward_model_path, device) if args.gold_reward_model_path else reward_fn
+        time_warm_start = time.time() - t_start
+        run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+        os.makedirs(run_dir, exist_ok=bool(checkpoint))
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        # A resumed run forgets what was logged after its checkpoint, then carries on as if never stopped.
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            if checkpoint:
+                os.truncate(os.path.join(run_dir, name), state["offsets"][name])
+        metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        samples_file = open(os.path.join(run_dir, "samples.jsonl"), "a")
+        logged = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        step_log, eval_log, ref_gold = [r for r in logged if "step" in r], [r for r in logged if "eval/version" in r], None
+        version_time = state.get("version_time", {0: 0.0})  # seconds from the start until version v existed
+        t_start -= state.get("elapsed", 0.0)
+        pending = deque(state.get("pending", []))  # batches sampled before the checkpoint, not yet trained on
+        if args.track:
+            import wandb
 
-        wandb.init(project=args.wandb_project, name=run_name, config=asdict(args), sync_tensorboard=True)
-    writer = SummaryWriter(run_dir)
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w")
-    samples_file = open(os.path.join(run_dir, "samples.jsonl"), "w")
-    step_log, eval_log, version_time = [], [], {}  # version_time: seconds from the start until version v existed
-    mode = f"async, generator up to {args.async_steps} batch(es) ahead" if args.async_steps else "synchronous"
-    print(f"run {run_dir}: {mode}; trainer on {device}, model {model_path}")
+            wandb.init(project=args.wandb_project, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True)
+        writer = SummaryWriter(run_dir, purge_step=start if checkpoint else None)
+        mode = f"async, generator {args.async_steps} batch(es) ahead" if args.async_steps else "synchronous"
+        print(f"run {run_dir}: {mode}; {world} trainer rank(s) on {device}, model {model_path}")
 
-    def push_weights(version):
-        """Send a snapshot, not the live parameters: the queue shares tensor memory with the other process,
-        and the next optimizer step would change the weights while vLLM loads them."""
-        state_dict = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-        evaluate = version % args.eval_every == 0 or version == args.num_steps
-        weights_queue.put({"version": version, "state_dict": state_dict, "evaluate": evaluate})
-
-    def log_evals(evals):
-        """Score the generator's held-out completions with the gold reward. The KL logged beside it is the
-        one measured on policy version v's training batch (the last one, for the final version)."""
-        for e in evals:
-            completions = tokenizer.batch_decode(e["response_ids"], skip_special_tokens=True)
-            rewards = reward_fn(e["prompts"], completions)
-            kl = step_log[min(e["version"], len(step_log) - 1)]["objective/kl"]
-            row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl,
-                   "eval/wall_time": version_time[e["version"]]}
-            eval_log.append(row)
-            writer.add_scalar("eval/gold_reward", row["eval/gold_reward"], e["version"])
-            writer.add_scalar("eval/kl", kl, e["version"])
-            metrics_file.write(json.dumps(row) + "\n")
-            shown = list(zip(e["prompts"], completions, rewards))[: args.log_samples]
-            for p, c, r in shown:
-                samples_file.write(json.dumps({"version": e["version"], "prompt": p, "completion": c, "gold": r}) + "\n")
-            examples = "  ".join(p + c for p, c, _ in shown)
-            print(f"eval  policy v{e['version']:<4d} gold reward {row['eval/gold_reward']:.3f}  kl {kl:5.2f}  e.g. {examples}")
-
-    # ------------------------------------------------------------------------------------------------
-    # Start the generator. It loads the model from disk once; after that, weights arrive by queue.
-    ctx = mp.get_context("spawn")
-    weights_queue, samples_queue, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    process = ctx.Process(
-        target=generator, args=(args, model_path, max_model_len, generator_cores, weights_queue, samples_queue, stop), daemon=True
-    )
-    process.start()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops both processes, as Ctrl-C does
+        # Start the generator. It loads the model from disk once; after that, weights arrive by queue.
+        ctx = mp.get_context("spawn")
+        weights_queue, samples_queue, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+        process = ctx.Process(target=generator, daemon=True, args=(args, model_path, start, start + len(pending),
+                              max_model_len, generator_cores, weights_queue, samples_queue, stop))  # fmt: skip
+        process.start()
+        with socket.socket() as s:  # a free port for torch.distributed
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ranks = [ctx.Process(target=main, args=(args, r, port, run_dir), daemon=True) for r in range(1, world)]
+        for r in ranks:
+            r.start()
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops every process, as Ctrl-C does
     try:
-        version_time[0] = time.time() - t_start
-        push_weights(version=0)
-        for step in range(args.num_steps):
-            # 1. Get a batch from the generator. It was sampled by a policy up to N updates older than ours.
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+        ref_policy = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device).eval().requires_grad_(False)
+        if args.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.fsdp:  # FSDP2: each rank keeps 1/R of every weight, gradient and Adam moment; a layer
+            for model in (policy, ref_policy):  # gathers its full weights only while it runs
+                for module in model.modules():
+                    if type(module).__name__ in (model._no_split_modules or []):
+                        fully_shard(module)
+                fully_shard(model)
+            forward = policy
+        else:
+            forward = DistributedDataParallel(policy)  # averages the gradients over ranks during backward
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / args.num_steps)
+        if checkpoint:
+            if args.fsdp:
+                set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            random.setstate(state["rng"]["python"])
+            torch.set_rng_state(state["rng"]["torch"])
+        eos = policy.generation_config.eos_token_id  # vLLM stops at any of these
+        eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
+
+        def full_weights(dtype):
+            """The whole policy, on rank 0, as a snapshot: the queue shares tensor memory with the generator,
+            and the next optimizer step must not change weights that vLLM is still loading. Under FSDP every
+            rank holds a shard, so every rank takes part in gathering them."""
+            if args.fsdp:
+                weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            else:
+                weights = policy.state_dict() if rank == 0 else {}
+            return {name: w.detach().to(dtype, copy=True) for name, w in weights.items()}
+
+        def save_checkpoint(version):
+            """Everything a resumed run needs. Written under a temporary name, then renamed in one step: a
+            kill during the save leaves the previous checkpoint whole."""
+            weights = full_weights(torch.float32)
+            optimizer_state = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) if args.fsdp else optimizer.state_dict()  # fmt: skip
+            if rank != 0:
+                return
+            while len(pending) < min(args.async_steps, args.num_steps - version):  # sampled by older versions:
+                pending.append(receive(samples_queue, process))  # a resumed generator could not redo them
+            metrics_file.flush(), samples_file.flush()
+            tmp, final = os.path.join(run_dir, f".tmp-checkpoint-{version:06d}"), os.path.join(run_dir, f"checkpoint-{version:06d}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            policy.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
+            tokenizer.save_pretrained(os.path.join(tmp, "model"))
+            torch.save({
+                "version": version, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, "pending": list(pending),
+                "offsets": {"metrics.jsonl": metrics_file.tell(), "samples.jsonl": samples_file.tell()},
+                "version_time": version_time, "elapsed": time.time() - t_start,
+            }, os.path.join(tmp, "trainer.pt"))  # fmt: skip
+            os.replace(tmp, final)
+            for old in glob.glob(os.path.join(run_dir, "checkpoint-*")):
+                if old != final:
+                    shutil.rmtree(old)
+
+        def log_evals(evals):
+            """Score the generator's held-out completions with the gold reward. The KL logged beside it is the
+            one measured on policy version v's training batch (the last one, for the final version)."""
+            nonlocal ref_gold
+            for e in evals:
+                completions = tokenizer.batch_decode(e["response_ids"], skip_special_tokens=True)
+                rewards = gold_fn(e["prompts"], completions)
+                kl = step_log[min(e["version"], len(step_log) - 1)]["objective/kl"] if step_log else 0.0
+                row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl,
+                       "eval/wall_time": version_time[e["version"]]}  # fmt: skip
+                if references:  # the paper's win-rate: how often the gold reward prefers ours to the reference
+                    ref_gold = ref_gold or gold_fn(e["prompts"], references)
+                    row["eval/win_rate"] = sum((r > g) + 0.5 * (r == g) for r, g in zip(rewards, ref_gold)) / len(rewards)
+                eval_log.append(row)
+                for name in ("eval/gold_reward", "eval/kl", "eval/win_rate"):
+                    if name in row:
+                        writer.add_scalar(name, row[name], e["version"])
+                metrics_file.write(json.dumps(row) + "\n")
+                shown = list(zip(e["prompts"], completions, rewards))[: args.log_samples]
+                for p, c, r in shown:
+                    samples_file.write(json.dumps({"version": e["version"], "prompt": p, "completion": c, "gold": r}) + "\n")
+                examples = "  ".join((p + c)[-40:] for p, c, _ in shown)
+                print(f"eval  policy v{e['version']:<4d} gold reward {row['eval/gold_reward']:.3f}  kl {kl:5.2f}  e.g. {examples}")
+
+        # ------------------------------------------------------------------------------------------------
+        # The loop: one update per batch.
+        for step in range(start, args.num_steps):
+            # 1. Get a batch: rank 0 takes it from the generator (it was sampled by policy version
+            #    max(0, step - N)) and hands it to the other ranks. Each rank keeps its share of the prompts.
             t0 = time.time()
-            batch = receive(samples_queue, process)
-            t1 = time.time()
+            batch = [(pending.popleft() if pending else receive(samples_queue, process)) if rank == 0 else None]
+            dist.broadcast_object_list(batch, src=0)
+            batch, t1 = batch[0], time.time()
+            P, k = args.batch_size // world, args.num_samples
+            prompts, prompt_ids = batch["prompts"][rank * P : (rank + 1) * P], batch["prompt_ids"][rank * P : (rank + 1) * P]
+            responses = batch["response_ids"][rank * P * k : (rank + 1) * P * k]  # the k samples of a prompt side by side
 
             # 2. Score every completion with the reward; a completion with no EOS gets the penalty instead.
-            P, k = len(batch["prompts"]), args.num_samples
-            responses = batch["response_ids"]  # P*k token lists, the k samples of a prompt side by side
             has_eos = torch.tensor([len(r) > 0 and r[-1] in eos_ids for r in responses])
             completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            gold = torch.tensor(reward_fn([p for p in batch["prompts"] for _ in range(k)], completions), dtype=torch.float)
+            gold = torch.tensor(reward_fn([p for p in prompts for _ in range(k)], completions), dtype=torch.float)
             scores = apply_missing_eos_penalty(gold, has_eos, args.missing_eos_penalty).view(P, k)
 
             # 3. Pick chosen (best) and rejected (worst) per prompt; drop ties, they carry no preference.
+            #    Every rank must run as many micro-batches as the others (DDP and FSDP exchange data in each),
+            #    so a rank with fewer pairs pads with copies that weigh 0.
             chosen, rejected, valid = select_pairs(scores)
             chosen, rejected, pairs = chosen.tolist(), rejected.tolist(), valid.nonzero().squeeze(1).tolist()
+            counts = [None] * world
+            dist.all_gather_object(counts, len(pairs))
+            weights = torch.tensor([1.0] * len(pairs) + [0.0] * (max(counts) - len(pairs)))
+            pairs += [0] * (max(counts) - len(pairs))
 
-            # 4. DPO loss on summed response log-probs of policy and reference, one update per batch.
-            #    The loss of each micro-batch is divided by the pairs in the whole batch, so the
-            #    accumulated gradient is the mean over pairs, whatever the micro-batch size.
+            # 4. DPO loss on summed response log-probs of policy and reference, one update per batch. DDP and
+            #    FSDP average gradients over ranks, so each rank scales its summed loss by R / (pairs in the
+            #    whole batch): the update is the mean over all pairs, whatever the micro-batch size or R.
             stats = {"loss": [], "chosen_logps": [], "rejected_logps": [], "ref_chosen_logps": [], "ref_rejected_logps": []}
-            for start in range(0, len(pairs), args.micro_batch_size):
-                mb = pairs[start : start + args.micro_batch_size]
-                prompts = [batch["prompt_ids"][i] for i in mb]
-                sequences = [p + responses[i * k + chosen[i]] for p, i in zip(prompts, mb)]
-                sequences += [p + responses[i * k + rejected[i]] for p, i in zip(prompts, mb)]
+            for begin in range(0, len(pairs), args.micro_batch_size):
+                mb, w = pairs[begin : begin + args.micro_batch_size], weights[begin : begin + args.micro_batch_size].to(device)
+                sequences = [prompt_ids[i] + responses[i * k + chosen[i]] for i in mb]
+                sequences += [prompt_ids[i] + responses[i * k + rejected[i]] for i in mb]
                 input_ids, attention_mask = pad_right(sequences, tokenizer.pad_token_id or 0)  # (2M, T)
-                response_mask = mask_prompts(attention_mask, [len(p) for p in prompts] * 2)
+                response_mask = mask_prompts(attention_mask, [len(prompt_ids[i]) for i in mb] * 2)
                 input_ids, attention_mask, response_mask = input_ids.to(device), attention_mask.to(device), response_mask.to(device)
-                logps = sequence_logprobs(policy, input_ids, attention_mask, response_mask, args.temperature)  # (2M,)
-                with torch.no_grad():
-                    ref_logps = sequence_logprobs(ref_policy, input_ids, attention_mask, response_mask, args.temperature)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    logps = sequence_logprobs(forward, input_ids, attention_mask, response_mask, args.temperature)  # (2M,)
+                    with torch.no_grad():
+                        ref_logps = sequence_logprobs(ref_policy, input_ids, attention_mask, response_mask, args.temperature)
                 chosen_logps, rejected_logps = logps.chunk(2)
                 ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2)
                 losses = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta, args.loss_type)
-                (losses.sum() / len(pairs)).backward()
+                ((losses * w).sum() * world / sum(counts)).backward()
                 for name, value in zip(stats, (losses, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)):
-                    stats[name].append(value.detach().cpu())
+                    stats[name].append(value[w > 0].detach().float().cpu())
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()  # with every pair tied there are no gradients, and AdamW leaves the weights be
@@ -573,74 +827,94 @@ def main(args: Args):
             optimizer.zero_grad()
             t2 = time.time()
 
-            # 5. Push the new weights; the generator picks them up for its next batch.
-            push_weights(version=step + 1)
+            # 5. Push the new weights; the generator loads them for batch step + 1 + N.
+            snapshot = full_weights(dtype)
+            if rank == 0:
+                weights_queue.put({"version": step + 1, "state_dict": snapshot})
             t3 = time.time()
 
-            # 6. Log one dict and one line per step. Means over no pairs (all tied) are NaN.
-            s = {name: torch.cat(values) if values else torch.zeros(0) for name, values in stats.items()}
-            chosen_ratio, rejected_ratio = s["chosen_logps"] - s["ref_chosen_logps"], s["rejected_logps"] - s["ref_rejected_logps"]
-            metrics = {
-                "async/learner_version": step,
-                "async/batch_version": batch["version"],
-                "async/lag": step - batch["version"],
-                "objective/loss": s["loss"].mean().item(),
-                "objective/kl": torch.cat([chosen_ratio, rejected_ratio]).mean().item(),
-                "objective/grad_norm": grad_norm.item(),
-                "objective/lr": lr,
-                "rewards/score": scores.mean().item(),
-                "rewards/gold": gold.mean().item(),
-                "rewards/chosen_score": scores.max(1).values.mean().item(),
-                "rewards/rejected_score": scores.min(1).values.mean().item(),
-                "rewards/missing_eos_frac": 1 - has_eos.float().mean().item(),
-                "rewards/tie_frac": 1 - valid.float().mean().item(),
-                "rewards/dpo_margin": (args.beta * (chosen_ratio - rejected_ratio)).mean().item(),
-                "rewards/dpo_accuracy": (chosen_ratio > rejected_ratio).float().mean().item(),
-                "logps/chosen": s["chosen_logps"].mean().item(),
-                "logps/rejected": s["rejected_logps"].mean().item(),
-                "time/wait_samples": t1 - t0,
-                "time/train": t2 - t1,
-                "time/push_weights": t3 - t2,
-                "time/step": t3 - t0,
-                **{f"time/{name}": seconds for name, seconds in batch["timing"].items() if name != "spans"},
-            }
-            step_log.append(metrics)
-            for name, value in metrics.items():
-                writer.add_scalar(name, value, step)
-            # When each process did what, in seconds since the start, for the benchmark's timeline plot.
-            timeline = {
-                "generator": [(name, a - t_start, b - t_start, batch["version"]) for name, a, b in batch["timing"]["spans"]],
-                "trainer": [(name, a - t_start, b - t_start, step) for name, a, b in [("wait", t0, t1), ("train", t1, t2), ("push", t2, t3)]],
-            }
-            version_time[step + 1] = t3 - t_start
-            metrics_file.write(json.dumps({"step": step, **metrics, "timeline": timeline}) + "\n")
-            print(
-                f"step {step + 1:3d}/{args.num_steps}  policy v{step:<3d} on batch v{batch['version']:<3d} (lag {metrics['async/lag']})  "
-                f"loss {metrics['objective/loss']:.3f}  kl {metrics['objective/kl']:5.2f}  score {metrics['rewards/score']:.3f}  "
-                f"gen {metrics['time/generate'] + metrics['time/load_weights']:.2f}s  "
-                f"train {metrics['time/train'] + metrics['time/push_weights']:.2f}s  wait {metrics['time/wait_samples']:.2f}s"
-            )
-            log_evals(batch["evals"])
+            # 6. Log one dict and one line per step, over all ranks' shares. Means over no pairs (all tied) are NaN.
+            mine = {"scores": scores, "gold": gold, "has_eos": has_eos.float(), "valid": valid.float()}
+            mine |= {name: torch.cat(values) if values else torch.zeros(0) for name, values in stats.items()}
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
+            if rank == 0:
+                s = {name: torch.cat([g[name] for g in gathered]) for name in mine}
+                chosen_ratio, rejected_ratio = s["chosen_logps"] - s["ref_chosen_logps"], s["rejected_logps"] - s["ref_rejected_logps"]
+                metrics = {
+                    "async/learner_version": step,
+                    "async/batch_version": batch["version"],
+                    "async/lag": step - batch["version"],
+                    "objective/loss": s["loss"].mean().item(),
+                    "objective/kl": torch.cat([chosen_ratio, rejected_ratio]).mean().item(),
+                    "objective/grad_norm": grad_norm.item(),
+                    "objective/lr": lr,
+                    "rewards/score": s["scores"].mean().item(),
+                    "rewards/gold": s["gold"].mean().item(),
+                    "rewards/chosen_score": s["scores"].max(1).values.mean().item(),
+                    "rewards/rejected_score": s["scores"].min(1).values.mean().item(),
+                    "rewards/missing_eos_frac": 1 - s["has_eos"].mean().item(),
+                    "rewards/tie_frac": 1 - s["valid"].mean().item(),
+                    "rewards/dpo_margin": (args.beta * (chosen_ratio - rejected_ratio)).mean().item(),
+                    "rewards/dpo_accuracy": (chosen_ratio > rejected_ratio).float().mean().item(),
+                    "logps/chosen": s["chosen_logps"].mean().item(),
+                    "logps/rejected": s["rejected_logps"].mean().item(),
+                    "time/wait_samples": t1 - t0,
+                    "time/train": t2 - t1,
+                    "time/push_weights": t3 - t2,
+                    "time/step": t3 - t0,
+                    **{f"time/{name}": seconds for name, seconds in batch["timing"].items() if name != "spans"},
+                }
+                step_log.append(metrics)
+                for name, value in metrics.items():
+                    writer.add_scalar(name, value, step)
+                # When each process did what, in seconds since the start, for the benchmark's timeline plot.
+                timeline = {
+                    "generator": [(name, a - t_start, b - t_start, batch["version"]) for name, a, b in batch["timing"]["spans"]],
+                    "trainer": [(name, a - t_start, b - t_start, step) for name, a, b in [("wait", t0, t1), ("train", t1, t2), ("push", t2, t3)]],
+                }
+                version_time[step + 1] = t3 - t_start
+                metrics_file.write(json.dumps({"step": step, **metrics, "timeline": timeline}) + "\n")
+                print(
+                    f"step {step + 1:3d}/{args.num_steps}  policy v{step:<3d} on batch v{batch['version']:<3d} (lag {metrics['async/lag']})  "
+                    f"loss {metrics['objective/loss']:.3f}  kl {metrics['objective/kl']:5.2f}  score {metrics['rewards/score']:.3f}  "
+                    f"gen {metrics['time/generate'] + metrics['time/load_weights']:.2f}s  "
+                    f"train {metrics['time/train'] + metrics['time/push_weights']:.2f}s  wait {metrics['time/wait_samples']:.2f}s"
+                )
+                log_evals(batch["evals"])
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save_checkpoint(version=step + 1)
 
-        final = receive(samples_queue, process)  # the generator evaluates the final policy
-        log_evals(final["evals"])
+        final_weights = full_weights(torch.float32)
+        if rank != 0:
+            return
+        log_evals(receive(samples_queue, process)["evals"])  # the generator evaluates the final policy
     except KeyboardInterrupt:
-        sys.exit("interrupted: stopped the trainer and the generator")
+        sys.exit("interrupted: stopped the trainer and the generator" if rank == 0 else 1)
     except GeneratorError as error:
         sys.exit(f"error: {error}")
+    except RuntimeError as error:  # a collective failed: another rank died, and printed its traceback above
+        if rank == 0 and any(r.join(timeout=10) or r.exitcode for r in ranks):
+            sys.exit(f"error: a trainer rank died (exit codes {[r.exitcode for r in ranks]}); its traceback is above.")
+        raise
     finally:
-        stop.set()
-        weights_queue.cancel_join_thread()  # don't block exit on snapshots the generator never read
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
-        metrics_file.close()
-        samples_file.close()
-        writer.close()
+        if rank == 0:
+            stop.set()
+            for r in ranks:
+                r.kill()
+            weights_queue.cancel_join_thread()  # don't block exit on snapshots the generator never read
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+            metrics_file.close()
+            samples_file.close()
+            writer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------------------------
     # Save the model and summarise where the time went.
-    policy.save_pretrained(os.path.join(run_dir, "model"))
+    policy.save_pretrained(os.path.join(run_dir, "model"), state_dict=final_weights)
     tokenizer.save_pretrained(os.path.join(run_dir, "model"))
     steady = step_log[1:] or step_log  # step 1 also waits for vLLM to start, so it is left out
     mean = lambda key: sum(m[key] for m in steady) / len(steady)  # noqa: E731
