@@ -192,21 +192,22 @@ def builtin_reward(prompts: list[str], completions: list[str]) -> list[float]:
 
 # ----------------------------------------------------------------------------------------------------
 # Prompts and rewards from elsewhere: a dataset loaded with `datasets`, a reward function or a reward model.
+def load_split(args: Args, split: str, streaming: bool = False):
+    from datasets import load_dataset
+
+    if os.path.isfile(args.dataset):
+        return load_dataset("json", data_files=args.dataset, split=split, streaming=streaming)
+    return load_dataset(args.dataset, split=split, streaming=streaming)
+
+
 def load_prompts(args: Args, tokenizer):
     """Training prompts (None for the built-in task, whose prompts are drawn per batch), held-out eval
     prompts, and the eval prompts' reference completions (None without --reference_column)."""
     if not args.dataset:
         return None, builtin_prompts(random.Random("eval"), args.eval_prompts), None
-    from datasets import load_dataset
-
-    def split(name):
-        if os.path.isfile(args.dataset):
-            return load_dataset("json", data_files=args.dataset, split=name)
-        return load_dataset(args.dataset, split=name)
-
-    train = split(args.dataset_split)
+    train = load_split(args, args.dataset_split)
     if args.eval_split:
-        held_out = split(args.eval_split)
+        held_out = load_split(args, args.eval_split)
         held_out = held_out.select(range(min(args.eval_prompts, len(held_out))))
     else:
         held_out = train.select(range(max(0, len(train) - args.eval_prompts), len(train)))
@@ -556,11 +557,8 @@ def check_args(args: Args):
         except (ImportError, AttributeError, ValueError):
             fail(f"--reward_fn {args.reward_fn!r} cannot be imported; give it as module:function, with the module importable from here.")
     if args.dataset:
-        from datasets import load_dataset
-
         try:
-            kind = ("json",) if os.path.isfile(args.dataset) else ()
-            columns = load_dataset(*kind, args.dataset, split=args.dataset_split, streaming=True).column_names
+            columns = load_split(args, args.dataset_split, streaming=True).column_names
         except Exception as error:  # datasets raises many kinds: missing file, unknown split, no network
             fail(f"--dataset {args.dataset!r} with --dataset_split {args.dataset_split!r} cannot be loaded "
                  f"({type(error).__name__}); give a local .json/.jsonl file or a hub dataset name and one of its splits.")  # fmt: skip
@@ -613,10 +611,10 @@ def latest_checkpoint(run_dir: str):
 
 def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
     if rank == 0 and args.resume:  # continue with the flags the run was started with
-        with open(os.path.join(args.resume, "args.json")) as f:
-            args = Args(**{**json.load(f), "resume": args.resume})
         if not latest_checkpoint(args.resume):
             sys.exit(f"error: --resume {args.resume!r} has no checkpoint-* folder; start runs with --save_every N to write them.")
+        with open(os.path.join(args.resume, "args.json")) as f:
+            args = Args(**{**json.load(f), "resume": args.resume})
     if rank == 0:
         check_args(args)
     world, t_start = args.trainer_ranks, time.time()
@@ -668,7 +666,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
             wandb.init(project=args.wandb_project, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True)
         writer = SummaryWriter(run_dir, purge_step=start if checkpoint else None)
         mode = f"async, generator {args.async_steps} batch(es) ahead" if args.async_steps else "synchronous"
-        print(f"run {run_dir}: {mode}; {world} trainer rank(s) on {device}, model {model_path}")
+        print(f"run {run_dir}: {mode}; {world} trainer rank(s) on {device}, policy from {model_path}")
 
         # Start the generator. It loads the model from disk once; after that, weights arrive by queue.
         ctx = mp.get_context("spawn")

@@ -76,7 +76,7 @@ def test_own_model_and_reward_function(cache_dir, model_path, tmp_path):
     result = run_script("async_online_dpo.py", cache_dir, tmp_path, "--model_name_or_path", model_path,
                         "--reward_fn", "tests.my_rewards:count_a")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"model {model_path}" in result.stdout
+    assert f"from {model_path}" in result.stdout
     run_dir, steps, evals = read_run(tmp_path)
     check_run_folder(run_dir, steps, evals, model_path)
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]

@@ -24,7 +24,7 @@ def generator_process(args, model_path):
     """The real generator in a spawned process, with its real queues; stopped and reaped afterwards."""
     ctx = mp.get_context("spawn")
     weights_queue, samples_queue, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    process = ctx.Process(target=A.generator, args=(args, model_path, 32, [0], weights_queue, samples_queue, stop))
+    process = ctx.Process(target=A.generator, args=(args, model_path, 0, 0, 32, [0], weights_queue, samples_queue, stop))
     try:
         yield process, weights_queue, samples_queue
     finally:
@@ -44,10 +44,9 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
 
         def push(version):
             state_dict = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-            weights_queue.put({"version": version, "state_dict": state_dict, "evaluate": True})
+            weights_queue.put({"version": version, "state_dict": state_dict})
 
-        # Version 0: the generator's greedy output is transformers' greedy output from the same weights.
-        push(0)
+        # Version 0, loaded from disk: the generator's greedy output is transformers' from the same weights.
         batch = A.receive(samples_queue, process)
         (eval0,) = batch["evals"]
         assert batch["version"] == 0 and eval0["version"] == 0
@@ -78,23 +77,20 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
         assert process.exitcode == 0
 
 
-def test_generator_takes_the_newest_snapshot_and_evaluates_every_flagged_one(cache_dir, model_path):
-    """Four snapshots wait on the queue before vLLM has even started. The generator must sample with the
-    newest (v3), skip the unflagged v1, and still load and evaluate the flagged v0 and v2 on the way."""
-    args = A.Args(cache_dir=cache_dir, num_steps=4, batch_size=4, eval_prompts=8, async_steps=8, response_length=16)
+def test_generator_samples_batch_i_with_version_i_minus_n_and_evaluates_every_due_version(cache_dir, model_path):
+    """Four snapshots wait on the queue before vLLM has even started. With N = 2, batch i must still be
+    sampled by exactly version max(0, i - 2), and versions 2 and 4 (--eval_every 2) evaluated on the way."""
+    args = A.Args(cache_dir=cache_dir, num_steps=4, batch_size=4, eval_prompts=8, eval_every=2, async_steps=2, response_length=16)
     policy = AutoModelForCausalLM.from_pretrained(model_path)
     with generator_process(args, model_path) as (process, weights_queue, samples_queue):
         state_dict = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-        for version, evaluate in [(0, True), (1, False), (2, True), (3, False)]:
-            weights_queue.put({"version": version, "state_dict": state_dict, "evaluate": evaluate})
+        for version in range(1, 5):
+            weights_queue.put({"version": version, "state_dict": state_dict})
         process.start()
-        first = A.receive(samples_queue, process)
-        assert first["version"] == 3 and [e["version"] for e in first["evals"]] == [0, 2]
-        for _ in range(3):  # batches 1-3 are allowed to be up to 8 versions stale, so v3 serves them all
-            later = A.receive(samples_queue, process)
-            assert later["version"] == 3 and later["evals"] == []
-        weights_queue.put({"version": 4, "state_dict": state_dict, "evaluate": True})
-        final = A.receive(samples_queue, process)  # the generator ends by waiting for version num_steps
-        assert [e["version"] for e in final["evals"]] == [4]
+        batches = [A.receive(samples_queue, process) for _ in range(4)]
+        assert [b["version"] for b in batches] == [0, 0, 0, 1]
+        assert [[e["version"] for e in b["evals"]] for b in batches] == [[0], [], [], []]
+        final = A.receive(samples_queue, process)  # the generator ends by reading up to version num_steps
+        assert [e["version"] for e in final["evals"]] == [2, 4]
         process.join(timeout=30)
         assert process.exitcode == 0

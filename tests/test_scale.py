@@ -1,0 +1,147 @@
+"""Issue-4 features, proven on the CPU: data parallel and FSDP2 ranks, datasets, reward models, resume."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import time
+import uuid
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models
+from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+import async_online_dpo as A
+from test_end_to_end import read_run, run_script
+from test_failures import processes_with, start
+
+
+def weights(run_dir):
+    return load_file(os.path.join(run_dir, "model", "model.safetensors"))
+
+
+def max_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_trainer_ranks_give_the_weights_of_one(cache_dir, model_path, tmp_path):
+    """Same global batch and seed: 2 ranks with DDP, and 2 ranks with FSDP2, end where 1 rank does."""
+    runs = {}
+    for name, flags in {"one": [], "ddp": ["--trainer_ranks", "2"], "fsdp": ["--trainer_ranks", "2", "--fsdp"]}.items():
+        result = run_script("async_online_dpo.py", cache_dir, tmp_path / name, "--num_steps", "3", *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = weights(read_run(tmp_path / name)[0])
+    moved = max_difference(runs["one"], load_file(os.path.join(model_path, "model.safetensors")))
+    assert moved > 1e-5  # training changed the weights...
+    assert max_difference(runs["one"], runs["ddp"]) < 1e-6 < moved  # ...and rank count did not
+    assert max_difference(runs["one"], runs["fsdp"]) < 1e-6
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(cache_dir, tmp_path):
+    flags = ["--num_steps", "6", "--batch_size", "8", "--micro_batch_size", "4", "--eval_every", "2",
+             "--eval_prompts", "16", "--save_every", "2"]
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "whole", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole_dir, whole_steps, whole_evals = read_run(tmp_path / "whole")
+
+    marker = uuid.uuid4().hex
+    p = start("async_online_dpo.py", cache_dir, tmp_path / "killed", *flags, marker=marker)
+    deadline = time.time() + 240
+    while not glob.glob(str(tmp_path / "killed" / "*" / "checkpoint-000004")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(p.pid, signal.SIGKILL)  # no chance to clean up
+    p.communicate()
+    (run_dir,) = glob.glob(str(tmp_path / "killed" / "*"))
+    time.sleep(5)
+    assert processes_with(marker) == []  # the generator noticed and stopped by itself
+    # A save that was cut short leaves only a temporary folder, which resume must ignore.
+    shutil.copytree(os.path.join(run_dir, "checkpoint-000004"), os.path.join(run_dir, ".tmp-checkpoint-000006"))
+    os.truncate(os.path.join(run_dir, ".tmp-checkpoint-000006", "trainer.pt"), 100)
+
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "unused", "--resume", run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint-000004" in result.stdout  # it started from the newest complete checkpoint
+    _, steps, evals = read_run(tmp_path / "killed")
+    assert [s["step"] for s in steps] == list(range(6))  # nothing lost, nothing logged twice
+    assert [s["async/batch_version"] for s in steps] == [s["async/batch_version"] for s in whole_steps]
+    assert [e["eval/gold_reward"] for e in evals] == [e["eval/gold_reward"] for e in whole_evals]
+    assert max_difference(weights(whole_dir), weights(run_dir)) < 1e-6
+
+
+def make_reward_model(path, seed):
+    """A tiny untrained reward model whose tokenizer differs from the policy's: other ids, other vocabulary size."""
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, "#": 3} | {c: 10 + i for i, c in enumerate(reversed(A.LETTERS + "="))}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                        pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer._tokenizer.decoder = decoders.Fuse()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=128, num_labels=1, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_reward_model_reads_text_with_its_own_tokenizer(tmp_path):
+    path = make_reward_model(tmp_path / "rm", seed=0)
+    score = A.load_reward(A.Args(micro_batch_size=2), path, "cpu")
+    prompts, completions = ["dcba=", "zyx=", "qwerty="], ["abcd", "xyz", "eqrtwy"]
+    model = LlamaForSequenceClassification.from_pretrained(path).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    with torch.no_grad():  # one at a time, no padding: the reference
+        expected = [model(**tokenizer(p + c, return_tensors="pt")).logits[0, 0].item() for p, c in zip(prompts, completions)]
+    assert score(prompts, completions) == pytest.approx(expected, abs=1e-5)
+
+
+def test_dataset_reward_models_and_win_rate(cache_dir, tmp_path):
+    rows = [{"prompt": p, "reference": "".join(sorted(p[:-1])), "id": i}
+            for i, p in enumerate(A.builtin_prompts(A.random.Random(7), 48))]  # fmt: skip
+    with open(tmp_path / "data.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    reward, gold = make_reward_model(tmp_path / "rm", seed=0), make_reward_model(tmp_path / "gold", seed=1)
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", "--dataset", str(tmp_path / "data.jsonl"),
+                        "--reference_column", "reference", "--reward_model_path", reward, "--gold_reward_model_path", gold,
+                        "--eval_prompts", "8")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir, steps, evals = read_run(tmp_path / "out")
+    assert len(steps) == 4 and [e["eval/version"] for e in evals] == [0, 2, 4]
+    assert all(0 <= e["eval/win_rate"] <= 1 for e in evals)
+    held_out = {r["prompt"] for r in rows[-8:]}  # the last --eval_prompts rows are held out of training
+    samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
+    assert samples and {s["prompt"] for s in samples} <= held_out
+    gold_score = A.load_reward(A.Args(), gold, "cpu")
+    for s in samples:  # evaluation used the gold reward model, not the training one
+        assert s["gold"] == pytest.approx(gold_score([s["prompt"]], [s["completion"]])[0], abs=1e-4)
+
+
+def test_bad_scale_inputs_give_one_sentence_before_spawning(cache_dir, model_path, tmp_path):
+    with open(tmp_path / "no_prompt.jsonl", "w") as f:
+        f.write(json.dumps({"text": "abc="}) + "\n")
+    cases = [
+        (["--dataset", str(tmp_path / "no_prompt.jsonl")], "--prompt_column"),
+        (["--reward_model_path", model_path], "not a sequence-classification"),
+        (["--trainer_ranks", "64"], "--trainer_ranks"),
+        (["--trainer_ranks", "2", "--batch_size", "7"], "--batch_size 7"),
+        (["--resume", str(tmp_path / "no_such_run")], "--resume"),
+    ]
+    for flags, message in cases:
+        out_dir = tmp_path / uuid.uuid4().hex
+        out_dir.mkdir()
+        p = start("async_online_dpo.py", cache_dir, out_dir, *flags)
+        out, err = p.communicate(timeout=120)
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (flags, err)
+        assert "run " not in out and not os.listdir(out_dir)
+
+
+def test_bf16_and_gradient_checkpointing(cache_dir, model_path, tmp_path):
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path, "--num_steps", "2", "--bf16", "--gradient_checkpointing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir, steps, _ = read_run(tmp_path)
+    assert len(steps) == 2 and all(s["objective/grad_norm"] > 0 for s in steps)
+    trained = weights(run_dir)
+    assert all(w.dtype == torch.float32 for w in trained.values())  # master weights stay float32
+    assert max_difference(trained, load_file(os.path.join(model_path, "model.safetensors"))) > 1e-5
