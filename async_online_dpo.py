@@ -60,33 +60,25 @@ class Args:
     cache_dir: str = ".cache"
     """folder for the warm-started built-in model and vLLM's compile cache, reused across runs"""
     track: bool = False
-    """also log to Weights & Biases (imported only when set)"""
-    wandb_project: str = "async-online-dpo"
-    """W&B project name, used with --track"""
+    """also log to Weights & Biases (imported only when set; the project comes from $WANDB_PROJECT)"""
 
     # --- model, data and reward
     model_name_or_path: str = ""
-    """transformers causal LM (folder or hub name) for the policy and the frozen reference; empty = the
-    built-in model"""
+    """transformers causal LM (folder or hub name): the policy and the frozen reference; empty = built-in"""
     dataset: str = ""
     """hub dataset name or local .json/.jsonl file of prompts; empty = the built-in letter-sorting task"""
     dataset_split: str = "train"
     """split of --dataset to train on (a local file has one split, "train")"""
-    eval_split: str = ""
-    """split of --dataset to evaluate on; empty = hold out the last --eval_prompts rows of --dataset_split"""
     prompt_column: str = "prompt"
-    """column with the prompt: text, or a list of chat messages rendered with the model's chat template"""
+    """column with the prompt text, formatted as the policy expects it (chat template applied)"""
     reference_column: str = ""
     """column with a reference completion; when set, evaluation reports the win-rate against it"""
     reward_fn: str = ""
-    """`module:function` taking (prompts, completions) lists of str and returning one float each;
-    empty = the built-in task's gold reward"""
+    """`module:function` scoring (prompts, completions), lists of str, one float each; empty = built-in"""
     reward_model_path: str = ""
-    """transformers sequence-classification reward model for training (overrides --reward_fn); it may use
-    a different tokenizer from the policy's"""
+    """sequence-classification reward model for training (overrides --reward_fn); any tokenizer"""
     gold_reward_model_path: str = ""
-    """sequence-classification reward model for evaluation only (the paper's gold model); empty = the
-    training reward"""
+    """reward model for evaluation only (the paper's gold model); empty = the training reward"""
     sft_steps: int = 30
     """supervised warm-start steps for the built-in model (cached under --cache_dir)"""
 
@@ -116,18 +108,13 @@ class Args:
 
     # --- asynchrony
     async_steps: int = 1
-    """N, how far the generator runs ahead: batch i is sampled by policy version max(0, i - N).
-    0 is synchronous (what sync_baseline.py runs)"""
+    """N: batch i is sampled by policy version max(0, i - N); 0 is synchronous (sync_baseline.py)"""
 
     # --- evaluation
     eval_every: int = 16
     """evaluate the policy versions that are multiples of this, and the first and last"""
     eval_prompts: int = 256
-    """held-out prompts per evaluation"""
-    eval_temperature: float = 0.0
-    """sampling temperature for evaluation (0 = greedy)"""
-    log_samples: int = 4
-    """eval completions written to samples.jsonl and printed at each evaluation"""
+    """held-out prompts per evaluation, sampled greedily (a dataset's last rows of --dataset_split)"""
 
     # --- checkpoints
     save_every: int = 0
@@ -137,11 +124,9 @@ class Args:
 
     # --- hardware
     trainer_ranks: int = 1
-    """data-parallel trainer processes: GPUs 1..R on a GPU machine (the generator keeps GPU 0), or
-    shares of the trainer's cores on a CPU"""
+    """R, data-parallel trainer processes: on GPUs 1..R (GPU 0 is the generator's), or on CPU cores"""
     fsdp: bool = False
-    """shard policy, reference and optimizer state over the trainer ranks with FSDP2, for models whose
-    Adam state does not fit on one device"""
+    """shard weights, gradients and Adam state over the ranks with FSDP2 (when they don't fit one GPU)"""
     bf16: bool = False
     """train under bfloat16 autocast (weights and Adam state stay float32) and run vLLM in bfloat16"""
     gradient_checkpointing: bool = False
@@ -151,13 +136,11 @@ class Args:
     vllm_cpu_kv_cache_gib: int = 1
     """GiB of RAM vLLM reserves for its KV cache on a CPU (vLLM's own default takes most of the RAM)"""
     cpu_share_cores: bool = False
-    """on a CPU, give the generator and the trainer every core instead of half each. Only sensible with
-    --async_steps 0, where they take turns; the paper's setting (separate GPUs) is the split"""
+    """on a CPU, give generator and trainer every core, not half each: for sync runs, where they take turns"""
 
     # --- testing
     crash_generator_at: int = -1
-    """raise an error inside the generator when it reaches this batch (-1: never); tests use it to
-    check that a generator crash stops the run with the generator's traceback"""
+    """raise an error inside the generator at this batch (-1: never), to test that a crash stops the run"""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,46 +183,27 @@ def load_split(args: Args, split: str, streaming: bool = False):
     return load_dataset(args.dataset, split=split, streaming=streaming)
 
 
-def load_prompts(args: Args, tokenizer):
-    """Training prompts (None for the built-in task, whose prompts are drawn per batch), held-out eval
-    prompts, and the eval prompts' reference completions (None without --reference_column)."""
+def load_prompts(args: Args):
+    """Training prompts (None for the built-in task: drawn per batch), eval prompts, and their references."""
     if not args.dataset:
         return None, builtin_prompts(random.Random("eval"), args.eval_prompts), None
-    train = load_split(args, args.dataset_split)
-    if args.eval_split:
-        held_out = load_split(args, args.eval_split)
-        held_out = held_out.select(range(min(args.eval_prompts, len(held_out))))
-    else:
-        held_out = train.select(range(max(0, len(train) - args.eval_prompts), len(train)))
-        train = train.select(range(len(train) - len(held_out)))
-
-    def render(prompt):  # chat messages -> the model's template; vLLM adds the BOS token itself
-        if isinstance(prompt, list):
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            return prompt.removeprefix(tokenizer.bos_token or "")
-        return prompt
-
-    references = held_out[args.reference_column] if args.reference_column else None
-    return [render(p) for p in train[args.prompt_column]], [render(p) for p in held_out[args.prompt_column]], references
+    rows = load_split(args, args.dataset_split)
+    cut = max(0, len(rows) - args.eval_prompts)  # the last rows are held out for evaluation
+    train, held_out = rows.select(range(cut)), rows.select(range(cut, len(rows)))
+    references = list(held_out[args.reference_column]) if args.reference_column else None
+    return list(train[args.prompt_column]), list(held_out[args.prompt_column]), references
 
 
 def batch_prompts(args: Args, train_prompts, index: int) -> list[str]:
-    """The prompts of batch `index`: a function of the seed and the index alone, so a resumed run
-    sees the same data as an uninterrupted one. A dataset is shuffled anew each epoch."""
+    """The prompts of batch `index`, a function of seed and index alone: a resumed run sees the same data."""
     if train_prompts is None:
         return builtin_prompts(random.Random(f"train-{args.seed}-{index}"), args.batch_size)
-    prompts, n, orders = [], len(train_prompts), {}
-    for position in range(index * args.batch_size, (index + 1) * args.batch_size):
-        epoch, offset = divmod(position, n)
-        if epoch not in orders:
-            orders[epoch] = random.Random(f"{args.seed}-{epoch}").sample(range(n), n)
-        prompts.append(train_prompts[orders[epoch][offset]])
-    return prompts
+    order = random.Random(args.seed).sample(range(len(train_prompts)), len(train_prompts))  # one shuffle, cycled
+    return [train_prompts[order[i % len(order)]] for i in range(index * args.batch_size, (index + 1) * args.batch_size)]
 
 
 def load_reward(args: Args, model_path: str, device):
-    """(prompts, completions) -> one float each: a reward model if a path is given, else --reward_fn or
-    the built-in gold reward."""
+    """(prompts, completions) -> one float each: a reward model if given, else --reward_fn or the built-in reward."""
     if not model_path:
         if not args.reward_fn:
             return builtin_reward
@@ -254,8 +218,7 @@ def load_reward(args: Args, model_path: str, device):
 
     @torch.no_grad()
     def reward_model(prompts, completions):
-        # The policy's tokens arrive here as text and are tokenized again with the reward model's own
-        # tokenizer, so policy and reward model need not share a vocabulary.
+        # The policy's tokens arrive as text, tokenized again by the reward model's tokenizer: any vocabulary works.
         texts, scores = [p + c for p, c in zip(prompts, completions)], []
         for start in range(0, len(texts), args.micro_batch_size):
             inputs = tokenizer(texts[start : start + args.micro_batch_size], padding=True, return_tensors="pt")
@@ -327,7 +290,7 @@ def warm_start(args: Args) -> str:
     from tokenizers import Tokenizer, decoders, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    print(f"warm start: building the built-in model and training it for {args.sft_steps} SFT steps (once)")
+    print(f"warm start: building the built-in model and training it for {args.sft_steps} SFT steps (once, then cached)")
     vocab = {"<pad>": 0, "</s>": 1} | {c: i + 2 for i, c in enumerate(LETTERS + "=")}
     char_level = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per character
     char_level.decoder = decoders.Fuse()
@@ -347,14 +310,10 @@ def warm_start(args: Args) -> str:
         prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
         answer_ids = [tokenizer("".join(sorted(p[:-1])))["input_ids"] + [1] for p in prompts]
         input_ids, attention_mask = pad_right([p + a for p, a in zip(prompt_ids, answer_ids)], 0)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        for i, p in enumerate(prompt_ids):
-            labels[i, : len(p)] = -100  # learn the answer, not the prompt
+        labels = input_ids.masked_fill(mask_prompts(attention_mask, [len(p) for p in prompt_ids]) == 0, -100)  # answers only
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         optimizer.step(), scheduler.step(), optimizer.zero_grad()
-        if step % 50 == 0 or step == args.sft_steps - 1:
-            print(f"  sft step {step:4d}  loss {loss.item():.3f}")
     tmp = path + f".tmp{os.getpid()}"
     model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)
     os.replace(tmp, path)  # atomic: a half-written model folder is never picked up
@@ -404,10 +363,6 @@ def load_weights_into_vllm(llm, state_dict):
     llm.reset_prefix_cache()
 
 
-def is_eval_version(args: Args, version: int) -> bool:
-    return version % args.eval_every == 0 or version == args.num_steps
-
-
 class Stopped(Exception):
     """Raised in the generator when the trainer has finished, failed or been killed."""
 
@@ -435,8 +390,9 @@ def generator(args: Args, model_path: str, start_version: int, first_batch: int,
             max_model_len=max_model_len, enforce_eager=True, enable_prefix_caching=False,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         )  # fmt: skip
-        train_prompts, eval_prompts, _ = load_prompts(args, AutoTokenizer.from_pretrained(model_path))
+        train_prompts, eval_prompts, _ = load_prompts(args)
         version = start_version
+        due = lambda v: v % args.eval_every == 0 or v == args.num_steps  # noqa: E731, versions to evaluate
 
         def check_trainer():
             if stop.is_set() or not mp.parent_process().is_alive():  # done, failed, or killed outright
@@ -449,14 +405,13 @@ def generator(args: Args, model_path: str, start_version: int, first_batch: int,
             outputs = llm.generate(prompts, params, use_tqdm=False)
             return [o.prompt_token_ids for o in outputs], [list(c.token_ids) for o in outputs for c in o.outputs]
 
-        def evaluate(timing, evals):
+        def evaluate(spans, evals):
             t = time.time()
-            _, response_ids = generate(eval_prompts, args.eval_temperature, 1, seed=10**12 + version * len(eval_prompts))
+            _, response_ids = generate(eval_prompts, 0.0, 1, seed=10**12 + version * len(eval_prompts))
             evals.append({"version": version, "prompts": eval_prompts, "response_ids": response_ids})
-            timing["eval"] += time.time() - t
-            timing["spans"].append(("eval", t, time.time()))
+            spans.append(("eval", t, time.time()))
 
-        def take_weights(target, timing, evals):
+        def take_weights(target, spans, evals):
             """Read snapshots in order up to policy version `target` and load it. Versions due for
             evaluation are loaded and evaluated on the way, so none is skipped."""
             nonlocal version
@@ -468,43 +423,39 @@ def generator(args: Args, model_path: str, start_version: int, first_batch: int,
                         break
                     except queue.Empty:
                         check_trainer()
-                timing["wait_weights"] += time.time() - t
-                timing["spans"].append(("wait", t, time.time()))
+                spans.append(("wait", t, time.time()))
                 version = snapshot["version"]
-                if version == target or is_eval_version(args, version):
+                if version == target or due(version):
                     t = time.time()
                     load_weights_into_vllm(llm, snapshot["state_dict"])
-                    timing["load_weights"] += time.time() - t
-                    timing["spans"].append(("load", t, time.time()))
-                if is_eval_version(args, version):
-                    evaluate(timing, evals)
+                    spans.append(("load", t, time.time()))
+                if due(version):
+                    evaluate(spans, evals)
 
-        new_timing = lambda: {"wait_weights": 0.0, "load_weights": 0.0, "eval": 0.0, "generate": 0.0, "spans": []}  # noqa: E731
-        timing, evals = new_timing(), []
-        if is_eval_version(args, version):
-            evaluate(timing, evals)  # the starting policy, loaded from disk
+        spans, evals = [], []  # (what, start, end) in seconds since the epoch; evaluations done on the way
+        if due(version):
+            evaluate(spans, evals)  # the starting policy, loaded from disk
         for index in range(first_batch, args.num_steps):
             check_trainer()
-            take_weights(max(0, index - args.async_steps), timing, evals)  # the staleness rule
+            take_weights(max(0, index - args.async_steps), spans, evals)  # the staleness rule
             if index == args.crash_generator_at:
                 raise RuntimeError(f"generator crashed on purpose at batch {index} (--crash_generator_at)")
             prompts, t = batch_prompts(args, train_prompts, index), time.time()
             seed = (args.seed * 10**6 + index) * args.batch_size
             prompt_ids, response_ids = generate(prompts, args.temperature, args.num_samples, seed)
-            timing["generate"] = time.time() - t
-            timing["spans"].append(("generate", t, time.time()))
-            samples_queue.put(
-                {"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids,
-                 "evals": evals, "timing": timing}
-            )  # fmt: skip
-            timing, evals = new_timing(), []
-        take_weights(args.num_steps, timing, evals)  # the final policy, for the last evaluation
-        samples_queue.put({"evals": evals, "timing": timing})
+            spans.append(("generate", t, time.time()))
+            samples_queue.put({"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids,
+                               "evals": evals, "spans": spans})  # fmt: skip
+            spans, evals = [], []
+        take_weights(args.num_steps, spans, evals)  # the final policy, for the last evaluation
+        samples_queue.put({"evals": evals, "spans": spans})
     except (KeyboardInterrupt, Stopped):
         samples_queue.cancel_join_thread()  # Ctrl-C or the trainer stopped: exit without flushing
     except BaseException:
         samples_queue.put({"error": traceback.format_exc()})  # the trainer re-raises it with this traceback
         sys.exit(1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checks, before any process is spawned.
 def check_args(args: Args):
@@ -513,42 +464,30 @@ def check_args(args: Args):
     def fail(message):
         sys.exit(f"error: {message}")
 
-    if args.num_samples < 2:
-        fail(f"--num_samples is {args.num_samples}, but online DPO needs at least 2 completions per prompt to compare.")
-    if args.beta <= 0:
-        fail(f"--beta is {args.beta}; it must be positive (the paper uses 0.1 on TL;DR).")
-    if args.temperature <= 0 or args.eval_temperature < 0:
-        fail("--temperature must be positive (the paper uses 0.7) and --eval_temperature at least 0 (0 is greedy).")
-    if min(args.num_steps, args.batch_size, args.micro_batch_size, args.response_length, args.eval_every,
-           args.eval_prompts, args.trainer_ranks) < 1 or args.save_every < 0:  # fmt: skip
-        fail("--num_steps, --batch_size, --micro_batch_size, --response_length, --eval_every, --eval_prompts and "
-             "--trainer_ranks must be at least 1, and --save_every at least 0.")  # fmt: skip
-    if args.async_steps < 0:
-        fail(f"--async_steps is {args.async_steps}; use 0 to train synchronously or N >= 1 to let the generator run N batches ahead.")
-    if args.batch_size % args.trainer_ranks:
-        fail(f"--batch_size {args.batch_size} does not split evenly over --trainer_ranks {args.trainer_ranks}; "
-             f"make it a multiple of {args.trainer_ranks}.")  # fmt: skip
-    gpus = torch.cuda.device_count()
-    if gpus and args.trainer_ranks > max(1, gpus - 1):
-        fail(f"--trainer_ranks {args.trainer_ranks} needs {args.trainer_ranks + 1} GPUs (GPU 0 is the generator's), "
-             f"but there are {gpus}; use --trainer_ranks {max(1, gpus - 1)}.")  # fmt: skip
-    if not gpus and args.trainer_ranks > len(split_cpu_cores(share=True)[0]):
-        fail(f"--trainer_ranks {args.trainer_ranks} is more than the {len(split_cpu_cores(share=True)[0])} CPU cores "
-             "this process may use; lower it.")  # fmt: skip
-    if args.model_name_or_path:
+    gpus, cores = torch.cuda.device_count(), len(split_cpu_cores(share=True)[0])
+    for wrong, message in [
+        (args.num_samples < 2, f"--num_samples is {args.num_samples}, but online DPO compares at least 2 completions per prompt."),
+        (args.beta <= 0, f"--beta is {args.beta}; it must be positive (the paper uses 0.1 on TL;DR)."),
+        (args.temperature <= 0, "--temperature must be positive (the paper uses 0.7)."),
+        (min(args.num_steps, args.batch_size, args.micro_batch_size, args.response_length, args.eval_every, args.eval_prompts,
+             args.trainer_ranks) < 1, "--num_steps, --batch_size, --micro_batch_size, --response_length, --eval_every, "
+                                      "--eval_prompts and --trainer_ranks must be at least 1."),
+        (args.async_steps < 0 or args.save_every < 0, "--async_steps (0 = synchronous) and --save_every must be at least 0."),
+        (args.batch_size % args.trainer_ranks, f"--batch_size {args.batch_size} does not split evenly over --trainer_ranks "
+                                               f"{args.trainer_ranks}; make it a multiple of {args.trainer_ranks}."),
+        (gpus and args.trainer_ranks > max(1, gpus - 1), f"--trainer_ranks {args.trainer_ranks} needs {args.trainer_ranks + 1} "
+                                                         f"GPUs (GPU 0 is the generator's), but there are {gpus}; lower it."),
+        (not gpus and args.trainer_ranks > cores, f"--trainer_ranks {args.trainer_ranks} is more than the {cores} CPU cores here; lower it."),
+    ]:  # fmt: skip
+        if wrong:
+            fail(message)
+    for flag, path in (("--model_name_or_path", args.model_name_or_path), ("--reward_model_path", args.reward_model_path),
+                       ("--gold_reward_model_path", args.gold_reward_model_path)):  # fmt: skip
         try:
-            AutoConfig.from_pretrained(args.model_name_or_path)
+            architectures = AutoConfig.from_pretrained(path).architectures or [] if path else None
         except (OSError, ValueError):
-            fail(f"--model_name_or_path {args.model_name_or_path!r} is not a transformers model folder or hub "
-                 "name; give one written by save_pretrained, or leave it empty for the built-in model.")  # fmt: skip
-    for flag, path in (("--reward_model_path", args.reward_model_path), ("--gold_reward_model_path", args.gold_reward_model_path)):
-        if not path:
-            continue
-        try:
-            architectures = AutoConfig.from_pretrained(path).architectures or []
-        except (OSError, ValueError):
-            fail(f"{flag} {path!r} is not a transformers model folder or hub name.")
-        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            fail(f"{flag} {path!r} is not a transformers model folder or hub name; give one written by save_pretrained.")
+        if path and "reward" in flag and not any(a.endswith("ForSequenceClassification") for a in architectures):
             fail(f"{flag} {path!r} is a {' / '.join(architectures) or 'model'}, not a sequence-classification reward "
                  "model; give one saved from AutoModelForSequenceClassification.")  # fmt: skip
     if args.reward_fn:
@@ -603,8 +542,7 @@ def receive(samples_queue, process):
 
 
 def latest_checkpoint(run_dir: str):
-    """The newest complete checkpoint folder. Checkpoints are written under a temporary name and renamed
-    when complete, so a half-written one is never picked."""
+    """The newest complete checkpoint: a half-written one still has its temporary name, so it is never picked."""
     found = sorted(glob.glob(os.path.join(run_dir, "checkpoint-*")))
     return found[-1] if found else None
 
@@ -641,7 +579,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
 
     reward_fn = load_reward(args, args.reward_model_path, device)  # every rank scores its own share
     if rank == 0:
-        train_prompts, eval_prompts, references = load_prompts(args, tokenizer)
+        train_prompts, eval_prompts, references = load_prompts(args)
         max_model_len = check_lengths(args, base_model, tokenizer, eval_prompts + (train_prompts or []))
         gold_fn = load_reward(args, args.gold_reward_model_path, device) if args.gold_reward_model_path else reward_fn
         time_warm_start = time.time() - t_start
@@ -650,20 +588,18 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
         # A resumed run forgets what was logged after its checkpoint, then carries on as if never stopped.
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            if checkpoint:
-                os.truncate(os.path.join(run_dir, name), state["offsets"][name])
-        metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        samples_file = open(os.path.join(run_dir, "samples.jsonl"), "a")
+        for name in ("metrics.jsonl", "samples.jsonl") if checkpoint else ():
+            os.truncate(os.path.join(run_dir, name), state["offsets"][name])
+        metrics_file, samples_file = (open(os.path.join(run_dir, name), "a") for name in ("metrics.jsonl", "samples.jsonl"))
         logged = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-        step_log, eval_log, ref_gold = [r for r in logged if "step" in r], [r for r in logged if "eval/version" in r], None
+        step_log, eval_log = [r for r in logged if "step" in r], [r for r in logged if "eval/version" in r]
         version_time = state.get("version_time", {0: 0.0})  # seconds from the start until version v existed
         t_start -= state.get("elapsed", 0.0)
         pending = deque(state.get("pending", []))  # batches sampled before the checkpoint, not yet trained on
         if args.track:
             import wandb
 
-            wandb.init(project=args.wandb_project, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True)
+            wandb.init(name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True)
         writer = SummaryWriter(run_dir, purge_step=start if checkpoint else None)
         mode = f"async, generator {args.async_steps} batch(es) ahead" if args.async_steps else "synchronous"
         print(f"run {run_dir}: {mode}; {world} trainer rank(s) on {device}, policy from {model_path}")
@@ -687,8 +623,8 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         ref_policy = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device).eval().requires_grad_(False)
         if args.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if args.fsdp:  # FSDP2: each rank keeps 1/R of every weight, gradient and Adam moment; a layer
-            for model in (policy, ref_policy):  # gathers its full weights only while it runs
+        if args.fsdp:  # FSDP2: a rank keeps 1/R of every weight, gradient and Adam moment; a layer gathers its
+            for model in (policy, ref_policy):  # full weights only while it runs
                 for module in model.modules():
                     if type(module).__name__ in (model._no_split_modules or []):
                         fully_shard(module)
@@ -710,9 +646,8 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
 
         def full_weights(dtype):
-            """The whole policy, on rank 0, as a snapshot: the queue shares tensor memory with the generator,
-            and the next optimizer step must not change weights that vLLM is still loading. Under FSDP every
-            rank holds a shard, so every rank takes part in gathering them."""
+            """The whole policy on rank 0, copied: the queue shares tensor memory with the generator, and the next
+            optimizer step must not change weights vLLM is loading. Under FSDP every rank helps gather them."""
             if args.fsdp:
                 weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             else:
@@ -720,10 +655,11 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
             return {name: w.detach().to(dtype, copy=True) for name, w in weights.items()}
 
         def save_checkpoint(version):
-            """Everything a resumed run needs. Written under a temporary name, then renamed in one step: a
-            kill during the save leaves the previous checkpoint whole."""
+            """Everything a resumed run needs, written under a temporary name and renamed in one step when
+            complete: a kill during the save leaves the previous checkpoint whole."""
             weights = full_weights(torch.float32)
-            optimizer_state = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) if args.fsdp else optimizer.state_dict()  # fmt: skip
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            optimizer_state = get_optimizer_state_dict(policy, optimizer, options=full) if args.fsdp else optimizer.state_dict()
             if rank != 0:
                 return
             while len(pending) < min(args.async_steps, args.num_steps - version):  # sampled by older versions:
@@ -745,9 +681,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
                     shutil.rmtree(old)
 
         def log_evals(evals):
-            """Score the generator's held-out completions with the gold reward. The KL logged beside it is the
-            one measured on policy version v's training batch (the last one, for the final version)."""
-            nonlocal ref_gold
+            """Score held-out completions with the gold reward; the KL beside it is from version v's training batch."""
             for e in evals:
                 completions = tokenizer.batch_decode(e["response_ids"], skip_special_tokens=True)
                 rewards = gold_fn(e["prompts"], completions)
@@ -755,14 +689,13 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
                 row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl,
                        "eval/wall_time": version_time[e["version"]]}  # fmt: skip
                 if references:  # the paper's win-rate: how often the gold reward prefers ours to the reference
-                    ref_gold = ref_gold or gold_fn(e["prompts"], references)
+                    ref_gold = gold_fn(e["prompts"], references)
                     row["eval/win_rate"] = sum((r > g) + 0.5 * (r == g) for r, g in zip(rewards, ref_gold)) / len(rewards)
                 eval_log.append(row)
-                for name in ("eval/gold_reward", "eval/kl", "eval/win_rate"):
-                    if name in row:
-                        writer.add_scalar(name, row[name], e["version"])
+                for name, value in row.items():
+                    writer.add_scalar(name, value, e["version"])
                 metrics_file.write(json.dumps(row) + "\n")
-                shown = list(zip(e["prompts"], completions, rewards))[: args.log_samples]
+                shown = list(zip(e["prompts"], completions, rewards))[: 4]
                 for p, c, r in shown:
                     samples_file.write(json.dumps({"version": e["version"], "prompt": p, "completion": c, "gold": r}) + "\n")
                 examples = "  ".join((p + c)[-40:] for p, c, _ in shown)
@@ -840,45 +773,35 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
                 s = {name: torch.cat([g[name] for g in gathered]) for name in mine}
                 chosen_ratio, rejected_ratio = s["chosen_logps"] - s["ref_chosen_logps"], s["rejected_logps"] - s["ref_rejected_logps"]
                 metrics = {
-                    "async/learner_version": step,
-                    "async/batch_version": batch["version"],
-                    "async/lag": step - batch["version"],
+                    "async/learner_version": step, "async/batch_version": batch["version"], "async/lag": step - batch["version"],
                     "objective/loss": s["loss"].mean().item(),
                     "objective/kl": torch.cat([chosen_ratio, rejected_ratio]).mean().item(),
-                    "objective/grad_norm": grad_norm.item(),
-                    "objective/lr": lr,
-                    "rewards/score": s["scores"].mean().item(),
-                    "rewards/gold": s["gold"].mean().item(),
+                    "objective/grad_norm": grad_norm.item(), "objective/lr": lr,
+                    "rewards/score": s["scores"].mean().item(), "rewards/gold": s["gold"].mean().item(),
                     "rewards/chosen_score": s["scores"].max(1).values.mean().item(),
                     "rewards/rejected_score": s["scores"].min(1).values.mean().item(),
-                    "rewards/missing_eos_frac": 1 - s["has_eos"].mean().item(),
-                    "rewards/tie_frac": 1 - s["valid"].mean().item(),
+                    "rewards/missing_eos_frac": 1 - s["has_eos"].mean().item(), "rewards/tie_frac": 1 - s["valid"].mean().item(),
                     "rewards/dpo_margin": (args.beta * (chosen_ratio - rejected_ratio)).mean().item(),
                     "rewards/dpo_accuracy": (chosen_ratio > rejected_ratio).float().mean().item(),
-                    "logps/chosen": s["chosen_logps"].mean().item(),
-                    "logps/rejected": s["rejected_logps"].mean().item(),
-                    "time/wait_samples": t1 - t0,
-                    "time/train": t2 - t1,
-                    "time/push_weights": t3 - t2,
-                    "time/step": t3 - t0,
-                    **{f"time/{name}": seconds for name, seconds in batch["timing"].items() if name != "spans"},
+                    "logps/chosen": s["chosen_logps"].mean().item(), "logps/rejected": s["rejected_logps"].mean().item(),
+                    "time/wait_samples": t1 - t0, "time/train": t2 - t1, "time/push_weights": t3 - t2, "time/step": t3 - t0,
+                    **{f"time/{key}": sum(b - a for what, a, b in batch["spans"] if what == span) for key, span in
+                       [("generate", "generate"), ("load_weights", "load"), ("wait_weights", "wait"), ("eval", "eval")]},
                 }
                 step_log.append(metrics)
                 for name, value in metrics.items():
                     writer.add_scalar(name, value, step)
-                # When each process did what, in seconds since the start, for the benchmark's timeline plot.
-                timeline = {
-                    "generator": [(name, a - t_start, b - t_start, batch["version"]) for name, a, b in batch["timing"]["spans"]],
-                    "trainer": [(name, a - t_start, b - t_start, step) for name, a, b in [("wait", t0, t1), ("train", t1, t2), ("push", t2, t3)]],
+                timeline = {  # who did what when, in seconds since the start, for the benchmark's timeline plot
+                    "generator": [(what, a - t_start, b - t_start, batch["version"]) for what, a, b in batch["spans"]],
+                    "trainer": [(what, a - t_start, b - t_start, step) for what, a, b in [("wait", t0, t1), ("train", t1, t2), ("push", t2, t3)]],
                 }
                 version_time[step + 1] = t3 - t_start
                 metrics_file.write(json.dumps({"step": step, **metrics, "timeline": timeline}) + "\n")
-                print(
-                    f"step {step + 1:3d}/{args.num_steps}  policy v{step:<3d} on batch v{batch['version']:<3d} (lag {metrics['async/lag']})  "
-                    f"loss {metrics['objective/loss']:.3f}  kl {metrics['objective/kl']:5.2f}  score {metrics['rewards/score']:.3f}  "
-                    f"gen {metrics['time/generate'] + metrics['time/load_weights']:.2f}s  "
-                    f"train {metrics['time/train'] + metrics['time/push_weights']:.2f}s  wait {metrics['time/wait_samples']:.2f}s"
-                )
+                m = metrics
+                print(f"step {step + 1:3d}/{args.num_steps}  policy v{step:<3d} on batch v{batch['version']:<3d} (lag {m['async/lag']})  "
+                      f"loss {m['objective/loss']:.3f}  kl {m['objective/kl']:5.2f}  score {m['rewards/score']:.3f}  gen "
+                      f"{m['time/generate'] + m['time/load_weights']:.2f}s  train {m['time/train'] + m['time/push_weights']:.2f}s  "
+                      f"wait {m['time/wait_samples']:.2f}s")  # fmt: skip
                 log_evals(batch["evals"])
             if args.save_every and (step + 1) % args.save_every == 0:
                 save_checkpoint(version=step + 1)
@@ -891,10 +814,6 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         sys.exit("interrupted: stopped the trainer and the generator" if rank == 0 else 1)
     except GeneratorError as error:
         sys.exit(f"error: {error}")
-    except RuntimeError as error:  # a collective failed: another rank died, and printed its traceback above
-        if rank == 0 and any(r.join(timeout=10) or r.exitcode for r in ranks):
-            sys.exit(f"error: a trainer rank died (exit codes {[r.exitcode for r in ranks]}); its traceback is above.")
-        raise
     finally:
         if rank == 0:
             stop.set()
@@ -904,9 +823,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()
-            metrics_file.close()
-            samples_file.close()
-            writer.close()
+            metrics_file.close(), samples_file.close(), writer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -915,38 +832,25 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
     policy.save_pretrained(os.path.join(run_dir, "model"), state_dict=final_weights)
     tokenizer.save_pretrained(os.path.join(run_dir, "model"))
     steady = step_log[1:] or step_log  # step 1 also waits for vLLM to start, so it is left out
-    mean = lambda key: sum(m[key] for m in steady) / len(steady)  # noqa: E731
-    G = mean("time/generate") + mean("time/load_weights") + mean("time/eval")
-    T = mean("time/train") + mean("time/push_weights")
+    mean = {key: sum(m[key] for m in steady) / len(steady) for key in steady[0] if key.startswith("time/")}
+    G = mean["time/generate"] + mean["time/load_weights"] + mean["time/eval"]
+    T = mean["time/train"] + mean["time/push_weights"]
     summary = {
-        "wall_time": time.time() - t_start,
-        "warm_start_time": time_warm_start,
-        "time_per_step": mean("time/step"),
-        "generate_per_step": G,
-        "train_per_step": T,
-        "trainer_wait_per_step": mean("time/wait_samples"),
-        "generator_wait_per_step": mean("time/wait_weights"),
-        "load_weights_per_step": mean("time/load_weights"),
-        "push_weights_per_step": mean("time/push_weights"),
-        "speedup_achieved": (G + T) / mean("time/step"),
-        "speedup_ideal": (G + T) / max(G, T),
-        "eval_gold_reward_start": eval_log[0]["eval/gold_reward"],
-        "eval_gold_reward_end": eval_log[-1]["eval/gold_reward"],
-        "kl_end": step_log[-1]["objective/kl"],
-        "lags": [m["async/lag"] for m in step_log],
-    }
+        "wall_time": time.time() - t_start, "warm_start_time": time_warm_start, "time_per_step": mean["time/step"],
+        "generate_per_step": G, "train_per_step": T, "trainer_wait_per_step": mean["time/wait_samples"],
+        "generator_wait_per_step": mean["time/wait_weights"], "load_weights_per_step": mean["time/load_weights"],
+        "push_weights_per_step": mean["time/push_weights"],
+        "speedup_achieved": (G + T) / mean["time/step"], "speedup_ideal": (G + T) / max(G, T),
+        "eval_gold_reward_start": eval_log[0]["eval/gold_reward"], "eval_gold_reward_end": eval_log[-1]["eval/gold_reward"],
+        "kl_end": step_log[-1]["objective/kl"], "lags": [m["async/lag"] for m in step_log],
+    }  # fmt: skip
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(
-        f"\ndone in {summary['wall_time']:.1f}s (warm start {time_warm_start:.1f}s). Per step: "
-        f"{summary['time_per_step']:.2f}s; generating {G:.2f}s (loading weights {summary['load_weights_per_step']:.2f}s), "
-        f"training {T:.2f}s (pushing weights {summary['push_weights_per_step']:.2f}s); trainer waited "
-        f"{summary['trainer_wait_per_step']:.2f}s, generator waited {summary['generator_wait_per_step']:.2f}s.\n"
-        f"overlap speedup (G+T)/step: achieved {summary['speedup_achieved']:.2f}x, ideal (G+T)/max(G,T) "
-        f"{summary['speedup_ideal']:.2f}x.\n"
-        f"eval gold reward {summary['eval_gold_reward_start']:.3f} -> {summary['eval_gold_reward_end']:.3f}, "
-        f"final KL {summary['kl_end']:.2f}. Model and logs in {run_dir}"
-    )
+    print(f"\ndone in {summary['wall_time']:.1f}s (warm start {time_warm_start:.1f}s). Per step: {summary['time_per_step']:.2f}s; "
+          f"generating {G:.2f}s, training {T:.2f}s; trainer waited {summary['trainer_wait_per_step']:.2f}s.\n"
+          f"overlap speedup (G+T)/step: achieved {summary['speedup_achieved']:.2f}x, ideal (G+T)/max(G,T) {summary['speedup_ideal']:.2f}x.\n"
+          f"eval gold reward {summary['eval_gold_reward_start']:.3f} -> {summary['eval_gold_reward_end']:.3f}, "
+          f"final KL {summary['kl_end']:.2f}. Model and logs in {run_dir}")  # fmt: skip
 
 
 if __name__ == "__main__":
