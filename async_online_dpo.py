@@ -8,7 +8,7 @@ and training overlap. `sync_baseline.py` runs the same code with N = 0 for compa
     python async_online_dpo.py                      # CPU: generator and trainer on separate cores (~4 min)
     python async_online_dpo.py                      # 1 GPU: both share GPU 0 (--vllm_gpu_memory_utilization)
     CUDA_VISIBLE_DEVICES=0,1 python async_online_dpo.py   # 2 GPUs: generator on GPU 0, trainer on GPU 1
-    python async_online_dpo.py --trainer_ranks 7 --fsdp --bf16   # 8 GPUs: generator + 7 FSDP2 trainer ranks
+    python async_online_dpo.py --trainer_ranks 4 --fsdp --bf16   # 5 GPUs: generator + 4 FSDP2 trainer ranks
     python async_online_dpo.py --async_steps 4      # let the generator run 4 batches ahead
     python async_online_dpo.py --model_name_or_path PATH --dataset data.jsonl --reward_model_path RM
     python async_online_dpo.py --save_every 16      # then, after a crash: --resume runs/RUN_FOLDER
