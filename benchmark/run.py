@@ -1,7 +1,7 @@
 """The benchmark: asynchronous against synchronous online DPO on the built-in task, on this machine.
 
     python benchmark/run.py                  # full: 3 seeds, 64 updates a run (~40 min on 2 CPU cores)
-    python benchmark/run.py --quick          # 1 seed, 32 updates, N in {1, 4, 16} (under 10 min)
+    python benchmark/run.py --quick          # 1 seed, 24 updates, N in {1, 4, 16} (under 10 min)
     python benchmark/run.py --tiny           # seconds a run, for CI (tests/test_benchmark.py)
     python benchmark/run.py --report_only    # rebuild the table, results.json and the plots from raw/
 
@@ -25,6 +25,7 @@ import glob
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import statistics
@@ -69,7 +70,7 @@ class Mode:
 
 MODES = {
     "full": Mode([1, 2, 3], [1, 2, 4, 8, 16], ["--num_steps", "64"], ["--batches", "8"]),
-    "quick": Mode([1], [1, 4, 16], ["--num_steps", "32", "--eval_every", "8"], ["--batches", "4"]),
+    "quick": Mode([1], [1, 4, 16], ["--num_steps", "24", "--eval_every", "8"], ["--batches", "4"]),
     "tiny": Mode(
         [1], [1, 4],
         ["--num_steps", "4", "--batch_size", "8", "--micro_batch_size", "4", "--eval_every", "2", "--eval_prompts", "16", "--sft_steps", "30"],
@@ -90,6 +91,8 @@ class Run:
     """the run's folder, relative to the results folder, once it has finished"""
     seconds: float = 0.0
     """wall time of the subprocess, start-up included"""
+    other_cores: float = 0.0
+    """cores that other processes on the machine kept busy during the run, on average"""
 
 
 def plan(mode: Mode) -> list[Run]:
@@ -128,16 +131,28 @@ def package_version(*names: str) -> str:
     return "not installed"
 
 
-def execute(cmd: list[str], log_path: str) -> float:
-    """Run one subprocess with its output in its log; on failure print the log's tail and stop."""
-    t = time.time()
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot, summed over cores (/proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def execute(cmd: list[str], log_path: str) -> tuple[float, float]:
+    """Run one subprocess with its output in its log; on failure print the log's tail and stop.
+
+    Returns its wall time, and how many cores other processes kept busy meanwhile on average (the
+    machine's busy time minus our subprocess's CPU time): timings are only fair when that is near 0."""
+    t, busy, ours = time.time(), busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log_path, "w") as log:
         returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     if returncode != 0:
         with open(log_path) as log:
             print("".join(log.readlines()[-40:]), file=sys.stderr)
         sys.exit(f"error: exit code {returncode} from: {shlex.join(cmd)}\n(full log: {log_path})")
-    return time.time() - t
+    seconds, after = time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+    ours = after.ru_utime + after.ru_stime - ours.ru_utime - ours.ru_stime
+    return seconds, max(0.0, busy_cpu_seconds() - busy - ours) / seconds
 
 
 def run_benchmark(bench: BenchArgs, mode_name: str):
@@ -170,8 +185,8 @@ def run_benchmark(bench: BenchArgs, mode_name: str):
         cmd = [sys.executable, os.path.join(ROOT, "benchmark", "throughput.py"), "--engine", engine, "--out", out,
                "--cache_dir", cache_dir, *mode.throughput_flags]  # fmt: skip
         print(f"throughput: {engine} ...", flush=True)
-        execute(cmd, os.path.join(logs, f"throughput_{engine}.log"))
-        record["throughput"][engine] = os.path.relpath(out, results_dir)
+        seconds, other_cores = execute(cmd, os.path.join(logs, f"throughput_{engine}.log"))
+        record["throughput"][engine] = {"file": os.path.relpath(out, results_dir), "seconds": seconds, "other_cores": other_cores}
     save_record()
 
     runs = plan(mode)
@@ -179,7 +194,7 @@ def run_benchmark(bench: BenchArgs, mode_name: str):
         cmd = [sys.executable, os.path.join(ROOT, run.script), *mode.flags, *run.flags, "--seed", str(run.seed),
                "--exp_name", run.name, "--output_dir", raw, "--cache_dir", cache_dir]  # fmt: skip
         print(f"[{i}/{len(runs)}] {run.name} seed {run.seed}: {shlex.join(cmd[1:])}", flush=True)
-        run.seconds = execute(cmd, os.path.join(logs, f"{run.name}__{run.seed}.log"))
+        run.seconds, run.other_cores = execute(cmd, os.path.join(logs, f"{run.name}__{run.seed}.log"))
         (folder,) = glob.glob(os.path.join(raw, f"{run.name}__{run.seed}__*"))
         shutil.rmtree(os.path.join(folder, "model"))  # the trained weights (~40 MB a run); the report needs none
         run.folder = os.path.relpath(folder, results_dir)
@@ -187,6 +202,8 @@ def run_benchmark(bench: BenchArgs, mode_name: str):
         record["seconds"] = time.time() - t_start
         save_record()
         print(f"    done in {run.seconds:.0f}s; {(time.time() - t_start) / 60:.1f} min so far", flush=True)
+        if run.other_cores > 0.1:
+            print(f"    warning: other processes kept {run.other_cores:.2f} cores busy during this run; its timings are off", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -342,19 +359,20 @@ def num_samples_table(groups):
 def throughput_table(results_dir, record):
     table = {"title": "Table 4. Generator throughput on the generator's cores",
              "columns": ["engine", "completion tokens", "seconds", "tokens/s", "against transformers (×)"], "rows": []}  # fmt: skip
-    measured = {}
-    for engine, path in record["throughput"].items():
+    measured, files = {}, {engine: entry["file"] for engine, entry in record["throughput"].items()}
+    for engine, path in files.items():
         with open(os.path.join(results_dir, path)) as f:
             measured[engine] = json.load(f)
     base = measured["transformers"]
     for engine, m in measured.items():
+        path = files[engine]
         table["rows"].append({
             "engine": "vLLM" if engine == "vllm" else "transformers generate",
             "completion tokens": cell([m["tokens"]], [f"{path}: tokens"], 0),
             "seconds": cell([m["seconds"]], [f"{path}: seconds"], 2),
             "tokens/s": cell([m["tokens_per_second"]], [f"{path}: tokens_per_second"], 0),
             "against transformers (×)": cell([m["tokens_per_second"] / base["tokens_per_second"]],
-                                              [f"{path}: tokens_per_second / {record['throughput']['transformers']}: tokens_per_second"], 2),
+                                              [f"{path}: tokens_per_second / {files['transformers']}: tokens_per_second"], 2),
         })  # fmt: skip
     return table, measured
 
@@ -400,12 +418,15 @@ def make_report(results_dir: str):
     speed = {row["setting"]: row for row in tables[1]["rows"]}["async, split cores (N = 1)"]
     vllm_ratio = throughput["rows"][0]["against transformers (×)"] if "vllm" in measured else None
     took = f" (took {record['seconds'] / 60:.1f} min)" if "seconds" in record else ""
+    other = [r["other_cores"] for r in record["runs"]] + [e["other_cores"] for e in record["throughput"].values()]
     flags = " ".join(mode["flags"])
     text = f"""# Benchmark: asynchronous against synchronous online DPO
 
 `{record['command']}`, run {record['date']}{took} on {machine['cores']} cores ({machine['cpu']}), \
 {machine['ram_gib']:.1f} GiB RAM, GPU: {machine['gpu']}; torch {packages['torch']}, vllm {packages['vllm']}, \
-transformers {packages['transformers']}.
+transformers {packages['transformers']}. Other processes on the machine kept {statistics.fmean(other):.2f} \
+cores busy on average while the runs ran, at most {max(other):.2f} during one run (timings are fair only \
+near 0).
 
 Every run is `async_online_dpo.py` or `sync_baseline.py` on the built-in letter-sorting task with the default \
 model and flags, except `{flags}` and its own flags. Sync and async runs of a seed see the same prompts and \
