@@ -234,23 +234,38 @@ def load_runs(results_dir: str, record: dict) -> dict[str, list[RunData]]:
     return groups
 
 
-def cell(values: list[float], sources: list[str], decimals: int, how: str = "", signed: bool = False) -> dict:
+def cell(values: list[float], sources: list[str], decimals: int, how: str = "") -> dict:
     """One table entry: the mean over seeds, the sample standard deviation (none for one seed), and provenance."""
     std = statistics.stdev(values) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "std": std, "values": values, "sources": sources, "how": how,
-            "decimals": decimals, "signed": signed}  # fmt: skip
+    return {"mean": statistics.fmean(values), "std": std, "decimals": decimals, "values": values, "sources": sources, "how": how}
 
 
-def summary_cell(runs: list[RunData], key: str, decimals: int) -> dict:
+# Columns that are a mean of one summary.json key: header -> (key, decimals shown).
+SUMMARY_COLUMNS = {
+    "wall time (s)": ("wall_time", 1),
+    "s/step": ("time_per_step", 3),
+    "G: generator busy (s/step)": ("generate_per_step", 3),
+    "T: trainer busy (s/step)": ("train_per_step", 3),
+    "loading weights (s/step)": ("load_weights_per_step", 3),
+    "pushing weights (s/step)": ("push_weights_per_step", 3),
+    "trainer waits (s/step)": ("trainer_wait_per_step", 3),
+    "generator waits (s/step)": ("generator_wait_per_step", 3),
+    "final gold reward": ("eval_gold_reward_end", 3),
+    "final KL": ("kl_end", 3),
+}
+
+
+def summary_cell(runs: list[RunData], header: str) -> dict:
+    key, decimals = SUMMARY_COLUMNS[header]
     return cell([r.summary[key] for r in runs], [f"{r.folder}/summary.json: {key}" for r in runs], decimals)
 
 
 def ratio_cell(numerators: list[RunData], denominators: list[RunData], key: str, how: str) -> dict:
-    """Per seed, numerator run's key / denominator run's key (the two runs of the same seed)."""
+    """Per seed, the numerator run's summary key over the denominator run's (the runs of the same seed)."""
     by_seed = {r.seed: r for r in denominators}
     pairs = [(n, by_seed[n.seed]) for n in numerators]
-    return cell([n.summary[key] / d.summary[key] for n, d in pairs],
-                [f"{n.folder}/summary.json: {key} / {d.folder}/summary.json: {key}" for n, d in pairs], 2, how)  # fmt: skip
+    sources = [f"{n.folder}/summary.json: {key} / {d.folder}/summary.json: {key}" for n, d in pairs]
+    return cell([n.summary[key] / d.summary[key] for n, d in pairs], sources, 2, how)
 
 
 def same_seeds(runs: list[RunData], reference: list[RunData]) -> list[RunData]:
@@ -258,120 +273,117 @@ def same_seeds(runs: list[RunData], reference: list[RunData]) -> list[RunData]:
     return [r for r in reference if r.seed in seeds]
 
 
-def beats(runs: list[RunData], reference: list[RunData]) -> str:
-    """Less wall time, and a final gold reward no lower than the reference's minus seed noise (the
-    larger standard deviation over seeds of the two; with one seed there is no noise estimate, so any
-    drop counts). Compared on the seeds both have."""
+def new_table(title: str, columns: list[str]) -> dict:
+    return {"title": title, "columns": columns, "rows": []}
+
+
+def add_row(table: dict, label: str, runs: list[RunData], **extra):
+    """A row: its label, its seeds, every summary column the table has, and the extra entries."""
+    row = {table["columns"][0]: label, "seeds": ", ".join(str(r.seed) for r in runs)}
+    row |= {c: summary_cell(runs, c) for c in table["columns"] if c in SUMMARY_COLUMNS}
+    table["rows"].append(row | extra)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Verdicts, computed from the numbers. A difference in final reward counts only beyond the seed noise:
+# the larger standard deviation over seeds of the two settings (with one seed, none: any drop counts).
+def compare(runs: list[RunData], reference: list[RunData]):
+    """Mean wall time and final reward of runs and of reference (on the seeds of runs), and the noise."""
     reference = same_seeds(runs, reference)
-    wall, reward = (summary_cell(runs, k, 3) for k in ("wall_time", "eval_gold_reward_end"))
-    ref_wall, ref_reward = (summary_cell(reference, k, 3) for k in ("wall_time", "eval_gold_reward_end"))
+    wall, ref_wall = summary_cell(runs, "wall time (s)"), summary_cell(reference, "wall time (s)")
+    reward, ref_reward = summary_cell(runs, "final gold reward"), summary_cell(reference, "final gold reward")
     noise = max(reward["std"] or 0, ref_reward["std"] or 0)
-    reasons = []
-    if wall["mean"] >= ref_wall["mean"]:
-        reasons.append("slower")
-    if reward["mean"] < ref_reward["mean"] - noise:
-        reasons.append("lower reward")
-    return "yes" if not reasons else f"**NO** ({', '.join(reasons)})"
+    return wall["mean"], ref_wall["mean"], reward["mean"], ref_reward["mean"], noise
+
+
+def beats(runs: list[RunData], reference: list[RunData]) -> str:
+    """Less wall time, and a final gold reward no lower than the reference's beyond the noise."""
+    wall, ref_wall, reward, ref_reward, noise = compare(runs, reference)
+    reasons = (["slower"] if wall >= ref_wall else []) + (["lower reward"] if reward < ref_reward - noise else [])
+    return f"**NO** ({', '.join(reasons)})" if reasons else "yes"
 
 
 def higher_reward(runs: list[RunData], reference: list[RunData]) -> str:
-    reward, ref_reward = summary_cell(runs, "eval_gold_reward_end", 3), summary_cell(reference, "eval_gold_reward_end", 3)
-    noise = max(reward["std"] or 0, ref_reward["std"] or 0)
-    return "yes" if reward["mean"] > ref_reward["mean"] + noise else "**NO**"
+    _, _, reward, ref_reward, noise = compare(runs, reference)
+    return "yes" if reward > ref_reward + noise else "**NO**"
 
 
-def seeds_of(runs: list[RunData]) -> str:
-    return ", ".join(str(r.seed) for r in runs)
-
-
-def speed_tables(groups):
-    """Experiment 1: where the time goes in each setting, then speed and quality against sync."""
+# ----------------------------------------------------------------------------------------------------
+# The tables, one function per experiment.
+def speed_tables(groups) -> list[dict]:
+    """Experiment 1: where the time goes in each setting; then speed and quality against sync."""
     sync, shared, async_ = groups["sync"], groups["sync_shared"], groups["async_N1"]
     settings = [("sync, split cores (N = 0)", sync), ("sync, shared cores (N = 0, --cpu_share_cores)", shared),
                 ("async, split cores (N = 1)", async_)]  # fmt: skip
-    time_columns = [("wall time (s)", "wall_time", 1), ("s/step", "time_per_step", 3),
-                    ("G: generator busy (s/step)", "generate_per_step", 3), ("T: trainer busy (s/step)", "train_per_step", 3),
-                    ("loading weights (s/step)", "load_weights_per_step", 3), ("pushing weights (s/step)", "push_weights_per_step", 3),
-                    ("trainer waits (s/step)", "trainer_wait_per_step", 3), ("generator waits (s/step)", "generator_wait_per_step", 3)]  # fmt: skip
-    where = {"title": "Table 1a. Where the time goes", "columns": ["setting", "seeds"] + [c[0] for c in time_columns], "rows": []}
+    where = new_table("Table 1a. Where the time goes", ["setting", "seeds", *list(SUMMARY_COLUMNS)[:8]])
     for label, runs in settings:
-        cells = {name: summary_cell(runs, key, d) for name, key, d in time_columns}
-        where["rows"].append({"setting": label, "seeds": seeds_of(runs), **cells})
+        add_row(where, label, runs)
 
-    ideal_values = [(r.summary["generate_per_step"] + r.summary["train_per_step"]) / max(r.summary["generate_per_step"], r.summary["train_per_step"])
-                    for r in same_seeds(async_, sync)]  # fmt: skip
-    ideal = cell(ideal_values, [f"{r.folder}/summary.json: (generate_per_step + train_per_step) / max(generate_per_step, train_per_step)"
-                                for r in same_seeds(async_, sync)], 2, "from the sync run of each seed")  # fmt: skip
-    speed = {"title": "Table 1b. Speed and quality against sync",
-             "columns": ["setting", "seeds", "speedup over sync, per step (×)", "speedup over sync, wall time (×)",
-                         "ideal (G+T)/max(G,T) from sync (×)", "final gold reward", "final KL",
-                         "beats sync, split cores?", "beats sync, shared cores?"], "rows": []}  # fmt: skip
-    for label, runs in settings:
-        row = {"setting": label, "seeds": seeds_of(runs), "final gold reward": summary_cell(runs, "eval_gold_reward_end", 3),
-               "final KL": summary_cell(runs, "kl_end", 3)}  # fmt: skip
-        if runs is not sync:
-            row["speedup over sync, per step (×)"] = ratio_cell(same_seeds(runs, sync), runs, "time_per_step", "sync s/step / this s/step")
-            row["speedup over sync, wall time (×)"] = ratio_cell(same_seeds(runs, sync), runs, "wall_time", "sync wall time / this wall time")
-        if runs is async_:
-            row |= {"ideal (G+T)/max(G,T) from sync (×)": ideal, "beats sync, split cores?": beats(async_, sync),
-                    "beats sync, shared cores?": beats(async_, shared)}  # fmt: skip
-        speed["rows"].append(row)
+    speed = new_table("Table 1b. Speed and quality against sync", [
+        "setting", "seeds", "speedup over sync, per step (×)", "speedup over sync, wall time (×)",
+        "ideal (G+T)/max(G,T) from sync (×)", "final gold reward", "final KL", "beats sync, split cores?",
+        "beats sync, shared cores?"])  # fmt: skip
+    add_row(speed, *settings[0])
+    add_row(speed, *settings[1], **{
+        "speedup over sync, per step (×)": ratio_cell(same_seeds(shared, sync), shared, "time_per_step", "sync s/step / this s/step"),
+        "speedup over sync, wall time (×)": ratio_cell(same_seeds(shared, sync), shared, "wall_time", "sync wall time / this wall time"),
+    })  # fmt: skip
+    paired_sync = same_seeds(async_, sync)
+    ideal = [(r.summary["generate_per_step"] + r.summary["train_per_step"]) / max(r.summary["generate_per_step"], r.summary["train_per_step"])
+             for r in paired_sync]  # fmt: skip
+    add_row(speed, *settings[2], **{
+        "speedup over sync, per step (×)": ratio_cell(paired_sync, async_, "time_per_step", "sync s/step / this s/step"),
+        "speedup over sync, wall time (×)": ratio_cell(paired_sync, async_, "wall_time", "sync wall time / this wall time"),
+        "ideal (G+T)/max(G,T) from sync (×)": cell(ideal, [f"{r.folder}/summary.json: generate_per_step, train_per_step" for r in paired_sync],
+                                                   2, "(G + T) / max(G, T) of the sync run of each seed"),
+        "beats sync, split cores?": beats(async_, sync),
+        "beats sync, shared cores?": beats(async_, shared),
+    })  # fmt: skip
     return [where, speed]
 
 
-def staleness_table(groups, staleness: list[int]):
-    table = {"title": "Table 2. Staleness: async with the generator up to N updates ahead",
-             "columns": ["N", "seeds", "final gold reward", "final KL", "mean lag (updates)", "s/step", "wall time (s)", "beats sync?"],
-             "rows": []}  # fmt: skip
+def staleness_table(groups, staleness: list[int]) -> dict:
+    """Experiment 2: final reward and KL against N, next to sync (N = 0)."""
+    table = new_table("Table 2. Staleness: async with the generator up to N updates ahead",
+                      ["N", "seeds", "final gold reward", "final KL", "mean lag (updates)", "s/step", "wall time (s)", "beats sync?"])  # fmt: skip
     for n in [0, *staleness]:
         runs = groups["sync" if n == 0 else f"async_N{n}"]
-        lags = cell([statistics.fmean(r.summary["lags"][1:]) for r in runs],
-                    [f"{r.folder}/summary.json: mean of lags[1:]" for r in runs], 2)  # fmt: skip
-        table["rows"].append({
-            "N": "0 (sync)" if n == 0 else str(n), "seeds": seeds_of(runs),
-            "final gold reward": summary_cell(runs, "eval_gold_reward_end", 3), "final KL": summary_cell(runs, "kl_end", 3),
-            "mean lag (updates)": lags, "s/step": summary_cell(runs, "time_per_step", 3),
-            "wall time (s)": summary_cell(runs, "wall_time", 1),
-            "beats sync?": "reference" if n == 0 else beats(runs, groups["sync"]),
-        })  # fmt: skip
+        lags = cell([statistics.fmean(r.summary["lags"][1:]) for r in runs], [f"{r.folder}/summary.json: mean of lags[1:]" for r in runs], 2)
+        add_row(table, "0 (sync)" if n == 0 else str(n), runs, **{
+            "mean lag (updates)": lags, "beats sync?": "reference" if n == 0 else beats(runs, groups["sync"])})  # fmt: skip
     return table
 
 
-def num_samples_table(groups):
+def num_samples_table(groups) -> dict:
+    """Experiment 3: async with k = 4 samples per prompt against k = 2, on the seeds k = 4 ran."""
     four = groups["async_N1_k4"]
     two = same_seeds(four, groups["async_N1"])
-    table = {"title": "Table 3. Four samples per prompt against two (async, N = 1)",
-             "columns": ["k (--num_samples)", "seeds", "G: generator busy (s/step)", "T: trainer busy (s/step)", "s/step",
-                         "wall time (s)", "final gold reward", "final KL", "wall time against k = 2 (×)", "higher reward than k = 2?"],
-             "rows": []}  # fmt: skip
-    for k, runs in ((2, two), (4, four)):
-        row = {"k (--num_samples)": str(k), "seeds": seeds_of(runs), "G: generator busy (s/step)": summary_cell(runs, "generate_per_step", 3),
-               "T: trainer busy (s/step)": summary_cell(runs, "train_per_step", 3), "s/step": summary_cell(runs, "time_per_step", 3),
-               "wall time (s)": summary_cell(runs, "wall_time", 1), "final gold reward": summary_cell(runs, "eval_gold_reward_end", 3),
-               "final KL": summary_cell(runs, "kl_end", 3)}  # fmt: skip
-        if k == 4:
-            row["wall time against k = 2 (×)"] = ratio_cell(runs, two, "wall_time", "k = 4 wall time / k = 2 wall time")
-            row["higher reward than k = 2?"] = higher_reward(runs, two)
-        table["rows"].append(row)
+    table = new_table("Table 3. Four samples per prompt against two (async, N = 1)", [
+        "k (--num_samples)", "seeds", "G: generator busy (s/step)", "T: trainer busy (s/step)", "s/step", "wall time (s)",
+        "final gold reward", "final KL", "wall time against k = 2 (×)", "higher reward than k = 2?"])  # fmt: skip
+    add_row(table, "2", two)
+    add_row(table, "4", four, **{"wall time against k = 2 (×)": ratio_cell(four, two, "wall_time", "k = 4 wall time / k = 2 wall time"),
+                                 "higher reward than k = 2?": higher_reward(four, two)})  # fmt: skip
     return table
 
 
-def throughput_table(results_dir, record):
-    table = {"title": "Table 4. Generator throughput on the generator's cores",
-             "columns": ["engine", "completion tokens", "seconds", "tokens/s", "against transformers (×)"], "rows": []}  # fmt: skip
-    measured, files = {}, {engine: entry["file"] for engine, entry in record["throughput"].items()}
+def throughput_table(results_dir: str, record: dict) -> tuple[dict, dict]:
+    """Experiment 4: tokens per second of the two engines (one measurement each)."""
+    table = new_table("Table 4. Generator throughput on the generator's cores",
+                      ["engine", "completion tokens", "seconds", "tokens/s", "against transformers (×)"])  # fmt: skip
+    files = {engine: entry["file"] for engine, entry in record["throughput"].items()}
+    measured = {}
     for engine, path in files.items():
         with open(os.path.join(results_dir, path)) as f:
             measured[engine] = json.load(f)
-    base = measured["transformers"]
-    for engine, m in measured.items():
-        path = files[engine]
+    for engine, label in (("vllm", "vLLM"), ("transformers", "transformers generate")):
+        m, path = measured[engine], files[engine]
         table["rows"].append({
-            "engine": "vLLM" if engine == "vllm" else "transformers generate",
+            "engine": label,
             "completion tokens": cell([m["tokens"]], [f"{path}: tokens"], 0),
             "seconds": cell([m["seconds"]], [f"{path}: seconds"], 2),
             "tokens/s": cell([m["tokens_per_second"]], [f"{path}: tokens_per_second"], 0),
-            "against transformers (×)": cell([m["tokens_per_second"] / base["tokens_per_second"]],
+            "against transformers (×)": cell([m["tokens_per_second"] / measured["transformers"]["tokens_per_second"]],
                                               [f"{path}: tokens_per_second / {files['transformers']}: tokens_per_second"], 2),
         })  # fmt: skip
     return table, measured
@@ -380,8 +392,7 @@ def throughput_table(results_dir, record):
 def render(entry) -> str:
     if isinstance(entry, str):
         return entry
-    sign = "+" if entry["signed"] else ""
-    text = f"{entry['mean']:{sign}.{entry['decimals']}f}"
+    text = f"{entry['mean']:.{entry['decimals']}f}"
     return text + (f" ± {entry['std']:.{entry['decimals']}f}" if entry["std"] is not None else "")
 
 
@@ -415,8 +426,7 @@ def make_report(results_dir: str):
     plots.timeline(os.path.join(results_dir, "timeline.png"), [("sync (N = 0)", first(sync)), ("async (N = 1)", first(async_))])
 
     machine, packages = record["machine"], record["packages"]
-    speed = {row["setting"]: row for row in tables[1]["rows"]}["async, split cores (N = 1)"]
-    vllm_ratio = throughput["rows"][0]["against transformers (×)"] if "vllm" in measured else None
+    speed = tables[1]["rows"][-1]  # the async row
     took = f" (took {record['seconds'] / 60:.1f} min)" if "seconds" in record else ""
     other = [r["other_cores"] for r in record["runs"]] + [e["other_cores"] for e in record["throughput"].values()]
     flags = " ".join(mode["flags"])
@@ -454,7 +464,7 @@ Speedup {render(speed['speedup over sync, per step (×)'])}× per step, against 
 {', '.join(r['N'] for r in tables[2]['rows'][1:] if r['beats sync?'] == 'yes') or 'none'}; \
 not at: {', '.join(r['N'] for r in tables[2]['rows'][1:] if r['beats sync?'] != 'yes') or 'none'}.
 - k = 4 reaches a higher final gold reward than k = 2: {tables[3]['rows'][1]['higher reward than k = 2?']}.
-- vLLM generates {render(vllm_ratio) if vllm_ratio else '—'}× the tokens per second of transformers' generate.
+- vLLM generates {render(throughput['rows'][0]['against transformers (×)'])}× the tokens per second of transformers' generate.
 
 ## 1. Speed at equal quality (paper Fig. 1, Table 6)
 
