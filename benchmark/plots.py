@@ -22,13 +22,14 @@ def mean_curve(runs, x_key: str):
 
 def reward_curves(path: str, groups: dict, title: str):
     """Held-out gold reward against wall-clock seconds (left) and against updates (right).
-    groups: {label: (runs, colour)}; a band is drawn where there are several seeds."""
+    groups: {label: (runs, colour, line style)}; a band is drawn where there are several seeds. Runs that
+    learn the same (sync on split or shared cores) overlap against updates: a dashed line keeps both visible."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for label, (runs, color) in groups.items():
+    for label, (runs, color, style) in groups.items():
         seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
         for ax, x_key in zip(axes, ("eval/wall_time", "eval/version")):
             xs, means, stds = mean_curve(runs, x_key)
-            ax.plot(xs, means, marker="o", markersize=3, color=color, label=f"{label} ({seeds})")
+            ax.plot(xs, means, style, marker="o", markersize=3, color=color, label=f"{label} ({seeds})")
             if len(runs) > 1:
                 ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], color=color, alpha=0.2)
     axes[0].set_xlabel("wall-clock seconds since the run started")
@@ -37,7 +38,7 @@ def reward_curves(path: str, groups: dict, title: str):
     axes[1].legend(fontsize=9)
     for ax in axes:
         ax.grid(alpha=0.3)
-    several = any(len(runs) > 1 for runs, _ in groups.values())
+    several = any(len(runs) > 1 for runs, _, _ in groups.values())
     fig.suptitle(title + (" (mean ± std over seeds)" if several else ""))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -75,7 +76,7 @@ SPANS = {  # span name in metrics.jsonl's timeline -> colour, legend entry
 }
 
 
-def timeline(path: str, panels: list, num_steps: int = 8):
+def timeline(path: str, panels: list, num_steps: int = 6):
     """A Gantt chart of the first steps of each run in panels [(title, run)]: one lane for the generator,
     one for the trainer, on a shared x axis that starts when the run's generator was ready."""
     windows = []
@@ -84,8 +85,8 @@ def timeline(path: str, panels: list, num_steps: int = 8):
         origin = rows[0]["timeline"]["generator"][0][1]  # the trainer waited for vLLM to start before this
         windows.append((rows, origin, rows[-1]["timeline"]["trainer"][-1][2] - origin))
     x_max = max(w[2] for w in windows)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 1.7 * len(panels) + 1), sharex=True, squeeze=False)
-    labels = []  # (text, bar): a label stays only where it fits inside its bar
+    fig, axes = plt.subplots(len(panels), 1, figsize=(15, 1.9 * len(panels) + 1), sharex=True, squeeze=False)
+    labels = []  # (text, bar, lane): a label goes inside its bar, or above it where it does not fit
     for ax, (title, run), (rows, origin, end) in zip(axes[:, 0], panels, windows):
         for lane, process in ((1, "generator"), (0, "trainer")):
             for i, row in enumerate(rows):
@@ -97,9 +98,9 @@ def timeline(path: str, panels: list, num_steps: int = 8):
                     (bar,) = ax.barh(lane, width, left=start, height=0.62, color=SPANS[name][0], edgecolor="white", linewidth=0.6)
                     label = {"generate": f"b{i} (v{version})", "train": f"b{i} → v{i + 1}"}.get(name)
                     if label:
-                        labels.append((ax.text(start + width / 2, lane, label, ha="center", va="center", fontsize=8, color="white"), bar))
+                        labels.append((ax.text(start + width / 2, lane, label, ha="center", va="center", fontsize=8, color="white"), bar, lane))
         ax.set_yticks([0, 1], ["trainer", "generator"])
-        ax.set_ylim(-0.5, 1.5)
+        ax.set_ylim(-0.5, 1.75)
         per_step = run.summary["time_per_step"]
         ax.set_title(f"{title}: {len(rows)} updates in {end:.1f} s ({per_step:.2f} s/step over the whole run)", loc="left", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
@@ -110,8 +111,8 @@ def timeline(path: str, panels: list, num_steps: int = 8):
     fig.suptitle("Timeline of the first updates: b3 (v2) = batch 3 sampled by policy version 2; b3 → v4 = trained into version 4")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     renderer = fig.canvas.get_renderer()
-    for text, bar in labels:
+    for text, bar, lane in labels:
         if text.get_window_extent(renderer).width > bar.get_window_extent(renderer).width - 4:
-            text.remove()
+            text.set(y=lane + 0.33, va="bottom", color="black", fontsize=7)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -416,12 +416,12 @@ def make_report(results_dir: str):
 
     sync, shared, async_ = groups["sync"], groups["sync_shared"], groups["async_N1"]
     plots.reward_curves(os.path.join(results_dir, "speed_reward.png"),
-                        {"sync, split cores": (sync, "tab:orange"), "sync, shared cores": (shared, "tab:brown"),
-                         "async N = 1, split cores": (async_, "tab:blue")}, "Gold reward of sync and async online DPO")  # fmt: skip
+                        {"sync, split cores": (sync, "tab:orange", "-"), "sync, shared cores": (shared, "tab:brown", "--"),
+                         "async N = 1, split cores": (async_, "tab:blue", "-")}, "Gold reward of sync and async online DPO")  # fmt: skip
     plots.staleness(os.path.join(results_dir, "staleness.png"), {n: groups["sync" if n == 0 else f"async_N{n}"] for n in [0, *mode["staleness"]]})
     four = groups["async_N1_k4"]
     plots.reward_curves(os.path.join(results_dir, "num_samples.png"),
-                        {"k = 2": (same_seeds(four, async_), "tab:blue"), "k = 4": (four, "tab:green")}, "Async (N = 1) with 2 or 4 samples per prompt")  # fmt: skip
+                        {"k = 2": (same_seeds(four, async_), "tab:blue", "-"), "k = 4": (four, "tab:green", "-")}, "Async (N = 1) with 2 or 4 samples per prompt")  # fmt: skip
     first = lambda runs: min(runs, key=lambda r: r.seed)  # noqa: E731
     plots.timeline(os.path.join(results_dir, "timeline.png"), [("sync (N = 0)", first(sync)), ("async (N = 1)", first(async_))])
 
@@ -460,9 +460,8 @@ standard deviation over seeds of the two (with one seed, any drop counts), on th
 Speedup {render(speed['speedup over sync, per step (×)'])}× per step, against the ideal \
 {render(speed['ideal (G+T)/max(G,T) from sync (×)'])}× from the sync run's G and T.
 - Async (N = 1) against sync on shared cores: {speed['beats sync, shared cores?']}.
-- Staleness, the N at which async beats sync: \
-{', '.join(r['N'] for r in tables[2]['rows'][1:] if r['beats sync?'] == 'yes') or 'none'}; \
-not at: {', '.join(r['N'] for r in tables[2]['rows'][1:] if r['beats sync?'] != 'yes') or 'none'}.
+- Staleness: async beats sync at N = {', '.join(r['N'] for r in tables[2]['rows'][1:] if r['beats sync?'] == 'yes') or 'none'}; \
+it does **NOT** at N = {', '.join(r['N'] for r in tables[2]['rows'][1:] if r['beats sync?'] != 'yes') or 'none'}.
 - k = 4 reaches a higher final gold reward than k = 2: {tables[3]['rows'][1]['higher reward than k = 2?']}.
 - vLLM generates {render(throughput['rows'][0]['against transformers (×)'])}× the tokens per second of transformers' generate.
 
