@@ -98,7 +98,8 @@ def timeline(path: str, panels: list, num_steps: int = 6):
                     (bar,) = ax.barh(lane, width, left=start, height=0.62, color=SPANS[name][0], edgecolor="white", linewidth=0.6)
                     label = {"generate": f"b{i} (v{version})", "train": f"b{i} → v{i + 1}"}.get(name)
                     if label:
-                        labels.append((ax.text(start + width / 2, lane, label, ha="center", va="center", fontsize=8, color="white"), bar, lane))
+                        text = ax.text(start + width / 2, lane, label, ha="center", va="center", fontsize=8, color="white")
+                        labels.append((text, bar, lane))
         ax.set_yticks([0, 1], ["trainer", "generator"])
         ax.set_ylim(-0.5, 1.75)
         per_step = run.summary["time_per_step"]

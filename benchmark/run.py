@@ -73,7 +73,8 @@ MODES = {
     "quick": Mode([1], [1, 4, 16], ["--num_steps", "24", "--eval_every", "8"], ["--batches", "4"]),
     "tiny": Mode(
         [1], [1, 4],
-        ["--num_steps", "4", "--batch_size", "8", "--micro_batch_size", "4", "--eval_every", "2", "--eval_prompts", "16", "--sft_steps", "30"],
+        ["--num_steps", "4", "--batch_size", "8", "--micro_batch_size", "4", "--eval_every", "2", "--eval_prompts", "16",
+         "--sft_steps", "30"],
         ["--batch_size", "8", "--batches", "2", "--sft_steps", "30"],
     ),  # fmt: skip
 }
@@ -196,7 +197,7 @@ def run_benchmark(bench: BenchArgs, mode_name: str):
         print(f"[{i}/{len(runs)}] {run.name} seed {run.seed}: {shlex.join(cmd[1:])}", flush=True)
         run.seconds, run.other_cores = execute(cmd, os.path.join(logs, f"{run.name}__{run.seed}.log"))
         (folder,) = glob.glob(os.path.join(raw, f"{run.name}__{run.seed}__*"))
-        shutil.rmtree(os.path.join(folder, "model"))  # the trained weights (~40 MB a run); the report needs none
+        shutil.rmtree(os.path.join(folder, "model"), ignore_errors=True)  # the trained weights: ~40 MB a run, unused
         run.folder = os.path.relpath(folder, results_dir)
         record["runs"].append(asdict(run))
         record["seconds"] = time.time() - t_start
@@ -207,9 +208,9 @@ def run_benchmark(bench: BenchArgs, mode_name: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The report. It reads raw/ only: benchmark.json says which run folder is which, and every number in
-# the tables is a mean over seeds of one key of the runs' summary.json or metrics.jsonl (or of a ratio
-# of two such keys), kept in results.json with the files and keys it came from.
+# The report. It reads raw/ only: benchmark.json says which run folder is which; every number in the
+# tables is a mean over seeds of a summary.json key (or of a ratio of two), kept in results.json with the
+# files and keys it came from; the plots draw the evaluations and the timeline from metrics.jsonl.
 @dataclass
 class RunData:
     name: str
@@ -323,19 +324,22 @@ def speed_tables(groups) -> list[dict]:
         "setting", "seeds", "speedup over sync, per step (×)", "speedup over sync, wall time (×)",
         "ideal (G+T)/max(G,T) from sync (×)", "final gold reward", "final KL", "beats sync, split cores?",
         "beats sync, shared cores?"])  # fmt: skip
-    add_row(speed, *settings[0])
-    add_row(speed, *settings[1], **{
-        "speedup over sync, per step (×)": ratio_cell(same_seeds(shared, sync), shared, "time_per_step", "sync s/step / this s/step"),
-        "speedup over sync, wall time (×)": ratio_cell(same_seeds(shared, sync), shared, "wall_time", "sync wall time / this wall time"),
-    })  # fmt: skip
+    def speedups(runs):
+        """Per seed, sync's time over this setting's: per steady-state step, and for the whole run."""
+        paired_sync = same_seeds(runs, sync)
+        return {"speedup over sync, per step (×)": ratio_cell(paired_sync, runs, "time_per_step", "sync s/step / this s/step"),
+                "speedup over sync, wall time (×)": ratio_cell(paired_sync, runs, "wall_time", "sync wall time / this wall time")}  # fmt: skip
+
+    # The best overlap can do: a sync step costs G + T, an async one at least max(G, T).
     paired_sync = same_seeds(async_, sync)
-    ideal = [(r.summary["generate_per_step"] + r.summary["train_per_step"]) / max(r.summary["generate_per_step"], r.summary["train_per_step"])
-             for r in paired_sync]  # fmt: skip
-    add_row(speed, *settings[2], **{
-        "speedup over sync, per step (×)": ratio_cell(paired_sync, async_, "time_per_step", "sync s/step / this s/step"),
-        "speedup over sync, wall time (×)": ratio_cell(paired_sync, async_, "wall_time", "sync wall time / this wall time"),
-        "ideal (G+T)/max(G,T) from sync (×)": cell(ideal, [f"{r.folder}/summary.json: generate_per_step, train_per_step" for r in paired_sync],
-                                                   2, "(G + T) / max(G, T) of the sync run of each seed"),
+    G, T = ([r.summary[key] for r in paired_sync] for key in ("generate_per_step", "train_per_step"))
+    ideal = cell([(g + t) / max(g, t) for g, t in zip(G, T)],
+                 [f"{r.folder}/summary.json: generate_per_step, train_per_step" for r in paired_sync],
+                 2, "(G + T) / max(G, T) of the sync run of each seed")  # fmt: skip
+    add_row(speed, *settings[0])
+    add_row(speed, *settings[1], **speedups(shared))
+    add_row(speed, *settings[2], **speedups(async_), **{
+        "ideal (G+T)/max(G,T) from sync (×)": ideal,
         "beats sync, split cores?": beats(async_, sync),
         "beats sync, shared cores?": beats(async_, shared),
     })  # fmt: skip
@@ -345,10 +349,12 @@ def speed_tables(groups) -> list[dict]:
 def staleness_table(groups, staleness: list[int]) -> dict:
     """Experiment 2: final reward and KL against N, next to sync (N = 0)."""
     table = new_table("Table 2. Staleness: async with the generator up to N updates ahead",
-                      ["N", "seeds", "final gold reward", "final KL", "mean lag (updates)", "s/step", "wall time (s)", "beats sync?"])  # fmt: skip
+                      ["N", "seeds", "final gold reward", "final KL", "mean lag (updates)", "s/step", "wall time (s)",
+                       "beats sync?"])  # fmt: skip
     for n in [0, *staleness]:
         runs = groups["sync" if n == 0 else f"async_N{n}"]
-        lags = cell([statistics.fmean(r.summary["lags"][1:]) for r in runs], [f"{r.folder}/summary.json: mean of lags[1:]" for r in runs], 2)
+        lags = cell([statistics.fmean(r.summary["lags"][1:]) for r in runs],
+                    [f"{r.folder}/summary.json: mean of lags[1:]" for r in runs], 2)  # fmt: skip
         add_row(table, "0 (sync)" if n == 0 else str(n), runs, **{
             "mean lag (updates)": lags, "beats sync?": "reference" if n == 0 else beats(runs, groups["sync"])})  # fmt: skip
     return table
@@ -414,16 +420,17 @@ def make_report(results_dir: str):
     throughput, measured = throughput_table(results_dir, record)
     tables.append(throughput)
 
-    sync, shared, async_ = groups["sync"], groups["sync_shared"], groups["async_N1"]
-    plots.reward_curves(os.path.join(results_dir, "speed_reward.png"),
-                        {"sync, split cores": (sync, "tab:orange", "-"), "sync, shared cores": (shared, "tab:brown", "--"),
-                         "async N = 1, split cores": (async_, "tab:blue", "-")}, "Gold reward of sync and async online DPO")  # fmt: skip
-    plots.staleness(os.path.join(results_dir, "staleness.png"), {n: groups["sync" if n == 0 else f"async_N{n}"] for n in [0, *mode["staleness"]]})
-    four = groups["async_N1_k4"]
-    plots.reward_curves(os.path.join(results_dir, "num_samples.png"),
-                        {"k = 2": (same_seeds(four, async_), "tab:blue", "-"), "k = 4": (four, "tab:green", "-")}, "Async (N = 1) with 2 or 4 samples per prompt")  # fmt: skip
+    sync, shared, async_, four = groups["sync"], groups["sync_shared"], groups["async_N1"], groups["async_N1_k4"]
+    plot = lambda name: os.path.join(results_dir, name)  # noqa: E731
+    plots.reward_curves(plot("speed_reward.png"), {
+        "sync, split cores": (sync, "tab:orange", "-"), "sync, shared cores": (shared, "tab:brown", "--"),
+        "async N = 1, split cores": (async_, "tab:blue", "-")}, "Gold reward of sync and async online DPO")  # fmt: skip
+    plots.staleness(plot("staleness.png"), {n: groups["sync" if n == 0 else f"async_N{n}"] for n in [0, *mode["staleness"]]})
+    plots.reward_curves(plot("num_samples.png"), {
+        "k = 2": (same_seeds(four, async_), "tab:blue", "-"), "k = 4": (four, "tab:green", "-")},
+        "Async (N = 1) with 2 or 4 samples per prompt")  # fmt: skip
     first = lambda runs: min(runs, key=lambda r: r.seed)  # noqa: E731
-    plots.timeline(os.path.join(results_dir, "timeline.png"), [("sync (N = 0)", first(sync)), ("async (N = 1)", first(async_))])
+    plots.timeline(plot("timeline.png"), [("sync (N = 0)", first(sync)), ("async (N = 1)", first(async_))])
 
     machine, packages = record["machine"], record["packages"]
     speed = tables[1]["rows"][-1]  # the async row
@@ -498,7 +505,8 @@ per prompt and training on the best and worst uses that time.
 Same warm-started model, prompts (batches of {measured['vllm']['batch_size']}, \
 {measured['vllm']['num_samples']} samples each, {measured['vllm']['batches']} timed batches after one \
 untimed), temperature {measured['vllm']['temperature']} and up to {measured['vllm']['response_length']} \
-tokens, on core(s) {', '.join(map(str, measured['vllm']['cores']))} with {measured['vllm']['threads']} thread(s), as a training run's generator.
+tokens, on core(s) {', '.join(map(str, measured['vllm']['cores']))} with {measured['vllm']['threads']} thread(s), \
+as a training run's generator.
 
 {markdown_table(throughput)}
 
