@@ -1,0 +1,119 @@
+"""The benchmark's plots, drawn from the runs' metrics (run.py's RunData): reward curves, reward and KL
+against staleness, and a timeline of when the generator and the trainer did what."""
+
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+def mean_curve(runs, x_key: str):
+    """Mean over seeds of the gold reward at each evaluated version, at the mean x; and its std."""
+    versions = sorted(set.intersection(*({e["eval/version"] for e in r.evals} for r in runs)))
+    at = [{e["eval/version"]: e for e in r.evals} for r in runs]
+    xs = [statistics.fmean(a[v][x_key] for a in at) for v in versions]
+    ys = [[a[v]["eval/gold_reward"] for a in at] for v in versions]
+    means = [statistics.fmean(y) for y in ys]
+    stds = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
+    return xs, means, stds
+
+
+def reward_curves(path: str, groups: dict, title: str):
+    """Held-out gold reward against wall-clock seconds (left) and against updates (right).
+    groups: {label: (runs, colour, line style)}; a band is drawn where there are several seeds. Runs that
+    learn the same (sync on split or shared cores) overlap against updates: a dashed line keeps both visible."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for label, (runs, color, style) in groups.items():
+        seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
+        for ax, x_key in zip(axes, ("eval/wall_time", "eval/version")):
+            xs, means, stds = mean_curve(runs, x_key)
+            ax.plot(xs, means, style, marker="o", markersize=3, color=color, label=f"{label} ({seeds})")
+            if len(runs) > 1:
+                ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], color=color, alpha=0.2)
+    axes[0].set_xlabel("wall-clock seconds since the run started")
+    axes[1].set_xlabel("updates (policy version)")
+    axes[0].set_ylabel("held-out gold reward")
+    axes[1].legend(fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    several = any(len(runs) > 1 for runs, _, _ in groups.values())
+    fig.suptitle(title + (" (mean ± std over seeds)" if several else ""))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def staleness(path: str, by_n: dict):
+    """Final gold reward and KL against N; N = 0 is the sync run. Dots are seeds, the line their mean."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    positions = list(range(len(by_n)))  # evenly spaced: N = 1, 2, 4, 8, 16 would crowd a linear axis
+    labels = ["0\n(sync)" if n == 0 else str(n) for n in by_n]
+    for ax, key, ylabel in zip(axes, ("eval_gold_reward_end", "kl_end"), ("final held-out gold reward", "final KL")):
+        values = [[r.summary[key] for r in runs] for runs in by_n.values()]
+        for pos, v in zip(positions, values):
+            ax.scatter([pos] * len(v), v, color="0.55", s=14, zorder=3, label="one seed" if pos == 0 else None)
+        ax.plot(positions, [statistics.fmean(v) for v in values], marker="o", color="tab:blue", label="mean over seeds")
+        ax.axhline(statistics.fmean(values[0]), color="tab:gray", linestyle="--", linewidth=1, label="sync (mean)")
+        ax.set_xticks(positions, labels)
+        ax.set_xlabel("N = --async_steps (most updates a batch may lag)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Staleness: how far the generator may run ahead")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+SPANS = {  # span name in metrics.jsonl's timeline -> colour, legend entry
+    "generate": ("tab:blue", "generator: sample a batch"),
+    "load": ("tab:orange", "generator: load new weights"),
+    "eval": ("tab:purple", "generator: evaluate held-out prompts"),
+    "train": ("tab:green", "trainer: one DPO update"),
+    "push": ("tab:red", "trainer: push weights"),
+    "wait": ("0.85", "waiting"),
+}
+
+
+def timeline(path: str, panels: list, num_steps: int = 6):
+    """A Gantt chart of the first steps of each run in panels [(title, run)]: one lane for the generator,
+    one for the trainer, on a shared x axis that starts when the run's generator was ready."""
+    windows = []
+    for _, run in panels:
+        rows = run.steps[:num_steps]
+        origin = rows[0]["timeline"]["generator"][0][1]  # the trainer waited for vLLM to start before this
+        windows.append((rows, origin, rows[-1]["timeline"]["trainer"][-1][2] - origin))
+    x_max = max(w[2] for w in windows)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(15, 1.9 * len(panels) + 1), sharex=True, squeeze=False)
+    labels = []  # (text, bar, lane): a label goes inside its bar, or above it where it does not fit
+    for ax, (title, run), (rows, origin, end) in zip(axes[:, 0], panels, windows):
+        for lane, process in ((1, "generator"), (0, "trainer")):
+            for i, row in enumerate(rows):
+                for name, start, stop, version in row["timeline"][process]:
+                    start, stop = max(start, origin) - origin, min(stop - origin, x_max)
+                    if stop <= start:
+                        continue
+                    width = max(stop - start, x_max * 0.002)  # keep a quick weight push visible
+                    (bar,) = ax.barh(lane, width, left=start, height=0.62, color=SPANS[name][0], edgecolor="white", linewidth=0.6)
+                    label = {"generate": f"b{i} (v{version})", "train": f"b{i} → v{i + 1}"}.get(name)
+                    if label:
+                        text = ax.text(start + width / 2, lane, label, ha="center", va="center", fontsize=8, color="white")
+                        labels.append((text, bar, lane))
+        ax.set_yticks([0, 1], ["trainer", "generator"])
+        ax.set_ylim(-0.5, 1.75)
+        per_step = run.summary["time_per_step"]
+        ax.set_title(f"{title}: {len(rows)} updates in {end:.1f} s ({per_step:.2f} s/step over the whole run)", loc="left", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlim(0, x_max)
+    axes[-1, 0].set_xlabel("seconds since the generator was ready")
+    handles = [Patch(color=color, label=label) for color, label in SPANS.values()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle("Timeline of the first updates: b3 (v2) = batch 3 sampled by policy version 2; b3 → v4 = trained into version 4")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    renderer = fig.canvas.get_renderer()
+    for text, bar, lane in labels:
+        if text.get_window_extent(renderer).width > bar.get_window_extent(renderer).width - 4:
+            text.set(y=lane + 0.33, va="bottom", color="black", fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
