@@ -11,7 +11,6 @@ so vLLM's state never leaks into the transformers measurement:
 
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -55,7 +54,7 @@ def vllm_engine(args: A.Args, model_path: str, cores: list[int]):
     A.pin_to_cores(cores)
     from vllm import LLM, SamplingParams
 
-    max_model_len = A.check_lengths(args, model_path, AutoTokenizer.from_pretrained(model_path))
+    max_model_len = A.check_lengths(args, model_path, AutoTokenizer.from_pretrained(model_path), [])
     llm = LLM(
         model=model_path, dtype="float32", seed=args.seed, max_model_len=max_model_len,
         enforce_eager=True, enable_prefix_caching=False,
@@ -104,7 +103,7 @@ if __name__ == "__main__":
     cores = A.split_cpu_cores()[0]  # the generator's cores in a training run
     make_engine = vllm_engine if bench.engine == "vllm" else transformers_engine
     generate = make_engine(args, model_path, cores)
-    prompts = [A.builtin_prompts(random.Random(f"train-{args.seed}-{i}"), args.batch_size) for i in range(bench.batches + 1)]
+    prompts = [A.batch_prompts(args, None, i) for i in range(bench.batches + 1)]  # the training run's batches
     generate(prompts[0])  # warm-up: first-call allocations and caches, not timed
     t = time.time()
     tokens = sum(generate(batch) for batch in prompts[1:])
