@@ -582,6 +582,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         train_prompts, eval_prompts, references = load_prompts(args)
         max_model_len = check_lengths(args, base_model, tokenizer, eval_prompts + (train_prompts or []))
         gold_fn = load_reward(args, args.gold_reward_model_path, device) if args.gold_reward_model_path else reward_fn
+        ref_gold = gold_fn(eval_prompts, references) if references else None  # the eval prompts never change
         time_warm_start = time.time() - t_start
         run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
         os.makedirs(run_dir, exist_ok=bool(checkpoint))
@@ -689,7 +690,6 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
                 row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl,
                        "eval/wall_time": version_time[e["version"]]}  # fmt: skip
                 if references:  # the paper's win-rate: how often the gold reward prefers ours to the reference
-                    ref_gold = gold_fn(e["prompts"], references)
                     row["eval/win_rate"] = sum((r > g) + 0.5 * (r == g) for r, g in zip(rewards, ref_gold)) / len(rewards)
                 eval_log.append(row)
                 for name, value in row.items():
