@@ -17,9 +17,11 @@ and training overlap. `sync_baseline.py` runs the same code with N = 0 for compa
 See README.md for the GPU recipes (Pythia on TL;DR, Llama 3.1 8B) and what every logged metric means.
 """
 
+import datetime
 import glob
 import importlib
 import json
+import math
 import os
 import queue
 import random
@@ -43,9 +45,16 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
 )  # fmt: skip
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 
 @dataclass
@@ -93,8 +102,9 @@ class Args:
     """most tokens sampled per completion (the paper uses 53 on TL;DR)"""
     temperature: float = 0.7
     """sampling temperature; policy and reference logits are divided by it too, as in the paper's code"""
-    missing_eos_penalty: float = -1.0
-    """score given to a completion that never emits EOS (the paper uses -1 on TL;DR)"""
+    missing_eos_penalty: float | None = -1.0
+    """score that *replaces* the reward of a completion cut off before EOS, as in the paper's code (-1 on TL;DR);
+    None turns it off. TRL's flag of this name *subtracts* a positive value instead: a positive one here warns"""
     beta: float = 0.1
     """β in the DPO loss, the strength of the pull towards the reference"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
@@ -109,12 +119,20 @@ class Args:
     # --- asynchrony
     async_steps: int = 1
     """N: batch i is sampled by policy version max(0, i - N); 0 is synchronous (sync_baseline.py)"""
+    logprob_gap_tolerance: float | None = None
+    """stop the run when a lag-0 batch's mean |log π_trainer - log π_vLLM| per sampled token exceeds this: the
+    weight sync is broken. None = 1e-3 in float32, 0.1 with --bf16 (a CPU measures 3e-7 and 4e-3; see README)"""
 
     # --- evaluation
     eval_every: int = 16
     """evaluate the policy versions that are multiples of this, and the first and last"""
     eval_prompts: int = 256
-    """held-out prompts per evaluation, sampled greedily (a dataset's last rows of --dataset_split)"""
+    """held-out prompts per evaluation, sampled greedily: the first rows of --eval_split, or else the last rows of
+    --dataset_split, which are then left out of training"""
+    eval_split: str = ""
+    """split of --dataset to evaluate on ("validation" on TL;DR, as in the paper); empty = hold out rows instead"""
+    eval_response_length: int | None = None
+    """most tokens per evaluation completion (the paper: 128 on TL;DR, where training samples 53); None = as training"""
 
     # --- checkpoints
     save_every: int = 0
@@ -135,6 +153,9 @@ class Args:
     """share of GPU 0's memory vLLM reserves; keep it low when the trainer shares GPU 0"""
     vllm_cpu_kv_cache_gib: int = 1
     """GiB of RAM vLLM reserves for its KV cache on a CPU (vLLM's own default takes most of the RAM)"""
+    dist_timeout: int = 3600
+    """seconds a trainer rank waits for the others in a collective before the run fails; rank 0 keeps the others
+    waiting through vLLM's start, long evaluations and checkpoint writes (torch's default, 600, is too short)"""
     cpu_share_cores: bool = False
     """on a CPU, give generator and trainer every core, not half each: for sync runs, where they take turns"""
 
@@ -187,9 +208,13 @@ def load_prompts(args: Args):
     """Training prompts (None for the built-in task: drawn per batch), eval prompts, and their references."""
     if not args.dataset:
         return None, builtin_prompts(random.Random("eval"), args.eval_prompts), None
-    rows = load_split(args, args.dataset_split)
-    cut = max(0, len(rows) - args.eval_prompts)  # the last rows are held out for evaluation
-    train, held_out = rows.select(range(cut)), rows.select(range(cut, len(rows)))
+    train = load_split(args, args.dataset_split)
+    if args.eval_split:
+        held_out = load_split(args, args.eval_split)
+        held_out = held_out.select(range(min(args.eval_prompts, len(held_out))))
+    else:  # the last rows are held out for evaluation
+        cut = max(0, len(train) - args.eval_prompts)
+        train, held_out = train.select(range(cut)), train.select(range(cut, len(train)))
     references = list(held_out[args.reference_column]) if args.reference_column else None
     return list(train[args.prompt_column]), list(held_out[args.prompt_column]), references
 
@@ -202,27 +227,65 @@ def batch_prompts(args: Args, train_prompts, index: int) -> list[str]:
     return [train_prompts[order[i % len(order)]] for i in range(index * args.batch_size, (index + 1) * args.batch_size)]
 
 
-def load_reward(args: Args, model_path: str, device):
-    """(prompts, completions) -> one float each: a reward model if given, else --reward_fn or the built-in reward."""
+def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Texts to token ids as written: no special tokens are added, as in TRL. A chat template already puts BOS
+    in a prompt, and a tokenizer that added another would give the model two. vLLM gets these very ids."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def stop_token_ids(model_path: str, tokenizer) -> set[int]:
+    """The ids vLLM stops at: the tokenizer's EOS and the generation config's (Llama 3 chat stops at <|eot_id|>)."""
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json: transformers and vLLM fall back on the model config
+        eos = AutoConfig.from_pretrained(model_path).eos_token_id
+    return {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+
+
+def import_reward_fn(args: Args):
+    """--reward_fn module:function, or the built-in task's reward."""
+    if not args.reward_fn:
+        return builtin_reward
+    module, _, name = args.reward_fn.partition(":")
+    sys.path.insert(0, os.getcwd())
+    return getattr(importlib.import_module(module), name)
+
+
+def load_reward(args: Args, model_path: str, device, tokenizer, eos_ids: set[int]):
+    """score(prompts, prompt_ids, response_ids) -> one float per completion, from the policy's token ids.
+
+    A reward function gets text: the completion decoded without special tokens. A reward model gets what the
+    TL;DR reward models were trained on, the response *with* its EOS (where it has one), whose score they read
+    at that last token: with the policy's tokenizer, the policy's own ids, as the paper's code scores them;
+    with another tokenizer, the text tokenized by its own tokenizer, plus its EOS if the completion ended."""
     if not model_path:
-        if not args.reward_fn:
-            return builtin_reward
-        module, _, name = args.reward_fn.partition(":")
-        sys.path.insert(0, os.getcwd())
-        return getattr(importlib.import_module(module), name)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        reward_fn = import_reward_fn(args)
+        return lambda prompts, prompt_ids, response_ids: reward_fn(
+            prompts, tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        )
+    rm_tokenizer = AutoTokenizer.from_pretrained(model_path)
+    same_tokens = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    model.config.pad_token_id = tokenizer.pad_token_id
+    # transformers reads the score at the rightmost token that is not padding. Sequences are left-padded, so
+    # that token is in the last column, and pad id -1, which no token has, keeps it from skipping a final EOS
+    # that doubles as the pad token (a tokenizer without one), as it would with right padding.
+    model.config.pad_token_id = -1
 
     @torch.no_grad()
-    def reward_model(prompts, completions):
-        # The policy's tokens arrive as text, tokenized again by the reward model's tokenizer: any vocabulary works.
-        texts, scores = [p + c for p, c in zip(prompts, completions)], []
-        for start in range(0, len(texts), args.micro_batch_size):
-            inputs = tokenizer(texts[start : start + args.micro_batch_size], padding=True, return_tensors="pt")
-            scores += model(**inputs.to(device)).logits[:, 0].float().tolist()
+    def reward_model(prompts, prompt_ids, response_ids):
+        if same_tokens:
+            sequences = [p + r for p, r in zip(prompt_ids, response_ids)]
+        else:
+            completions = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+            texts = [p + c for p, c in zip(prompts, completions)]
+            ended = [len(r) > 0 and r[-1] in eos_ids for r in response_ids]
+            sequences = [ids + [rm_tokenizer.eos_token_id] * e for ids, e in zip(tokenize(rm_tokenizer, texts), ended)]
+        scores = []
+        for start in range(0, len(sequences), args.micro_batch_size):
+            chunk = sequences[start : start + args.micro_batch_size]
+            ids, mask = (t.to(device) for t in pad_batch(chunk, [[]] * len(chunk)))
+            scores += model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, 0].float().tolist()
         return scores
 
     return reward_model
@@ -230,16 +293,26 @@ def load_reward(args: Args, model_path: str, device):
 
 # ----------------------------------------------------------------------------------------------------
 # The math: log-probs, scores, pairs and the DPO loss. Pure functions, checked in tests/.
-def sequence_logprobs(model, input_ids, attention_mask, response_mask, temperature):
-    """Sum over response tokens of log π(y_t | x, y_<t), with logits divided by the sampling temperature."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+def token_logprobs(model, input_ids, attention_mask, response_width: int, temperature: float):
+    """log π(y_t | x, y_<t) of the last `response_width` tokens of each row, (B, R), with logits divided by the
+    sampling temperature, as vLLM samples and as the paper's code scores. Only those columns get logits: a
+    float32 log-softmax over every position, prompts included, takes gigabytes at a 128k vocabulary."""
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        logits_to_keep=response_width + 1,
+        use_cache=False,
+    ).logits[:, :-1]  # (B, R, V): the logits at column t predict the token at t + 1
     logps = torch.log_softmax(logits.float() / temperature, dim=-1)
-    token_logps = torch.gather(logps, 2, input_ids[:, 1:, None]).squeeze(2)  # (B, T-1)
-    return (token_logps * response_mask[:, 1:]).sum(1)  # (B,)
+    return torch.gather(logps, 2, input_ids[:, -response_width:, None]).squeeze(2)  # (B, R)
 
 
-def apply_missing_eos_penalty(rewards, has_eos, penalty):
-    """A completion cut off before EOS gets a fixed score, whatever the reward said (paper, sec. 2)."""
+def apply_missing_eos_penalty(rewards, has_eos, penalty: float | None):
+    """A completion cut off before EOS gets the penalty as its score, whatever the reward said: the paper's
+    code replaces the score (TRL's flag of the same name subtracts from it). None changes nothing."""
+    if penalty is None:
+        return rewards
     return torch.where(has_eos, rewards, torch.full_like(rewards, penalty))
 
 
@@ -263,20 +336,22 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     return -F.logsigmoid(beta * logits)
 
 
-def pad_right(sequences: list[list[int]], pad_id: int):
-    """Token lists -> (B, T) ids and attention mask, padded on the right."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s)
-    mask = torch.arange(width)[None, :] < torch.tensor([len(s) for s in sequences])[:, None]
-    return ids, mask.long()
+def pad_batch(prompts: list[list[int]], responses: list[list[int]]):
+    """Token lists -> (B, P + R) ids and attention mask, each prompt padded on the left and each response on
+    the right, so that every response starts in column P: the model then needs logits for the last R + 1
+    columns only. Pad id 0 is masked out, and unlike a pad id past the vocabulary, it is safe on GPUs."""
+    P, R = max(map(len, prompts)), max(map(len, responses))
+    ids = torch.zeros(len(prompts), P + R, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        mask[i, P - len(p) : P + len(r)] = 1
+    return ids, mask
 
 
-def mask_prompts(attention_mask, prompt_lengths: list[int]):
-    """(B, T) mask that is 1 on response tokens only: 0 on each row's prompt and on padding."""
-    positions = torch.arange(attention_mask.shape[1])[None, :]
-    return attention_mask * (positions >= torch.tensor(prompt_lengths)[:, None])
+def position_ids(attention_mask):
+    """Positions that start at 0 after the left padding: a padded row is computed as it would be alone."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,23 +382,31 @@ def warm_start(args: Args) -> str:
     rng = random.Random("sft")
     for step in range(args.sft_steps):
         prompts = builtin_prompts(rng, 64)
-        prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-        answer_ids = [tokenizer("".join(sorted(p[:-1])))["input_ids"] + [1] for p in prompts]
-        input_ids, attention_mask = pad_right([p + a for p, a in zip(prompt_ids, answer_ids)], 0)
-        labels = input_ids.masked_fill(mask_prompts(attention_mask, [len(p) for p in prompt_ids]) == 0, -100)  # answers only
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        targets = ["".join(sorted(p[:-1])) for p in prompts]
+        answers = [ids + [tokenizer.eos_token_id] for ids in tokenize(tokenizer, targets)]
+        input_ids, attention_mask = pad_batch(tokenize(tokenizer, prompts), answers)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, : -max(map(len, answers))] = -100  # learn the answers only: prompts fill the columns before them
+        positions = position_ids(attention_mask)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, labels=labels).loss
         loss.backward()
-        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
     tmp = path + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     os.replace(tmp, path)  # atomic: a half-written model folder is never picked up
     return path
 
 
 # ----------------------------------------------------------------------------------------------------
-# The generator process. It owns vLLM. Two queues and one stop signal connect it to the trainer:
-#   weights_queue  trainer -> generator  {"version", "state_dict"}, one per update
-#   samples_queue  generator -> trainer  one batch per step, tagged with the version that sampled it
+# The generator process. It owns vLLM. Two queues, a snapshot slot and one stop signal connect it to the trainer:
+#   samples_queue  generator -> trainer  "ready" once vLLM is up, then one batch per step, tagged with the
+#                                        version that sampled it
+#   weights_queue  trainer -> generator  {"version", "snapshot"}: the policy after each update, packed
+#   snapshot_free  released by the generator when it is done with a snapshot; the trainer takes it before
+#                  making the next, so one snapshot at most is in memory
 #   stop           set by the trainer when it is done or has failed
 #
 # The only difference between async and sync is one rule: batch i is sampled by policy version
@@ -353,22 +436,52 @@ def split_cpu_cores(share: bool = False):
     return cores[:half], cores[half:] or cores
 
 
-def load_weights_into_vllm(llm, state_dict):
-    """Every vLLM internal we touch, in one place. Written against vLLM 0.32.0 (V1 engine).
+def pack_weights(model, dtype, device, rank: int):
+    """The whole policy as one flat `dtype` tensor plus (name, shape, offset) per weight, on rank 0: one tensor
+    crosses to the generator, not hundreds (one CUDA IPC handle, or one shared-memory file). Under FSDP2 each
+    weight is cast, then gathered from the ranks' shards, one at a time, so every rank must call this; a full
+    float32 copy never exists. Ranks other than 0 return None."""
+    weights = {name: w for name, w in model.state_dict().items() if w.is_floating_point()}  # no integer buffers
+    layout, size = [], 0
+    for name, w in weights.items():
+        layout.append((name, tuple(w.shape), size))
+        size += w.numel()
+    # On a CPU, in shared memory from the start: the queue then sends it without copying it first.
+    buffer = torch.empty(size, dtype=dtype, device=device).share_memory_() if rank == 0 else None
+    for (name, shape, offset), w in zip(layout, weights.values()):
+        w = w.detach().to(dtype)
+        if isinstance(w, DTensor):
+            w = w.full_tensor()
+        if rank == 0:
+            buffer[offset : offset + w.numel()] = w.flatten()
+    return (buffer, layout) if rank == 0 else None
 
-    reload_weights swaps the weights of the running engine in place (no restart, no disk): it takes
-    transformers parameter names. The prefix cache holds keys and values computed by the old weights,
-    so it must be dropped, or cached prompts would mix two policies."""
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+
+def unpack_weights(buffer, layout) -> list:
+    """(name, tensor) pairs that are views into the one buffer: nothing is copied."""
+    return [(name, buffer[offset : offset + math.prod(shape)].view(shape)) for name, shape, offset in layout]
+
+
+def load_weights_into_vllm(llm, weights: list):
+    """Every vLLM internal we touch, in one place. Written against vLLM 0.32.0 (V1 engine on a CPU, model
+    runner V2 on GPUs).
+
+    reload_weights copies (transformers name, tensor) pairs into the running engine's parameters in place:
+    no restart, no disk, and CUDA graphs captured over those parameters stay valid. The tensors may live on
+    the trainer's GPU; each is copied across to vLLM's directly. The prefix cache holds keys and values
+    computed by the old weights, so it must be dropped, or cached prompts would mix two policies."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # every copy out of the trainer's buffer is done before we let go of it
 
 
 class Stopped(Exception):
     """Raised in the generator when the trainer has finished, failed or been killed."""
 
 
-def generator(args: Args, model_path: str, start_version: int, first_batch: int, max_model_len: int,
-              cpu_cores: list[int], weights_queue, samples_queue, stop):  # fmt: skip
+def generator(*, args: Args, model_path: str, start_version: int, first_batch: int, max_model_len: int,
+              cpu_cores: list[int], weights_queue, snapshot_free, samples_queue, stop):  # fmt: skip
     """Sample batches first_batch, first_batch + 1, ... with vLLM, starting from the policy version
     saved at model_path (0 for a new run; a checkpoint's version when resuming)."""
     try:
@@ -379,18 +492,28 @@ def generator(args: Args, model_path: str, start_version: int, first_batch: int,
         # not loaded); that would bury the step lines. Set VLLM_LOGGING_LEVEL=INFO to see everything.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         warnings.filterwarnings("ignore", message=".*reduce_op.*", category=FutureWarning)
-        if not torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if not cuda:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.vllm_cpu_kv_cache_gib)
             os.environ["OMP_NUM_THREADS"] = str(len(cpu_cores))
             pin_to_cores(cpu_cores)  # our own cores, so the trainer never slows us down
         from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
 
         llm = LLM(
-            model=model_path, dtype="bfloat16" if args.bf16 else "float32", seed=args.seed,
-            max_model_len=max_model_len, enforce_eager=True, enable_prefix_caching=False,
+            model=model_path,
+            dtype="bfloat16" if args.bf16 else "float32",
+            seed=args.seed,
+            max_model_len=max_model_len,
+            enforce_eager=not cuda,  # CUDA graphs on GPUs; on a CPU, compiling would only slow the start
+            enable_prefix_caching=False,
+            logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        )  # fmt: skip
+        )
+        samples_queue.put({"ready": True})  # vLLM has sized its KV cache: the trainer may now use this GPU too
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
         train_prompts, eval_prompts, _ = load_prompts(args)
+        eval_prompt_ids = tokenize(tokenizer, eval_prompts)
         version = start_version
         due = lambda v: v % args.eval_every == 0 or v == args.num_steps  # noqa: E731, versions to evaluate
 
@@ -398,17 +521,27 @@ def generator(args: Args, model_path: str, start_version: int, first_batch: int,
             if stop.is_set() or not mp.parent_process().is_alive():  # done, failed, or killed outright
                 raise Stopped
 
-        def generate(prompts, temperature, n, seed):
-            # One seed per prompt: what a prompt samples depends only on the weights and its seed.
-            params = [SamplingParams(n=n, temperature=temperature, max_tokens=args.response_length, seed=seed + j)
-                      for j in range(len(prompts))]  # fmt: skip
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            return [o.prompt_token_ids for o in outputs], [list(c.token_ids) for o in outputs for c in o.outputs]
+        def generate(prompt_ids, temperature, n, seed, max_tokens, logprobs):
+            # One seed per prompt: what a prompt samples depends only on the weights and its seed. The prompts
+            # go in as token ids, the ones the trainer uses, so vLLM adds no special tokens of its own.
+            params = [
+                SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed + j, logprobs=logprobs)
+                for j in range(len(prompt_ids))
+            ]
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+            completions = [c for o in outputs for c in o.outputs]  # the n samples of a prompt side by side
+            if logprobs is None:
+                return [list(c.token_ids) for c in completions], None
+            # logprobs=0: each position holds the sampled token's log-prob alone
+            sampled = [[p[t].logprob for t, p in zip(c.token_ids, c.logprobs)] for c in completions]
+            return [list(c.token_ids) for c in completions], sampled
 
         def evaluate(spans, evals):
             t = time.time()
-            _, response_ids = generate(eval_prompts, 0.0, 1, seed=10**12 + version * len(eval_prompts))
-            evals.append({"version": version, "prompts": eval_prompts, "response_ids": response_ids})
+            length = args.eval_response_length or args.response_length
+            response_ids, _ = generate(eval_prompt_ids, 0.0, 1, seed=0, max_tokens=length, logprobs=None)  # greedy
+            record = {"version": version, "prompts": eval_prompts, "prompt_ids": eval_prompt_ids}
+            evals.append(record | {"response_ids": response_ids})
             spans.append(("eval", t, time.time()))
 
         def take_weights(target, spans, evals):
@@ -427,8 +560,10 @@ def generator(args: Args, model_path: str, start_version: int, first_batch: int,
                 version = snapshot["version"]
                 if version == target or due(version):
                     t = time.time()
-                    load_weights_into_vllm(llm, snapshot["state_dict"])
+                    load_weights_into_vllm(llm, unpack_weights(*snapshot["snapshot"]))
                     spans.append(("load", t, time.time()))
+                del snapshot  # the trainer's memory: let go of it before the trainer may make the next
+                snapshot_free.release()
                 if due(version):
                     evaluate(spans, evals)
 
@@ -440,12 +575,14 @@ def generator(args: Args, model_path: str, start_version: int, first_batch: int,
             take_weights(max(0, index - args.async_steps), spans, evals)  # the staleness rule
             if index == args.crash_generator_at:
                 raise RuntimeError(f"generator crashed on purpose at batch {index} (--crash_generator_at)")
-            prompts, t = batch_prompts(args, train_prompts, index), time.time()
+            t = time.time()
+            prompts = batch_prompts(args, train_prompts, index)
+            prompt_ids = tokenize(tokenizer, prompts)
             seed = (args.seed * 10**6 + index) * args.batch_size
-            prompt_ids, response_ids = generate(prompts, args.temperature, args.num_samples, seed)
+            response_ids, logprobs = generate(prompt_ids, args.temperature, args.num_samples, seed, args.response_length, 0)
             spans.append(("generate", t, time.time()))
             samples_queue.put({"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids,
-                               "evals": evals, "spans": spans})  # fmt: skip
+                               "logprobs": logprobs, "evals": evals, "spans": spans})  # fmt: skip
             spans, evals = [], []
         take_weights(args.num_steps, spans, evals)  # the final policy, for the last evaluation
         samples_queue.put({"evals": evals, "spans": spans})
@@ -470,17 +607,24 @@ def check_args(args: Args):
         (args.beta <= 0, f"--beta is {args.beta}; it must be positive (the paper uses 0.1 on TL;DR)."),
         (args.temperature <= 0, "--temperature must be positive (the paper uses 0.7)."),
         (min(args.num_steps, args.batch_size, args.micro_batch_size, args.response_length, args.eval_every, args.eval_prompts,
-             args.trainer_ranks) < 1, "--num_steps, --batch_size, --micro_batch_size, --response_length, --eval_every, "
-                                      "--eval_prompts and --trainer_ranks must be at least 1."),
+             args.trainer_ranks, args.eval_response_length or 1, args.dist_timeout) < 1,
+         "--num_steps, --batch_size, --micro_batch_size, --response_length, --eval_response_length, --eval_every, "
+         "--eval_prompts, --trainer_ranks and --dist_timeout must be at least 1."),
         (args.async_steps < 0 or args.save_every < 0, "--async_steps (0 = synchronous) and --save_every must be at least 0."),
+        ((args.logprob_gap_tolerance or 1) <= 0, "--logprob_gap_tolerance must be positive (or None for the default)."),
         (args.batch_size % args.trainer_ranks, f"--batch_size {args.batch_size} does not split evenly over --trainer_ranks "
                                                f"{args.trainer_ranks}; make it a multiple of {args.trainer_ranks}."),
         (gpus and args.trainer_ranks > max(1, gpus - 1), f"--trainer_ranks {args.trainer_ranks} needs {args.trainer_ranks + 1} "
                                                          f"GPUs (GPU 0 is the generator's), but there are {gpus}; lower it."),
         (not gpus and args.trainer_ranks > cores, f"--trainer_ranks {args.trainer_ranks} is more than the {cores} CPU cores here; lower it."),
+        (args.eval_split and not args.dataset, "--eval_split names a split of --dataset; give --dataset too."),
     ]:  # fmt: skip
         if wrong:
             fail(message)
+    if (args.missing_eos_penalty or 0) > 0:
+        print(f"warning: --missing_eos_penalty {args.missing_eos_penalty} is positive. Here it replaces the score of a "
+              "completion cut off before EOS (the paper's meaning), so cut-off completions score that high; TRL's flag "
+              "subtracts it. Give the score you mean, e.g. -1.", file=sys.stderr)  # fmt: skip
     for flag, path in (("--model_name_or_path", args.model_name_or_path), ("--reward_model_path", args.reward_model_path),
                        ("--gold_reward_model_path", args.gold_reward_model_path)):  # fmt: skip
         try:
@@ -492,29 +636,38 @@ def check_args(args: Args):
                  "model; give one saved from AutoModelForSequenceClassification.")  # fmt: skip
     if args.reward_fn:
         try:
-            load_reward(args, "", "cpu")
+            import_reward_fn(args)
         except (ImportError, AttributeError, ValueError):
             fail(f"--reward_fn {args.reward_fn!r} cannot be imported; give it as module:function, with the module importable from here.")
-    if args.dataset:
+    for flag, split in (("--dataset_split", args.dataset_split), ("--eval_split", args.eval_split)) if args.dataset else ():
+        if not split:
+            continue
         try:
-            columns = load_split(args, args.dataset_split, streaming=True).column_names
+            columns = load_split(args, split, streaming=True).column_names
         except Exception as error:  # datasets raises many kinds: missing file, unknown split, no network
-            fail(f"--dataset {args.dataset!r} with --dataset_split {args.dataset_split!r} cannot be loaded "
-                 f"({type(error).__name__}); give a local .json/.jsonl file or a hub dataset name and one of its splits.")  # fmt: skip
-        for flag, column in (("--prompt_column", args.prompt_column), ("--reference_column", args.reference_column)):
+            fail(f"--dataset {args.dataset!r} with {flag} {split!r} cannot be loaded ({type(error).__name__}); give a "
+                 "local .json/.jsonl file or folder, or a hub dataset name, and one of its splits.")  # fmt: skip
+        for column_flag, column in (("--prompt_column", args.prompt_column), ("--reference_column", args.reference_column)):
             if column and columns is not None and column not in columns:
-                fail(f"--dataset {args.dataset!r} has no column {column!r} (it has {', '.join(columns)}); "
-                     f"name the right one with {flag}.")  # fmt: skip
+                fail(f"--dataset {args.dataset!r} {flag} {split!r} has no column {column!r} (it has {', '.join(columns)}); "
+                     f"name the right one with {column_flag}.")  # fmt: skip
 
 
 def check_lengths(args: Args, model_path: str, tokenizer, prompts: list[str]) -> int:
     """Prompt plus response must fit in the model's context. Returns the longest sequence, for vLLM."""
-    longest_prompt = max(len(ids) for ids in tokenizer(prompts + ["z" * MAX_LETTERS + "="])["input_ids"])
+    prompt_ids = tokenize(tokenizer, prompts + ["z" * MAX_LETTERS + "="])
+    longest_prompt = max(map(len, prompt_ids))
+    longest_response = max(args.response_length, args.eval_response_length or 0)
     context = AutoConfig.from_pretrained(model_path).max_position_embeddings
-    if longest_prompt + args.response_length > context:
-        sys.exit(f"error: prompts of up to {longest_prompt} tokens plus --response_length {args.response_length} exceed "
-                 f"the model's context of {context} tokens; lower --response_length or use shorter prompts.")  # fmt: skip
-    return longest_prompt + args.response_length
+    if longest_prompt + longest_response > context:
+        sys.exit(f"error: prompts of up to {longest_prompt} tokens plus responses of up to {longest_response} exceed "
+                 f"the model's context of {context} tokens; lower --response_length or --eval_response_length.")  # fmt: skip
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] and any(ids[:1] != [bos] for ids in prompt_ids[:-1]):
+        print(f"warning: this tokenizer adds {tokenizer.bos_token!r} to the start of a text by default, but some prompts "
+              "don't start with it. Prompts are used as written; add it to them (a chat template does) if the model "
+              "needs it.", file=sys.stderr)  # fmt: skip
+    return longest_prompt + longest_response
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -522,6 +675,10 @@ def check_lengths(args: Args, model_path: str, tokenizer, prompts: list[str]) ->
 # batches and weights with the generator, and logs. Every rank trains on its share of each batch.
 class GeneratorError(RuntimeError):
     """The generator process crashed (its traceback is in the message) or died."""
+
+
+class WeightSyncError(RuntimeError):
+    """On a lag-0 batch vLLM's log-probs disagree with the trainer's: vLLM is not serving the pushed weights."""
 
 
 def receive(samples_queue, process):
@@ -532,13 +689,47 @@ def receive(samples_queue, process):
         except queue.Empty:
             if process.is_alive():
                 continue
-            try:  # it may have died just after putting its traceback on the queue
-                message = samples_queue.get(timeout=1)
-            except queue.Empty:
-                raise GeneratorError(f"the generator process died (exit code {process.exitcode}) without a traceback")
+            raise generator_failure(samples_queue, process)
         if "error" in message:
             raise GeneratorError("the generator process crashed:\n" + message["error"])
         return message
+
+
+def generator_failure(samples_queue, process) -> GeneratorError:
+    """The generator has died: the error to raise, with its traceback if it put one on the queue."""
+    try:
+        while "error" not in (message := samples_queue.get(timeout=1)):
+            pass  # batches it sent before it died
+    except queue.Empty:
+        return GeneratorError(f"the generator process died (exit code {process.exitcode}) without a traceback")
+    return GeneratorError("the generator process crashed:\n" + message["error"])
+
+
+def wait_for_snapshot_slot(snapshot_free, samples_queue, process) -> float:
+    """Wait until the generator is done with the last snapshot; returns the seconds waited."""
+    t = time.time()
+    while not snapshot_free.acquire(timeout=1):
+        if not process.is_alive():
+            raise generator_failure(samples_queue, process)
+    return time.time() - t
+
+
+def load_policy(path: str, device, gradient_checkpointing: bool):
+    """The policy, ready to train. Train mode, since transformers recomputes activations under gradient
+    checkpointing only in train mode; but every dropout probability is 0, as in the paper's code and TRL, so
+    that its log-probs are those of the reference and of vLLM. Dropout kept in the config (attention dropout,
+    read when a layer is built) is zeroed before loading, dropout modules after."""
+    config = AutoConfig.from_pretrained(path)
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    policy = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).to(device)
+    for module in policy.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy.train()
 
 
 def latest_checkpoint(run_dir: str):
@@ -574,15 +765,14 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         generator_cores, trainer_cores = split_cpu_cores(args.cpu_share_cores)
         pin_to_cores(trainer_cores[rank::world] or trainer_cores)
     dtype = torch.bfloat16 if args.bf16 else torch.float32  # of the reference policy and of vLLM's weights
-    state = torch.load(os.path.join(checkpoint, "trainer.pt"), weights_only=False, mmap=True) if checkpoint else {}
+    # Read to CPU memory, wherever it was saved (GPU 1 of a bigger machine, say); each part is dropped once
+    # it is restored, so no second copy of the Adam state stays alive for the whole run.
+    state = torch.load(os.path.join(checkpoint, "trainer.pt"), map_location="cpu", weights_only=False, mmap=True) if checkpoint else {}
     start = state.get("version", 0)  # the policy version we start from; batch `start` is trained next
-
-    reward_fn = load_reward(args, args.reward_model_path, device)  # every rank scores its own share
+    eos_ids = stop_token_ids(base_model, tokenizer)
     if rank == 0:
         train_prompts, eval_prompts, references = load_prompts(args)
         max_model_len = check_lengths(args, base_model, tokenizer, eval_prompts + (train_prompts or []))
-        gold_fn = load_reward(args, args.gold_reward_model_path, device) if args.gold_reward_model_path else reward_fn
-        ref_gold = gold_fn(eval_prompts, references) if references else None  # the eval prompts never change
         time_warm_start = time.time() - t_start
         run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
         os.makedirs(run_dir, exist_ok=bool(checkpoint))
@@ -596,7 +786,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         step_log, eval_log = [r for r in logged if "step" in r], [r for r in logged if "eval/version" in r]
         version_time = state.get("version_time", {0: 0.0})  # seconds from the start until version v existed
         t_start -= state.get("elapsed", 0.0)
-        pending = deque(state.get("pending", []))  # batches sampled before the checkpoint, not yet trained on
+        pending = deque(state.pop("pending", []))  # batches sampled before the checkpoint, not yet trained on
         if args.track:
             import wandb
 
@@ -607,9 +797,11 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
 
         # Start the generator. It loads the model from disk once; after that, weights arrive by queue.
         ctx = mp.get_context("spawn")
-        weights_queue, samples_queue, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-        process = ctx.Process(target=generator, daemon=True, args=(args, model_path, start, start + len(pending),
-                              max_model_len, generator_cores, weights_queue, samples_queue, stop))  # fmt: skip
+        weights_queue, samples_queue, snapshot_free, stop = ctx.Queue(), ctx.Queue(), ctx.Semaphore(1), ctx.Event()
+        settings = dict(args=args, model_path=model_path, start_version=start, first_batch=start + len(pending),
+                        max_model_len=max_model_len, cpu_cores=generator_cores)  # fmt: skip
+        queues = dict(weights_queue=weights_queue, snapshot_free=snapshot_free, samples_queue=samples_queue, stop=stop)
+        process = ctx.Process(target=generator, kwargs=settings | queues, daemon=True)
         process.start()
         with socket.socket() as s:  # a free port for torch.distributed
             s.bind(("127.0.0.1", 0))
@@ -619,11 +811,23 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
             r.start()
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops every process, as Ctrl-C does
     try:
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+        # On one GPU, vLLM sizes its KV cache from the memory that is free while it starts, so whatever the
+        # trainer allocated meanwhile would be taken from vLLM, or trip its check. It says when it is ready.
+        shares_gpu = cuda and torch.cuda.device_count() == 1
+        if rank == 0 and shares_gpu:
+            receive(samples_queue, process)  # "ready"
+        timeout = datetime.timedelta(seconds=args.dist_timeout)
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timeout)  # fmt: skip
+        reward_fn = load_reward(args, args.reward_model_path, device, tokenizer, eos_ids)  # each rank scores its share
+        if rank == 0:
+            gold_fn = load_reward(args, args.gold_reward_model_path, device, tokenizer, eos_ids) if args.gold_reward_model_path else reward_fn
+            eval_prompt_ids = tokenize(tokenizer, eval_prompts)
+            if references:  # the eval prompts never change: score the references once. They are whole answers, with EOS.
+                reference_ids = [ids + [tokenizer.eos_token_id] for ids in tokenize(tokenizer, references)]
+                ref_gold = gold_fn(eval_prompts, eval_prompt_ids, reference_ids)
+        policy = load_policy(model_path, device, args.gradient_checkpointing)
         ref_policy = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device).eval().requires_grad_(False)
-        if args.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.fsdp:  # FSDP2: a rank keeps 1/R of every weight, gradient and Adam moment; a layer gathers its
             for model in (policy, ref_policy):  # full weights only while it runs
                 for module in model.modules():
@@ -637,28 +841,30 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / args.num_steps)
         if checkpoint:
             if args.fsdp:
-                set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+                set_optimizer_state_dict(policy, optimizer, state.pop("optimizer"), options=StateDictOptions(full_state_dict=True))
             else:
-                optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            random.setstate(state["rng"]["python"])
-            torch.set_rng_state(state["rng"]["torch"])
-        eos = policy.generation_config.eos_token_id  # vLLM stops at any of these
-        eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
+                optimizer.load_state_dict(state.pop("optimizer"))
+            scheduler.load_state_dict(state.pop("scheduler"))
+            rng = state.pop("rng")
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
+        if rank == 0 and not shares_gpu:
+            receive(samples_queue, process)  # "ready"; vLLM started while we loaded the models
+        tolerance = args.logprob_gap_tolerance or (0.1 if args.bf16 else 1e-3)
+        floats = [w for w in policy.state_dict().values() if w.is_floating_point()]
+        snapshot_gb = sum(w.numel() for w in floats) * dtype.itemsize / 1e9  # one packed snapshot
+        load_times = []  # seconds the generator took to load each snapshot it loaded
 
-        def full_weights(dtype):
-            """The whole policy on rank 0, copied: the queue shares tensor memory with the generator, and the next
-            optimizer step must not change weights vLLM is loading. Under FSDP every rank helps gather them."""
+        def full_weights():
+            """The whole float32 policy on rank 0, to save. Under FSDP every rank helps gather it into CPU memory."""
             if args.fsdp:
-                weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            else:
-                weights = policy.state_dict() if rank == 0 else {}
-            return {name: w.detach().to(dtype, copy=True) for name, w in weights.items()}
+                return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return {name: w.detach().clone() for name, w in policy.state_dict().items()} if rank == 0 else {}
 
         def save_checkpoint(version):
             """Everything a resumed run needs, written under a temporary name and renamed in one step when
             complete: a kill during the save leaves the previous checkpoint whole."""
-            weights = full_weights(torch.float32)
+            weights = full_weights()
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
             optimizer_state = get_optimizer_state_dict(policy, optimizer, options=full) if args.fsdp else optimizer.state_dict()
             if rank != 0:
@@ -685,7 +891,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
             """Score held-out completions with the gold reward; the KL beside it is from version v's training batch."""
             for e in evals:
                 completions = tokenizer.batch_decode(e["response_ids"], skip_special_tokens=True)
-                rewards = gold_fn(e["prompts"], completions)
+                rewards = gold_fn(e["prompts"], e["prompt_ids"], e["response_ids"])
                 kl = step_log[min(e["version"], len(step_log) - 1)]["objective/kl"] if step_log else 0.0
                 row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl,
                        "eval/wall_time": version_time[e["version"]]}  # fmt: skip
@@ -695,10 +901,12 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
                 for name, value in row.items():
                     writer.add_scalar(name, value, e["version"])
                 metrics_file.write(json.dumps(row) + "\n")
-                shown = list(zip(e["prompts"], completions, rewards))[: 4]
-                for p, c, r in shown:
-                    samples_file.write(json.dumps({"version": e["version"], "prompt": p, "completion": c, "gold": r}) + "\n")
-                examples = "  ".join((p + c)[-40:] for p, c, _ in shown)
+                ended = [len(r) > 0 and r[-1] in eos_ids for r in e["response_ids"]]
+                shown = list(zip(e["prompts"], completions, ended, rewards))[:4]
+                for p, c, eos, r in shown:
+                    sample = {"version": e["version"], "prompt": p, "completion": c, "eos": eos, "gold": r}
+                    samples_file.write(json.dumps(sample) + "\n")
+                examples = "  ".join((p + c)[-40:] for p, c, _, _ in shown)
                 print(f"eval  policy v{e['version']:<4d} gold reward {row['eval/gold_reward']:.3f}  kl {kl:5.2f}  e.g. {examples}")
 
         # ------------------------------------------------------------------------------------------------
@@ -713,11 +921,12 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
             P, k = args.batch_size // world, args.num_samples
             prompts, prompt_ids = batch["prompts"][rank * P : (rank + 1) * P], batch["prompt_ids"][rank * P : (rank + 1) * P]
             responses = batch["response_ids"][rank * P * k : (rank + 1) * P * k]  # the k samples of a prompt side by side
+            sampler_logps = batch["logprobs"][rank * P * k : (rank + 1) * P * k]  # vLLM's, of each sampled token
 
             # 2. Score every completion with the reward; a completion with no EOS gets the penalty instead.
             has_eos = torch.tensor([len(r) > 0 and r[-1] in eos_ids for r in responses])
-            completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            gold = torch.tensor(reward_fn([p for p in prompts for _ in range(k)], completions), dtype=torch.float)
+            repeat = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731, a prompt for each of its k samples
+            gold = torch.tensor(reward_fn(repeat(prompts), repeat(prompt_ids), responses), dtype=torch.float)
             scores = apply_missing_eos_penalty(gold, has_eos, args.missing_eos_penalty).view(P, k)
 
             # 3. Pick chosen (best) and rejected (worst) per prompt; drop ties, they carry no preference.
@@ -734,23 +943,41 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
             #    FSDP average gradients over ranks, so each rank scales its summed loss by R / (pairs in the
             #    whole batch): the update is the mean over all pairs, whatever the micro-batch size or R.
             stats = {"loss": [], "chosen_logps": [], "rejected_logps": [], "ref_chosen_logps": [], "ref_rejected_logps": []}
+            gap = torch.zeros(2, device=device)  # sum of |log π_trainer - log π_vLLM| over sampled tokens, and their count
             for begin in range(0, len(pairs), args.micro_batch_size):
                 mb, w = pairs[begin : begin + args.micro_batch_size], weights[begin : begin + args.micro_batch_size].to(device)
-                sequences = [prompt_ids[i] + responses[i * k + chosen[i]] for i in mb]
-                sequences += [prompt_ids[i] + responses[i * k + rejected[i]] for i in mb]
-                input_ids, attention_mask = pad_right(sequences, tokenizer.pad_token_id or 0)  # (2M, T)
-                response_mask = mask_prompts(attention_mask, [len(prompt_ids[i]) for i in mb] * 2)
-                input_ids, attention_mask, response_mask = input_ids.to(device), attention_mask.to(device), response_mask.to(device)
+                rows = [i * k + chosen[i] for i in mb] + [i * k + rejected[i] for i in mb]  # completions, (2M,)
+                ids, mask = pad_batch([prompt_ids[j // k] for j in rows], [responses[j] for j in rows])  # (2M, P + R)
+                input_ids, attention_mask = ids.to(device), mask.to(device)
+                width = max(len(responses[j]) for j in rows)
+                response_mask = attention_mask[:, -width:]  # (2M, R)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    logps = sequence_logprobs(forward, input_ids, attention_mask, response_mask, args.temperature)  # (2M,)
+                    token_logps = token_logprobs(forward, input_ids, attention_mask, width, args.temperature)  # (2M, R)
                     with torch.no_grad():
-                        ref_logps = sequence_logprobs(ref_policy, input_ids, attention_mask, response_mask, args.temperature)
+                        ref_token_logps = token_logprobs(ref_policy, input_ids, attention_mask, width, args.temperature)
+                logps, ref_logps = (token_logps * response_mask).sum(1), (ref_token_logps * response_mask).sum(1)  # (2M,)
+                # The same tokens' log-probs under the policy that sampled them, from vLLM; a padding pair weighs 0.
+                real = response_mask.bool()  # row by row, these are the tokens of sampler_logps[j], in order
+                token_gap = (token_logps.detach()[real] - torch.tensor([x for j in rows for x in sampler_logps[j]], device=device)).abs()
+                token_weight = torch.cat([w, w]).repeat_interleave(real.sum(1))
+                gap += torch.stack([(token_gap * token_weight).sum(), token_weight.sum()])
                 chosen_logps, rejected_logps = logps.chunk(2)
                 ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2)
                 losses = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta, args.loss_type)
                 ((losses * w).sum() * world / sum(counts)).backward()
                 for name, value in zip(stats, (losses, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)):
                     stats[name].append(value[w > 0].detach().float().cpu())
+            # The weight-sync check. At lag 0, vLLM sampled with the weights the trainer holds, so the two agree on
+            # the log-probs up to float error; if not, vLLM is not serving what was pushed: stop before training
+            # on it. At lag N the gap measures how far the policy moved from the sampler: how off-policy we are.
+            dist.all_reduce(gap)
+            logprob_gap = (gap[0] / gap[1]).item()  # NaN when every pair tied
+            if batch["version"] == step and logprob_gap > tolerance:
+                raise WeightSyncError(
+                    f"the weight sync is broken: batch {step} was sampled by policy version {step}, the very weights the "
+                    f"trainer holds, yet the trainer's log-probs of its tokens differ from vLLM's by {logprob_gap:.3g} per "
+                    f"token on average, more than --logprob_gap_tolerance {tolerance:g}; vLLM is not serving the pushed weights."
+                )
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()  # with every pair tied there are no gradients, and AdamW leaves the weights be
@@ -758,10 +985,18 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
             optimizer.zero_grad()
             t2 = time.time()
 
-            # 5. Push the new weights; the generator loads them for batch step + 1 + N.
-            snapshot = full_weights(dtype)
+            # 5. Push the new weights; the generator loads them for batch step + 1 + N. One snapshot at a time:
+            #    the next is made only once the generator is done with the last. We hold on to the last until
+            #    then: torch requires the sender of a CUDA tensor to keep it alive while the receiver uses it.
             if rank == 0:
-                weights_queue.put({"version": step + 1, "state_dict": snapshot})
+                wait_for_snapshot_slot(snapshot_free, samples_queue, process)
+                snapshot = None
+                if cuda:
+                    torch.cuda.ipc_collect()  # give back the memory of the snapshot the generator let go of
+            t_push = time.time()
+            snapshot = pack_weights(policy, dtype, device, rank) if args.fsdp or rank == 0 else None
+            if rank == 0:
+                weights_queue.put({"version": step + 1, "snapshot": snapshot})
             t3 = time.time()
 
             # 6. Log one dict and one line per step, over all ranks' shares. Means over no pairs (all tied) are NaN.
@@ -774,6 +1009,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
                 chosen_ratio, rejected_ratio = s["chosen_logps"] - s["ref_chosen_logps"], s["rejected_logps"] - s["ref_rejected_logps"]
                 metrics = {
                     "async/learner_version": step, "async/batch_version": batch["version"], "async/lag": step - batch["version"],
+                    "async/logprob_gap": logprob_gap,
                     "objective/loss": s["loss"].mean().item(),
                     "objective/kl": torch.cat([chosen_ratio, rejected_ratio]).mean().item(),
                     "objective/grad_norm": grad_norm.item(), "objective/lr": lr,
@@ -784,11 +1020,13 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
                     "rewards/dpo_margin": (args.beta * (chosen_ratio - rejected_ratio)).mean().item(),
                     "rewards/dpo_accuracy": (chosen_ratio > rejected_ratio).float().mean().item(),
                     "logps/chosen": s["chosen_logps"].mean().item(), "logps/rejected": s["rejected_logps"].mean().item(),
-                    "time/wait_samples": t1 - t0, "time/train": t2 - t1, "time/push_weights": t3 - t2, "time/step": t3 - t0,
+                    "time/wait_samples": t1 - t0, "time/train": t2 - t1, "time/wait_push": t_push - t2,
+                    "time/push_weights": t3 - t_push, "time/step": t3 - t0,
                     **{f"time/{key}": sum(b - a for what, a, b in batch["spans"] if what == span) for key, span in
                        [("generate", "generate"), ("load_weights", "load"), ("wait_weights", "wait"), ("eval", "eval")]},
                 }
                 step_log.append(metrics)
+                load_times += [b - a for what, a, b in batch["spans"] if what == "load"]
                 for name, value in metrics.items():
                     writer.add_scalar(name, value, step)
                 timeline = {  # who did what when, in seconds since the start, for the benchmark's timeline plot
@@ -806,14 +1044,19 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
             if args.save_every and (step + 1) % args.save_every == 0:
                 save_checkpoint(version=step + 1)
 
-        final_weights = full_weights(torch.float32)
+        final_weights = full_weights()
         if rank != 0:
             return
-        log_evals(receive(samples_queue, process)["evals"])  # the generator evaluates the final policy
+        last = receive(samples_queue, process)
+        log_evals(last["evals"])  # the generator evaluates the final policy
+        load_times += [b - a for what, a, b in last["spans"] if what == "load"]
     except KeyboardInterrupt:
         sys.exit("interrupted: stopped the trainer and the generator" if rank == 0 else 1)
-    except GeneratorError as error:
-        sys.exit(f"error: {error}")
+    except (GeneratorError, WeightSyncError) as error:
+        sys.exit(f"error: {error}" if rank == 0 else 1)
+    except dist.DistError as error:
+        sys.exit(f"error: a trainer rank failed, or waited longer than --dist_timeout {args.dist_timeout}s for the "
+                 f"others in a collective ({type(error).__name__}: {str(error).splitlines()[0]})" if rank == 0 else 1)  # fmt: skip
     finally:
         if rank == 0:
             stop.set()
@@ -839,7 +1082,9 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         "wall_time": time.time() - t_start, "warm_start_time": time_warm_start, "time_per_step": mean["time/step"],
         "generate_per_step": G, "train_per_step": T, "trainer_wait_per_step": mean["time/wait_samples"],
         "generator_wait_per_step": mean["time/wait_weights"], "load_weights_per_step": mean["time/load_weights"],
-        "push_weights_per_step": mean["time/push_weights"],
+        "push_weights_per_step": mean["time/push_weights"], "snapshot_gb": snapshot_gb,
+        "push_gb_per_s": snapshot_gb / mean["time/push_weights"],
+        "load_gb_per_s": snapshot_gb / (sum(load_times) / len(load_times)) if load_times else None,
         "speedup_achieved": (G + T) / mean["time/step"], "speedup_ideal": (G + T) / max(G, T),
         "eval_gold_reward_start": eval_log[0]["eval/gold_reward"], "eval_gold_reward_end": eval_log[-1]["eval/gold_reward"],
         "kl_end": step_log[-1]["objective/kl"], "lags": [m["async/lag"] for m in step_log],
@@ -848,6 +1093,8 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         json.dump(summary, f, indent=2)
     print(f"\ndone in {summary['wall_time']:.1f}s (warm start {time_warm_start:.1f}s). Per step: {summary['time_per_step']:.2f}s; "
           f"generating {G:.2f}s, training {T:.2f}s; trainer waited {summary['trainer_wait_per_step']:.2f}s.\n"
+          f"weights: {snapshot_gb:.3f} GB a snapshot, pushed at {summary['push_gb_per_s']:.2f} GB/s, loaded into vLLM at "
+          f"{summary['load_gb_per_s'] or 0:.2f} GB/s.\n"
           f"overlap speedup (G+T)/step: achieved {summary['speedup_achieved']:.2f}x, ideal (G+T)/max(G,T) {summary['speedup_ideal']:.2f}x.\n"
           f"eval gold reward {summary['eval_gold_reward_start']:.3f} -> {summary['eval_gold_reward_end']:.3f}, "
           f"final KL {summary['kl_end']:.2f}. Model and logs in {run_dir}")  # fmt: skip

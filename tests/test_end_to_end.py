@@ -41,6 +41,7 @@ def check_run_folder(run_dir, steps, evals, initial_model, num_steps=4):
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["lags"] == [r["async/lag"] for r in steps]
     assert summary["generate_per_step"] > 0 and summary["train_per_step"] > 0
+    assert summary["snapshot_gb"] > 0 and summary["push_gb_per_s"] > 0 and summary["load_gb_per_s"] > 0
     trained = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "model"))  # loads back...
     initial = AutoModelForCausalLM.from_pretrained(initial_model)
     changed = [not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters())]
@@ -59,6 +60,10 @@ def test_async_run(cache_dir, model_path, tmp_path, async_steps):
     # moment it has sent one, long before the trainer can finish an update, so every later batch is
     # off-policy by at least one update, and never by more than N.
     assert lags[0] == 0 and all(1 <= lag <= async_steps for lag in lags[1:]), lags
+    # The weight-sync check: at lag 0 vLLM's log-probs of the sampled tokens are the trainer's; a batch sampled by
+    # an older policy is off-policy, by a measurable gap.
+    gaps = [r["async/logprob_gap"] for r in steps]
+    assert gaps[0] < 1e-4 and all(gap > 1e-3 for gap in gaps[1:]), gaps
     assert "step   4/4" in result.stdout and "overlap speedup" in result.stdout
 
 
@@ -68,6 +73,7 @@ def test_sync_run(cache_dir, model_path, tmp_path):
     run_dir, steps, evals = read_run(tmp_path)
     check_run_folder(run_dir, steps, evals, model_path)
     assert [r["async/lag"] for r in steps] == [0, 0, 0, 0]
+    assert all(r["async/logprob_gap"] < 1e-4 for r in steps)  # vLLM serves each pushed version exactly
     assert os.path.basename(run_dir).startswith("sync_baseline__")
 
 

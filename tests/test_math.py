@@ -16,30 +16,38 @@ def tiny_model(seed=0):
     return LlamaForCausalLM(config).eval()
 
 
-def test_sequence_logprobs_matches_token_by_token_reference():
+def test_token_logprobs_match_a_token_by_token_reference():
     model = tiny_model()
     prompts, responses = [[3, 4, 5], [6, 7]], [[8, 9, 1], [2, 3, 4, 5]]
-    ids, mask = A.pad_right([p + r for p, r in zip(prompts, responses)], pad_id=0)
-    response_mask = A.mask_prompts(mask, [len(p) for p in prompts])
+    ids, mask = A.pad_batch(prompts, responses)
     temperature = 0.7
-    got = A.sequence_logprobs(model, ids, mask, response_mask, temperature)
+    got = A.token_logprobs(model, ids, mask, 4, temperature)  # (B, R)
+    assert got.shape == (2, 4)
 
     # Reference: score each response token separately, from the unpadded prefix alone, in float64.
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        total = 0.0
         for t in range(len(r)):
             prefix = torch.tensor([p + r[:t]])
             logits = model(input_ids=prefix).logits[0, -1].double() / temperature
-            total += (logits[r[t]] - torch.logsumexp(logits, 0)).item()
-        assert abs(got[i].item() - total) < 1e-4, (i, got[i].item(), total)
+            expected = (logits[r[t]] - torch.logsumexp(logits, 0)).item()
+            assert abs(got[i, t].item() - expected) < 1e-4, (i, t, got[i, t].item(), expected)
 
 
-def test_sequence_logprobs_ignores_padding_and_prompt():
+def test_token_logprobs_ignore_padding():
     model = tiny_model()
-    ids, mask = A.pad_right([[3, 4, 5, 6], [3, 4, 5, 6, 7, 8]], pad_id=0)
-    response_mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0]])
-    got = A.sequence_logprobs(model, ids, mask, response_mask, 1.0)
-    assert abs(got[0].item() - got[1].item()) < 1e-5  # same prompt and response, different padding/suffix
+    alone = A.token_logprobs(model, *A.pad_batch([[3, 4]], [[5, 6]]), 2, 1.0)
+    padded = A.token_logprobs(model, *A.pad_batch([[3, 4], [1, 2, 3, 4, 5]], [[5, 6], [7, 8, 9]]), 3, 1.0)
+    assert torch.allclose(padded[0, :2], alone[0], atol=1e-5)  # same prompt and response, padded on both sides
+
+
+def test_token_logprobs_compute_logits_for_response_positions_only():
+    """At a 128k vocabulary the logits of the prompt positions alone take gigabytes: the head must not see them."""
+    model = tiny_model()
+    ids, mask = A.pad_batch([[3, 4, 5, 6, 7, 8, 9]], [[1, 2]])
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.shape[1]))
+    A.token_logprobs(model, ids, mask, 2, 1.0)
+    assert seen == [3]  # the logits before each of the 2 response tokens, and one after the last
 
 
 def test_dpo_loss_matches_the_formula():
@@ -74,6 +82,11 @@ def test_missing_eos_penalty_replaces_the_score():
     assert torch.allclose(A.apply_missing_eos_penalty(rewards, has_eos, -1.0), torch.tensor([0.8, -1.0, -1.0]))
 
 
+def test_missing_eos_penalty_can_be_turned_off():
+    rewards, has_eos = torch.tensor([0.8, 0.3]), torch.tensor([True, False])
+    assert torch.equal(A.apply_missing_eos_penalty(rewards, has_eos, None), rewards)
+
+
 def test_builtin_reward_gives_partial_credit():
     prompts = ["dbca=", "dbca=", "dbca=", "dbca=", "dbca="]
     completions = ["abcd", "abdc", "abcdzz", "", "bcd"]
@@ -103,15 +116,8 @@ def test_edit_distance_against_brute_force():
     assert A.edit_distance("kitten", "sitting") == 3
 
 
-def test_mask_prompts_marks_exactly_the_response_tokens():
-    prompts, responses = [[3, 4, 5], [6, 7]], [[8, 9, 1], [2, 3, 4, 5]]
-    _, mask = A.pad_right([p + r for p, r in zip(prompts, responses)], pad_id=0)
-    expected = torch.zeros_like(mask)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        expected[i, len(p) : len(p) + len(r)] = 1
-    assert torch.equal(A.mask_prompts(mask, [len(p) for p in prompts]), expected)
-
-
-def test_pad_right():
-    ids, mask = A.pad_right([[5, 6], [7, 8, 9]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 0], [7, 8, 9]] and mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+def test_pad_batch_pads_prompts_left_and_responses_right():
+    ids, mask = A.pad_batch([[5, 6], [7]], [[8], [9, 10, 11]])
+    assert ids.tolist() == [[5, 6, 8, 0, 0], [0, 7, 9, 10, 11]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
+    assert A.position_ids(mask).tolist() == [[0, 1, 2, 2, 2], [0, 0, 1, 2, 3]]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models
-from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 import async_online_dpo as A
 from test_end_to_end import read_run, run_script
@@ -85,18 +85,22 @@ def make_reward_model(path, seed):
     return str(path)
 
 
-def test_reward_model_reads_text_with_its_own_tokenizer(tmp_path):
+def test_reward_model_reads_text_with_its_own_tokenizer(model_path, tmp_path):
     path = make_reward_model(tmp_path / "rm", seed=0)
-    score = A.load_reward(A.Args(micro_batch_size=2), path, "cpu")
-    prompts, completions = ["dcba=", "zyx=", "qwerty="], ["abcd", "xyz", "eqrtwy"]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    eos = tokenizer.eos_token_id
+    score = A.load_reward(A.Args(micro_batch_size=2), path, "cpu", tokenizer, eos_ids={eos})
+    prompts, completions, ended = ["dcba=", "zyx=", "qwerty="], ["abcd", "xyz", "eqrtwy"], [True, False, True]
+    responses = [ids + [eos] * e for ids, e in zip(A.tokenize(tokenizer, completions), ended)]
     model = LlamaForSequenceClassification.from_pretrained(path).eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    with torch.no_grad():  # one at a time, no padding: the reference
-        expected = [model(**tokenizer(p + c, return_tensors="pt")).logits[0, 0].item() for p, c in zip(prompts, completions)]
-    assert score(prompts, completions) == pytest.approx(expected, abs=1e-5)
+    rm_tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    with torch.no_grad():  # one at a time, no padding: the reference. A completion that ended gets the RM's EOS.
+        expected = [model(torch.tensor([rm_tokenizer(p + c)["input_ids"] + [rm_tokenizer.eos_token_id] * e])).logits[0, 0].item()
+                    for p, c, e in zip(prompts, completions, ended)]  # fmt: skip
+    assert score(prompts, A.tokenize(tokenizer, prompts), responses) == pytest.approx(expected, abs=1e-5)
 
 
-def test_dataset_reward_models_and_win_rate(cache_dir, tmp_path):
+def test_dataset_reward_models_and_win_rate(cache_dir, model_path, tmp_path):
     rows = [{"prompt": p, "reference": "".join(sorted(p[:-1])), "id": i}
             for i, p in enumerate(A.builtin_prompts(A.random.Random(7), 48))]  # fmt: skip
     with open(tmp_path / "data.jsonl", "w") as f:
@@ -112,9 +116,12 @@ def test_dataset_reward_models_and_win_rate(cache_dir, tmp_path):
     held_out = {r["prompt"] for r in rows[-8:]}  # the last --eval_prompts rows are held out of training
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
     assert samples and {s["prompt"] for s in samples} <= held_out
-    gold_score = A.load_reward(A.Args(), gold, "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    eos = tokenizer.eos_token_id
+    gold_score = A.load_reward(A.Args(), gold, "cpu", tokenizer, eos_ids={eos})
     for s in samples:  # evaluation used the gold reward model, not the training one
-        assert s["gold"] == pytest.approx(gold_score([s["prompt"]], [s["completion"]])[0], abs=1e-4)
+        response = A.tokenize(tokenizer, [s["completion"]])[0] + [eos] * s["eos"]
+        assert s["gold"] == pytest.approx(gold_score([s["prompt"]], A.tokenize(tokenizer, [s["prompt"]]), [response])[0], abs=1e-4)
 
 
 def test_bad_scale_inputs_give_one_sentence_before_spawning(cache_dir, model_path, tmp_path):

@@ -23,8 +23,10 @@ def transformers_greedy(model, tokenizer, prompts, max_new_tokens):
 def generator_process(args, model_path):
     """The real generator in a spawned process, with its real queues; stopped and reaped afterwards."""
     ctx = mp.get_context("spawn")
-    weights_queue, samples_queue, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    process = ctx.Process(target=A.generator, args=(args, model_path, 0, 0, 32, [0], weights_queue, samples_queue, stop))
+    weights_queue, samples_queue, snapshot_free, stop = ctx.Queue(), ctx.Queue(), ctx.Semaphore(1), ctx.Event()
+    settings = dict(args=args, model_path=model_path, start_version=0, first_batch=0, max_model_len=32, cpu_cores=[0])
+    queues = dict(weights_queue=weights_queue, snapshot_free=snapshot_free, samples_queue=samples_queue, stop=stop)
+    process = ctx.Process(target=A.generator, kwargs=settings | queues)
     try:
         yield process, weights_queue, samples_queue
     finally:
@@ -32,6 +34,10 @@ def generator_process(args, model_path):
         if process.is_alive():
             process.join(timeout=10)
             process.kill()
+
+
+def snapshot(policy, version):
+    return {"version": version, "snapshot": A.pack_weights(policy, torch.float32, "cpu", rank=0)}
 
 
 def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
@@ -43,9 +49,9 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
         process.start()
 
         def push(version):
-            state_dict = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-            weights_queue.put({"version": version, "state_dict": state_dict})
+            weights_queue.put(snapshot(policy, version))
 
+        assert A.receive(samples_queue, process) == {"ready": True}  # vLLM is up: the first message says so
         # Version 0, loaded from disk: the generator's greedy output is transformers' from the same weights.
         batch = A.receive(samples_queue, process)
         (eval0,) = batch["evals"]
@@ -58,9 +64,10 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
         for _ in range(5):
             prompts = eval0["prompts"]
             seqs = [tokenizer(p)["input_ids"] + tokenizer(p[:-1][::-1])["input_ids"] + [tokenizer.eos_token_id] for p in prompts]
-            ids, mask = A.pad_right(seqs, tokenizer.pad_token_id)
+            ids, mask = A.pad_batch(seqs, [[]] * len(seqs))
             policy(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
-            optimizer.step(), optimizer.zero_grad()
+            optimizer.step()
+            optimizer.zero_grad()
         policy.eval()
         push(1)
         batch = A.receive(samples_queue, process)
@@ -83,10 +90,10 @@ def test_generator_samples_batch_i_with_version_i_minus_n_and_evaluates_every_du
     args = A.Args(cache_dir=cache_dir, num_steps=4, batch_size=4, eval_prompts=8, eval_every=2, async_steps=2, response_length=16)
     policy = AutoModelForCausalLM.from_pretrained(model_path)
     with generator_process(args, model_path) as (process, weights_queue, samples_queue):
-        state_dict = {k: v.detach().clone() for k, v in policy.state_dict().items()}
         for version in range(1, 5):
-            weights_queue.put({"version": version, "state_dict": state_dict})
+            weights_queue.put(snapshot(policy, version))
         process.start()
+        assert A.receive(samples_queue, process) == {"ready": True}
         batches = [A.receive(samples_queue, process) for _ in range(4)]
         assert [b["version"] for b in batches] == [0, 0, 0, 1]
         assert [[e["version"] for e in b["evals"]] for b in batches] == [[0], [], [], []]
