@@ -1,0 +1,284 @@
+"""Correct on GPUs and faithful to the paper's recipes: each test here failed on the code before the fix it checks."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+import async_online_dpo as A
+from conftest import ROOT
+from test_end_to_end import TINY, read_run, run_script
+from test_failures import processes_with, start
+
+
+def run_wrapped(tmp_path, prelude, *flags, script="async_online_dpo.py", timeout=300):
+    """Run the script's main through a wrapper file whose top level runs `prelude` first. The generator is spawned,
+    so it imports this file again as __mp_main__: a patch in the prelude reaches the generator too."""
+    wrapper = tmp_path / f"wrapper_{uuid.uuid4().hex[:8]}.py"
+    wrapper.write_text(
+        f"import sys\nsys.path.insert(0, {ROOT!r})\nimport torch\nimport tyro\nimport async_online_dpo as A\n{prelude}\n"
+        "if __name__ == '__main__':\n    A.main(tyro.cli(A.Args))\n"
+    )
+    cmd = [sys.executable, str(wrapper), *TINY, "--output_dir", str(tmp_path / "out"), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Gradient checkpointing really recomputes, and dropout is off.
+COUNT_LAYERS = """
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
+counts = {"layers": 0, "models": 0}
+def count(module, inputs):
+    if torch.is_grad_enabled():  # the policy, forward and recompute; the reference runs without gradients
+        counts["layers"] += isinstance(module, LlamaDecoderLayer)
+        counts["models"] += isinstance(module, LlamaModel)
+torch.nn.modules.module.register_module_forward_pre_hook(count)
+import atexit
+atexit.register(lambda: print("COUNTS", counts["layers"], counts["models"]))
+"""
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_recomputes_every_layer(cache_dir, model_path, tmp_path, checkpointing):
+    flags = ["--cache_dir", cache_dir, "--num_steps", "2"] + ["--gradient_checkpointing"] * checkpointing
+    result = run_wrapped(tmp_path, COUNT_LAYERS, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    layers, forwards = map(int, result.stdout.split("COUNTS")[-1].split())
+    num_layers = AutoModelForCausalLM.from_pretrained(model_path).config.num_hidden_layers
+    assert forwards >= 2  # at least one micro-batch per step
+    # Each policy forward runs every layer once; under checkpointing the backward pass runs each again.
+    assert layers == forwards * num_layers * (2 if checkpointing else 1)
+
+
+def test_the_policy_trains_in_train_mode_with_no_dropout(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         attention_dropout=0.5)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    policy = A.load_policy(str(tmp_path / "m"), "cpu", gradient_checkpointing=True)
+    assert policy.training and policy.is_gradient_checkpointing
+    assert all(m.p == 0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    first, second = policy(input_ids=ids).logits, policy(input_ids=ids).logits
+    assert torch.equal(first, second)  # attention dropout, a function call and no module, is off too
+    assert torch.allclose(first, policy.eval()(input_ids=ids).logits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. A reward model reads its score at EOS.
+def make_eos_reward_model(path, tokenizer, pad_is_eos=True):
+    """A reward model that scores 1 for a sequence ending in EOS and 0 otherwise. Every layer adds nothing to the
+    residual stream, so the score head reads the embedding of the last token, and only EOS has a component along
+    the direction it reads. Its pad token is its EOS, as in tokenizers that have no pad token of their own."""
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(vocab_size=max(tokenizer.get_vocab().values()) + 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=128, num_labels=1,
+                         pad_token_id=eos if pad_is_eos else None)  # fmt: skip
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        embeddings[:, 0] = 0
+        embeddings[eos] = 0
+        embeddings[eos, 0] = 1  # RMSNorm makes this 4 (hidden size 16)...
+        model.score.weight.zero_()
+        model.score.weight[0, 0] = 0.25  # ...and the head reads 1
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def other_tokenizer():
+    """A tokenizer with other ids and another vocabulary than the built-in policy's."""
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, "#": 3} | {c: 10 + i for i, c in enumerate(reversed(A.LETTERS + "="))}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                        pad_token="<pad>", eos_token="</s>", unk_token="<unk>")  # fmt: skip
+    tokenizer._tokenizer.decoder = decoders.Fuse()
+    return tokenizer
+
+
+@pytest.mark.parametrize("same_tokenizer", [True, False])
+def test_reward_model_reads_its_score_at_eos(model_path, tmp_path, same_tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    eos = tokenizer.eos_token_id
+    rm = make_eos_reward_model(tmp_path / "rm", tokenizer if same_tokenizer else other_tokenizer())
+    score = A.load_reward(A.Args(micro_batch_size=3), rm, "cpu", tokenizer, eos_ids={eos})
+    prompts = ["dcba=", "zyx=", "qwerty=", "ab="]
+    prompt_ids = A.tokenize(tokenizer, prompts)
+    responses = A.tokenize(tokenizer, ["abcd", "xyz", "eqrtwy", "ab"])
+    responses = [responses[0] + [eos], responses[1], responses[2] + [eos], responses[3]]  # ended, cut off, ...
+    assert score(prompts, prompt_ids, responses) == pytest.approx([1, 0, 1, 0], abs=1e-5)
+
+
+def test_a_run_scores_with_the_reward_model_at_eos(cache_dir, model_path, tmp_path):
+    """End to end, with the penalty off: the reward is 1 exactly for the completions that ended."""
+    rm = make_eos_reward_model(tmp_path / "rm", AutoTokenizer.from_pretrained(model_path))
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", "--num_steps", "2", "--eval_every", "1",
+                        "--reward_model_path", rm, "--missing_eos_penalty", "None")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir, steps, evals = read_run(tmp_path / "out")
+    for s in steps:  # with the penalty off, the score is the reward model's alone
+        assert s["rewards/score"] == pytest.approx(1 - s["rewards/missing_eos_frac"], abs=1e-5)
+        assert s["rewards/score"] == pytest.approx(s["rewards/gold"], abs=1e-6)
+    assert any(0 < s["rewards/missing_eos_frac"] < 1 for s in steps)  # both kinds were scored
+    samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
+    assert any(s["eos"] for s in samples)
+    assert all(s["gold"] == pytest.approx(float(s["eos"]), abs=1e-5) for s in samples)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. One BOS: vLLM and the trainer get the same prompt ids, as the prompt wrote them.
+def make_bos_model(tmp_path, model_path):
+    """The built-in model with a tokenizer that puts <s> in front of every text by default, as Llama's does."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.bos_token_id = bos
+    model.generation_config.bos_token_id = bos
+    path = tmp_path / "bos_model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path), tokenizer
+
+
+def test_prompts_reach_vllm_with_the_one_bos_they_were_written_with(cache_dir, model_path, tmp_path):
+    path, tokenizer = make_bos_model(tmp_path, model_path)
+    assert tokenizer("ab=")["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer would add one...
+    prompts = ["<s>" + p for p in A.builtin_prompts(A.random.Random(3), 48)]  # ...to prompts that have one already
+    with open(tmp_path / "data.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", "--model_name_or_path", path,
+                        "--dataset", str(tmp_path / "data.jsonl"), "--async_steps", "0", "--num_steps", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning" not in result.stderr  # the prompts carry their BOS: nothing to warn about
+    _, steps, _ = read_run(tmp_path / "out")
+    # vLLM's log-probs of the sampled tokens are the trainer's: both saw the very same prompt ids.
+    assert all(s["async/logprob_gap"] < 1e-4 for s in steps)
+    assert A.tokenize(tokenizer, prompts[:1])[0].count(tokenizer.bos_token_id) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. --missing_eos_penalty: off with None, and a positive value warns (TRL's flag subtracts).
+def test_a_positive_missing_eos_penalty_warns(capsys):
+    A.check_args(A.Args(missing_eos_penalty=1.0))
+    assert "warning: --missing_eos_penalty 1.0 is positive" in capsys.readouterr().err
+    A.check_args(A.Args(missing_eos_penalty=-1.0))
+    A.check_args(A.Args(missing_eos_penalty=None))
+    assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Evaluation on a held-out split, at its own length; 6. resume from a checkpoint saved on a GPU.
+def test_eval_split_and_length_then_resume_a_gpu_checkpoint_on_a_cpu(cache_dir, tmp_path):
+    rng = A.random.Random(5)
+    splits = {"train": "abcdefghijklm", "validation": "nopqrstuvwxyz"}  # no letter in common
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, letters in splits.items():
+        with open(data / f"{split}.jsonl", "w") as f:
+            for _ in range(40):
+                f.write(json.dumps({"prompt": "".join(rng.choices(letters, k=rng.randint(6, 10))) + "="}) + "\n")
+    flags = ["--dataset", str(data), "--eval_split", "validation", "--eval_prompts", "8", "--response_length", "4",
+             "--eval_response_length", "14", "--num_steps", "3", "--save_every", "2", "--eval_every", "2"]  # fmt: skip
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir, steps, evals = read_run(tmp_path / "out")
+    samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
+    assert samples and all(set(s["prompt"][:-1]) <= set(splits["validation"]) for s in samples)
+    assert max(len(s["completion"]) for s in samples) > 4  # longer than training's --response_length
+    assert max(len(s["completion"]) for s in samples) <= 14
+
+    # The checkpoint of a run on GPUs: every tensor in trainer.pt is tagged with the GPU that saved it.
+    checkpoint = os.path.join(run_dir, "checkpoint-000002", "trainer.pt")
+    state = torch.load(checkpoint, weights_only=False)
+    tag = torch.serialization.location_tag
+    torch.serialization.location_tag = lambda storage: "cuda:1"
+    try:
+        torch.save(state, checkpoint)
+    finally:
+        torch.serialization.location_tag = tag
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load does with it on a CPU
+        torch.load(checkpoint, weights_only=False)
+    resumed = run_script("async_online_dpo.py", cache_dir, tmp_path / "unused", "--resume", run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint-000002" in resumed.stdout
+    _, resumed_steps, _ = read_run(tmp_path / "out")  # the log is cut back to the checkpoint, then continued
+    assert [s["step"] for s in resumed_steps] == [0, 1, 2]
+    assert resumed_steps[2]["async/batch_version"] == steps[2]["async/batch_version"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. The generator says when vLLM is up (tests/test_weight_sync.py checks it is the first message);
+# 8. snapshots are one packed buffer, and one at a time.
+def test_a_snapshot_is_one_buffer_of_views(model_path):
+    policy = AutoModelForCausalLM.from_pretrained(model_path)
+    for dtype in (torch.float32, torch.bfloat16):
+        buffer, layout = A.pack_weights(policy, dtype, "cpu", rank=0)
+        assert buffer.dtype == dtype and buffer.is_shared()
+        weights = A.unpack_weights(buffer, layout)
+        assert [name for name, _ in weights] == [n for n, w in policy.state_dict().items() if w.is_floating_point()]
+        for name, w in weights:
+            assert w.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()  # a view, not a copy
+            assert torch.equal(w, policy.state_dict()[name].to(dtype))
+    assert A.pack_weights(policy, torch.float32, "cpu", rank=1) is None
+
+
+def test_the_trainer_waits_for_the_snapshot_slot_and_notices_a_dead_generator():
+    ctx = A.mp.get_context("spawn")
+    snapshot_free, samples_queue = ctx.Semaphore(1), ctx.Queue()
+    process = ctx.Process(target=time.sleep, args=(3,))
+    process.start()
+    assert A.wait_for_snapshot_slot(snapshot_free, samples_queue, process) < 1  # free: no wait
+    samples_queue.put({"error": "Traceback: the generator's own"})
+    t = time.time()
+    with pytest.raises(A.GeneratorError, match="the generator's own"):  # taken, and the generator dies holding it
+        A.wait_for_snapshot_slot(snapshot_free, samples_queue, process)
+    assert 2 < time.time() - t < 10
+    process.join()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. --dist_timeout reaches torch.distributed; a rank that times out stops the run cleanly.
+def test_dist_timeout_stops_a_run_cleanly(cache_dir, tmp_path):
+    """2 s is too short for the ranks to meet: rank 1 takes longer to start, and then waits for rank 0 at the first
+    batch while vLLM starts. The run must stop at the timeout, with a sentence that names the flag."""
+    marker = uuid.uuid4().hex
+    p = start("async_online_dpo.py", cache_dir, tmp_path, "--num_steps", "2", "--trainer_ranks", "2",
+              "--dist_timeout", "2", marker=marker)  # fmt: skip
+    out, err = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert any(line.startswith("error: ") and "--dist_timeout 2s" in line for line in err.splitlines()), err[-3000:]
+    time.sleep(2)
+    assert processes_with(marker) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# The weight-sync check: a run whose weight sync is broken stops at the first lag-0 batch after a push.
+def test_a_broken_weight_sync_stops_the_run(cache_dir, tmp_path):
+    broken = "A.load_weights_into_vllm = lambda llm, weights: None  # vLLM keeps serving version 0"
+    result = run_wrapped(tmp_path, broken, "--cache_dir", cache_dir, "--async_steps", "0")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the weight sync is broken: batch 1 was sampled by policy version 1"), last
+    _, steps, _ = read_run(tmp_path / "out")
+    assert [s["step"] for s in steps] == [0]  # it did not train on batch 1
+    assert steps[0]["async/logprob_gap"] < 1e-4  # version 0, loaded by vLLM from disk, agreed
