@@ -44,13 +44,16 @@ def reward_curves(path: str, groups: dict, title: str):
     plt.close(fig)
 
 
-def staleness(path: str, by_n: dict):
-    """Final gold reward and KL against N; N = 0 is the sync run. Dots are seeds, the line their mean."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+def staleness(path: str, by_n: dict, gap):
+    """Final gold reward, final KL and the log-prob gap against N; N = 0 is the sync run. Dots are seeds, the line
+    their mean. gap(run) is the run's mean per-token log-prob gap between trainer and sampler."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     positions = list(range(len(by_n)))  # evenly spaced: N = 1, 2, 4, 8, 16 would crowd a linear axis
     labels = ["0\n(sync)" if n == 0 else str(n) for n in by_n]
-    for ax, key, ylabel in zip(axes, ("eval_gold_reward_end", "kl_end"), ("final held-out gold reward", "final KL")):
-        values = [[r.summary[key] for r in runs] for runs in by_n.values()]
+    panels = [(lambda r: r.summary["eval_gold_reward_end"], "final held-out gold reward"),
+              (lambda r: r.summary["kl_end"], "final KL"), (gap, "log-prob gap, trainer vs sampler (per token)")]  # fmt: skip
+    for ax, (value, ylabel) in zip(axes, panels):
+        values = [[value(r) for r in runs] for runs in by_n.values()]
         for pos, v in zip(positions, values):
             ax.scatter([pos] * len(v), v, color="0.55", s=14, zorder=3, label="one seed" if pos == 0 else None)
         ax.plot(positions, [statistics.fmean(v) for v in values], marker="o", color="tab:blue", label="mean over seeds")

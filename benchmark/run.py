@@ -23,6 +23,7 @@ machine) and logs/. The report reads only raw/, so --report_only rebuilds it.
 
 import glob
 import json
+import math
 import os
 import platform
 import resource
@@ -346,17 +347,25 @@ def speed_tables(groups) -> list[dict]:
     return [where, speed]
 
 
+def logprob_gap(run: RunData) -> float:
+    """Mean per-token |log π_trainer - log π_sampler| of the sampled tokens over a run's steps after the first: how
+    off-policy its batches were. NaN marks a step where every pair tied (no tokens compared)."""
+    return statistics.fmean(g for r in run.steps[1:] if not math.isnan(g := r["async/logprob_gap"]))
+
+
 def staleness_table(groups, staleness: list[int]) -> dict:
     """Experiment 2: final reward and KL against N, next to sync (N = 0)."""
     table = new_table("Table 2. Staleness: async with the generator up to N updates ahead",
-                      ["N", "seeds", "final gold reward", "final KL", "mean lag (updates)", "s/step", "wall time (s)",
-                       "beats sync?"])  # fmt: skip
+                      ["N", "seeds", "final gold reward", "final KL", "mean lag (updates)", "log-prob gap (per token)",
+                       "s/step", "wall time (s)", "beats sync?"])  # fmt: skip
     for n in [0, *staleness]:
         runs = groups["sync" if n == 0 else f"async_N{n}"]
         lags = cell([statistics.fmean(r.summary["lags"][1:]) for r in runs],
                     [f"{r.folder}/summary.json: mean of lags[1:]" for r in runs], 2)  # fmt: skip
-        add_row(table, "0 (sync)" if n == 0 else str(n), runs, **{
-            "mean lag (updates)": lags, "beats sync?": "reference" if n == 0 else beats(runs, groups["sync"])})  # fmt: skip
+        gaps = cell([logprob_gap(r) for r in runs],
+                    [f"{r.folder}/metrics.jsonl: mean of async/logprob_gap over steps 1.. (NaN steps left out)" for r in runs], 4)  # fmt: skip
+        add_row(table, "0 (sync)" if n == 0 else str(n), runs, **{"mean lag (updates)": lags, "log-prob gap (per token)": gaps,
+                "beats sync?": "reference" if n == 0 else beats(runs, groups["sync"])})  # fmt: skip
     return table
 
 
@@ -425,7 +434,8 @@ def make_report(results_dir: str):
     plots.reward_curves(plot("speed_reward.png"), {
         "sync, split cores": (sync, "tab:orange", "-"), "sync, shared cores": (shared, "tab:brown", "--"),
         "async N = 1, split cores": (async_, "tab:blue", "-")}, "Gold reward of sync and async online DPO")  # fmt: skip
-    plots.staleness(plot("staleness.png"), {n: groups["sync" if n == 0 else f"async_N{n}"] for n in [0, *mode["staleness"]]})
+    plots.staleness(plot("staleness.png"), {n: groups["sync" if n == 0 else f"async_N{n}"] for n in [0, *mode["staleness"]]},
+                    logprob_gap)  # fmt: skip
     plots.reward_curves(plot("num_samples.png"), {
         "k = 2": (same_seeds(four, async_), "tab:blue", "-"), "k = 4": (four, "tab:green", "-")},
         "Async (N = 1) with 2 or 4 samples per prompt")  # fmt: skip
@@ -489,7 +499,9 @@ version 2; the trainer's `b3 → v4` turns version 3 into version 4 with it.
 
 {markdown_table(tables[2])}
 
-![final gold reward and KL against N](staleness.png)
+The log-prob gap is the mean, over sampled tokens, of |log π_trainer − log π_sampler|: the trainer's log-prob of a token under the policy it trains, against vLLM's under the policy that sampled it. At lag 0 (sync) the two policies are the same weights, so the gap is float error; at lag N it measures how far the policy moved in N updates, how off-policy the batches are.
+
+![final gold reward, KL and log-prob gap against N](staleness.png)
 
 ## 3. Four samples per prompt (paper Fig. 8)
 

@@ -4,6 +4,7 @@ benchmark's code, and every plot must be drawn."""
 
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -88,6 +89,7 @@ def read_runs(results_dir: str) -> dict:
             "trainer_wait": per_step("wait_samples"), "generator_wait": per_step("wait_weights"),
             "reward": evals[-1]["eval/gold_reward"], "kl": steps[-1]["objective/kl"],
             "lag": statistics.fmean(r["async/lag"] for r in steady),
+            "gap": statistics.fmean(g for r in steady if not math.isnan(g := r["async/logprob_gap"])),
         }  # fmt: skip
         if args["async_steps"] == 0:
             key = "sync_shared" if args["cpu_share_cores"] else "sync"
@@ -149,10 +151,11 @@ def check_report(results_dir: str):
     for n in n_values:
         row, group = staleness[str(n)], runs[f"async_N{n}"]
         for col, key in [("final gold reward", "reward"), ("final KL", "kl"), ("mean lag (updates)", "lag"),
-                         ("s/step", "step"), ("wall time (s)", "wall")]:  # fmt: skip
+                         ("log-prob gap (per token)", "gap"), ("s/step", "step"), ("wall time (s)", "wall")]:  # fmt: skip
             assert_shows(row[col], column(group, key))
         assert row["beats sync?"].startswith("yes" if expected_verdict(group, sync) else "**NO**")
     assert_shows(staleness["0 (sync)"]["final gold reward"], column(sync, "reward"))
+    assert_shows(staleness["0 (sync)"]["log-prob gap (per token)"], column(sync, "gap"))
 
     num_samples = table(tables, "Table 3")
     four = runs["async_N1_k4"]
