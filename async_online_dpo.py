@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -257,7 +258,8 @@ def load_reward(args: Args, model_path: str, device, tokenizer, eos_ids: set[int
     A reward function gets text: the completion decoded without special tokens. A reward model gets what the
     TL;DR reward models were trained on, the response *with* its EOS (where it has one), whose score they read
     at that last token: with the policy's tokenizer, the policy's own ids, as the paper's code scores them;
-    with another tokenizer, the text tokenized by its own tokenizer, plus its EOS if the completion ended."""
+    with another tokenizer, the text tokenized as that tokenizer does by default (its BOS, once), plus its EOS
+    if the completion ended. Reward models that read their score at the first token (BERT-style) don't fit."""
     if not model_path:
         reward_fn = import_reward_fn(args)
         return lambda prompts, prompt_ids, response_ids: reward_fn(
@@ -270,7 +272,16 @@ def load_reward(args: Args, model_path: str, device, tokenizer, eos_ids: set[int
     # transformers reads the score at the rightmost token that is not padding. Sequences are left-padded, so
     # that token is in the last column, and pad id -1, which no token has, keeps it from skipping a final EOS
     # that doubles as the pad token (a tokenizer without one), as it would with right padding.
-    model.config.pad_token_id = -1
+    model.config.pad_token_id = model.config.get_text_config().pad_token_id = -1
+
+    def rm_tokens(text: str, ended: bool) -> list[int]:
+        ids = rm_tokenizer(text)["input_ids"]
+        bos, eos = rm_tokenizer.bos_token_id, rm_tokenizer.eos_token_id
+        if bos is not None and ids[:2] == [bos, bos]:  # the prompt had its BOS already
+            ids = ids[1:]
+        if ended and eos is not None and ids[-1:] != [eos]:
+            ids = ids + [eos]
+        return ids
 
     @torch.no_grad()
     def reward_model(prompts, prompt_ids, response_ids):
@@ -280,7 +291,7 @@ def load_reward(args: Args, model_path: str, device, tokenizer, eos_ids: set[int
             completions = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
             texts = [p + c for p, c in zip(prompts, completions)]
             ended = [len(r) > 0 and r[-1] in eos_ids for r in response_ids]
-            sequences = [ids + [rm_tokenizer.eos_token_id] * e for ids, e in zip(tokenize(rm_tokenizer, texts), ended)]
+            sequences = [rm_tokens(text, e) for text, e in zip(texts, ended)]
         scores = []
         for start in range(0, len(sequences), args.micro_batch_size):
             chunk = sequences[start : start + args.micro_batch_size]
@@ -436,12 +447,19 @@ def split_cpu_cores(share: bool = False):
     return cores[:half], cores[half:] or cores
 
 
+def snapshot_weights(model) -> dict:
+    """What vLLM needs: the floating-point state dict, a weight tied to another (lm_head to the embeddings)
+    once, since vLLM ties it again on its side."""
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+    return {name: w for name, w in model.state_dict().items() if w.is_floating_point() and name not in tied}
+
+
 def pack_weights(model, dtype, device, rank: int):
     """The whole policy as one flat `dtype` tensor plus (name, shape, offset) per weight, on rank 0: one tensor
     crosses to the generator, not hundreds (one CUDA IPC handle, or one shared-memory file). Under FSDP2 each
     weight is cast, then gathered from the ranks' shards, one at a time, so every rank must call this; a full
     float32 copy never exists. Ranks other than 0 return None."""
-    weights = {name: w for name, w in model.state_dict().items() if w.is_floating_point()}  # no integer buffers
+    weights = snapshot_weights(model)
     layout, size = [], 0
     for name, w in weights.items():
         layout.append((name, tuple(w.shape), size))
@@ -493,6 +511,9 @@ def generator(*, args: Args, model_path: str, start_version: int, first_batch: i
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         warnings.filterwarnings("ignore", message=".*reduce_op.*", category=FutureWarning)
         cuda = torch.cuda.is_available()
+        # In float32 on GPUs vLLM's attention is a Triton kernel, whose float32 products default to TF32 (10-bit
+        # mantissa); full precision keeps vLLM's log-probs those of the trainer, as the weight-sync check expects.
+        os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
         if not cuda:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.vllm_cpu_kv_cache_gib)
             os.environ["OMP_NUM_THREADS"] = str(len(cpu_cores))
@@ -536,6 +557,15 @@ def generator(*, args: Args, model_path: str, start_version: int, first_batch: i
             sampled = [[p[t].logprob for t, p in zip(c.token_ids, c.logprobs)] for c in completions]
             return [list(c.token_ids) for c in completions], sampled
 
+        def probe_gap(probe) -> float:
+            """Mean |log π_trainer - log π_vLLM| over the probe completion's tokens, vLLM's from the weights just
+            loaded. Prompt log-probs skip temperature in vLLM, so the trainer computed the probe's at temperature 1."""
+            prompt, response = probe["prompt_ids"], probe["response_ids"]
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+            (output,) = llm.generate([TokensPrompt(prompt_token_ids=prompt + response)], params, use_tqdm=False)
+            logps = [p[t].logprob for t, p in zip(response, output.prompt_logprobs[len(prompt) :])]
+            return sum(abs(a - b) for a, b in zip(logps, probe["logprobs"])) / len(response)
+
         def evaluate(spans, evals):
             t = time.time()
             length = args.eval_response_length or args.response_length
@@ -544,9 +574,10 @@ def generator(*, args: Args, model_path: str, start_version: int, first_batch: i
             evals.append(record | {"response_ids": response_ids})
             spans.append(("eval", t, time.time()))
 
-        def take_weights(target, spans, evals):
+        def take_weights(target, spans, evals, checks):
             """Read snapshots in order up to policy version `target` and load it. Versions due for
-            evaluation are loaded and evaluated on the way, so none is skipped."""
+            evaluation are loaded and evaluated on the way, so none is skipped. Each load is checked against
+            the trainer's probe: (version, gap) goes to the trainer in `checks`."""
             nonlocal version
             while version < target:
                 t = time.time()
@@ -561,18 +592,21 @@ def generator(*, args: Args, model_path: str, start_version: int, first_batch: i
                 if version == target or due(version):
                     t = time.time()
                     load_weights_into_vllm(llm, unpack_weights(*snapshot["snapshot"]))
+                    if snapshot["probe"]["response_ids"]:  # empty when every completion was a lone EOS
+                        checks.append((version, probe_gap(snapshot["probe"])))
                     spans.append(("load", t, time.time()))
                 del snapshot  # the trainer's memory: let go of it before the trainer may make the next
                 snapshot_free.release()
                 if due(version):
                     evaluate(spans, evals)
 
-        spans, evals = [], []  # (what, start, end) in seconds since the epoch; evaluations done on the way
+        # (what, start, end) in seconds since the epoch; evaluations done on the way; weight-sync checks
+        spans, evals, checks = [], [], []
         if due(version):
             evaluate(spans, evals)  # the starting policy, loaded from disk
         for index in range(first_batch, args.num_steps):
             check_trainer()
-            take_weights(max(0, index - args.async_steps), spans, evals)  # the staleness rule
+            take_weights(max(0, index - args.async_steps), spans, evals, checks)  # the staleness rule
             if index == args.crash_generator_at:
                 raise RuntimeError(f"generator crashed on purpose at batch {index} (--crash_generator_at)")
             t = time.time()
@@ -582,10 +616,10 @@ def generator(*, args: Args, model_path: str, start_version: int, first_batch: i
             response_ids, logprobs = generate(prompt_ids, args.temperature, args.num_samples, seed, args.response_length, 0)
             spans.append(("generate", t, time.time()))
             samples_queue.put({"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids,
-                               "logprobs": logprobs, "evals": evals, "spans": spans})  # fmt: skip
-            spans, evals = [], []
-        take_weights(args.num_steps, spans, evals)  # the final policy, for the last evaluation
-        samples_queue.put({"evals": evals, "spans": spans})
+                               "logprobs": logprobs, "evals": evals, "spans": spans, "checks": checks})  # fmt: skip
+            spans, evals, checks = [], [], []
+        take_weights(args.num_steps, spans, evals, checks)  # the final policy, for the last evaluation
+        samples_queue.put({"evals": evals, "spans": spans, "checks": checks})
     except (KeyboardInterrupt, Stopped):
         samples_queue.cancel_join_thread()  # Ctrl-C or the trainer stopped: exit without flushing
     except BaseException:
@@ -705,6 +739,18 @@ def generator_failure(samples_queue, process) -> GeneratorError:
     return GeneratorError("the generator process crashed:\n" + message["error"])
 
 
+def check_reloads(checks, tolerance: float):
+    """The generator's (version, gap) for every snapshot it loaded: vLLM, with the pushed weights, against the
+    trainer on the probe completion. A sync run checks every push at lag 0 too; an async run only this way."""
+    for version, gap in checks:
+        if gap > tolerance:
+            raise WeightSyncError(
+                f"the weight sync is broken: after loading policy version {version}, vLLM's log-probs of the probe "
+                f"completion differ from the trainer's by {gap:.3g} per token on average, more than "
+                f"--logprob_gap_tolerance {tolerance:g}; vLLM is not serving the pushed weights."
+            )
+
+
 def wait_for_snapshot_slot(snapshot_free, samples_queue, process) -> float:
     """Wait until the generator is done with the last snapshot; returns the seconds waited."""
     t = time.time()
@@ -730,6 +776,19 @@ def load_policy(path: str, device, gradient_checkpointing: bool):
     if gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy.train()
+
+
+def watch_ranks(ranks, stop, generator_process):
+    """Rank 0's watchdog. NCCL notices a dead rank only after --dist_timeout, so rank 0, waiting for it in a
+    collective, would hang that long. If a rank dies and rank 0 has not stopped the run itself within 10 s (it
+    may be handling the same failure), this stops everything. Checkpoints are whole: they are renamed when done."""
+    while not stop.wait(1):
+        dead = [(r, p.exitcode) for r, p in enumerate(ranks, 1) if p.exitcode not in (None, 0)]
+        if dead and not stop.wait(10):
+            print(f"error: trainer rank {dead[0][0]} died (exit code {dead[0][1]}); stopped the run.", file=sys.stderr)
+            for p in [*ranks, generator_process]:
+                p.kill()
+            os._exit(1)
 
 
 def latest_checkpoint(run_dir: str):
@@ -809,6 +868,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         ranks = [ctx.Process(target=main, args=(args, r, port, run_dir), daemon=True) for r in range(1, world)]
         for r in ranks:
             r.start()
+        threading.Thread(target=watch_ranks, args=(ranks, stop, process), daemon=True).start()
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops every process, as Ctrl-C does
     try:
         # On one GPU, vLLM sizes its KV cache from the memory that is free while it starts, so whatever the
@@ -851,8 +911,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         if rank == 0 and not shares_gpu:
             receive(samples_queue, process)  # "ready"; vLLM started while we loaded the models
         tolerance = args.logprob_gap_tolerance or (0.1 if args.bf16 else 1e-3)
-        floats = [w for w in policy.state_dict().values() if w.is_floating_point()]
-        snapshot_gb = sum(w.numel() for w in floats) * dtype.itemsize / 1e9  # one packed snapshot
+        snapshot_gb = sum(w.numel() for w in snapshot_weights(policy).values()) * dtype.itemsize / 1e9  # one snapshot
         load_times = []  # seconds the generator took to load each snapshot it loaded
 
         def full_weights():
@@ -922,6 +981,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
             prompts, prompt_ids = batch["prompts"][rank * P : (rank + 1) * P], batch["prompt_ids"][rank * P : (rank + 1) * P]
             responses = batch["response_ids"][rank * P * k : (rank + 1) * P * k]  # the k samples of a prompt side by side
             sampler_logps = batch["logprobs"][rank * P * k : (rank + 1) * P * k]  # vLLM's, of each sampled token
+            check_reloads(batch["checks"], tolerance)  # before training on a batch that vLLM sampled with them
 
             # 2. Score every completion with the reward; a completion with no EOS gets the penalty instead.
             has_eos = torch.tensor([len(r) > 0 and r[-1] in eos_ids for r in responses])
@@ -994,9 +1054,18 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
                 if cuda:
                     torch.cuda.ipc_collect()  # give back the memory of the snapshot the generator let go of
             t_push = time.time()
+            # The probe: the new policy's log-probs of the batch's longest completion, which the generator compares
+            # with vLLM's once it has loaded these weights. Its last token is left out: vLLM needs room for one
+            # more in the context. (Every FSDP rank must run the forward.)
+            j = max(range(len(batch["response_ids"])), key=lambda j: len(batch["response_ids"][j]))
+            probe = {"prompt_ids": batch["prompt_ids"][j // k], "response_ids": batch["response_ids"][j][:-1]}
+            ids, mask = (t.to(device) for t in pad_batch([probe["prompt_ids"]], [probe["response_ids"]]))
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                width = len(probe["response_ids"])  # 0 when every completion was a lone EOS: nothing to probe
+                probe["logprobs"] = token_logprobs(policy, ids, mask, width, 1.0)[0].tolist() if width else []
             snapshot = pack_weights(policy, dtype, device, rank) if args.fsdp or rank == 0 else None
             if rank == 0:
-                weights_queue.put({"version": step + 1, "snapshot": snapshot})
+                weights_queue.put({"version": step + 1, "snapshot": snapshot, "probe": probe})
             t3 = time.time()
 
             # 6. Log one dict and one line per step, over all ranks' shares. Means over no pairs (all tied) are NaN.
@@ -1010,6 +1079,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
                 metrics = {
                     "async/learner_version": step, "async/batch_version": batch["version"], "async/lag": step - batch["version"],
                     "async/logprob_gap": logprob_gap,
+                    "async/reload_gap": max((gap for _, gap in batch["checks"]), default=float("nan")),
                     "objective/loss": s["loss"].mean().item(),
                     "objective/kl": torch.cat([chosen_ratio, rejected_ratio]).mean().item(),
                     "objective/grad_norm": grad_norm.item(), "objective/lr": lr,
@@ -1048,6 +1118,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
         if rank != 0:
             return
         last = receive(samples_queue, process)
+        check_reloads(last["checks"], tolerance)
         log_evals(last["evals"])  # the generator evaluates the final policy
         load_times += [b - a for what, a, b in last["spans"] if what == "load"]
     except KeyboardInterrupt:

@@ -105,11 +105,13 @@ def make_eos_reward_model(path, tokenizer, pad_is_eos=True):
 
 
 def other_tokenizer():
-    """A tokenizer with other ids and another vocabulary than the built-in policy's."""
-    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, "#": 3} | {c: 10 + i for i, c in enumerate(reversed(A.LETTERS + "="))}
+    """A tokenizer with other ids and another vocabulary than the built-in policy's, which puts its BOS in front
+    of every text by default, as Llama's does."""
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, "<s>": 3} | {c: 10 + i for i, c in enumerate(reversed(A.LETTERS + "="))}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-                                        pad_token="<pad>", eos_token="</s>", unk_token="<unk>")  # fmt: skip
+                                        pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>")  # fmt: skip
     tokenizer._tokenizer.decoder = decoders.Fuse()
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
     return tokenizer
 
 
@@ -123,7 +125,18 @@ def test_reward_model_reads_its_score_at_eos(model_path, tmp_path, same_tokenize
     prompt_ids = A.tokenize(tokenizer, prompts)
     responses = A.tokenize(tokenizer, ["abcd", "xyz", "eqrtwy", "ab"])
     responses = [responses[0] + [eos], responses[1], responses[2] + [eos], responses[3]]  # ended, cut off, ...
-    assert score(prompts, prompt_ids, responses) == pytest.approx([1, 0, 1, 0], abs=1e-5)
+    seen = []  # the ids the reward model embeds, row by row
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, inputs: seen.extend(inputs[0].tolist()) if isinstance(module, torch.nn.Embedding) else None
+    )
+    try:
+        assert score(prompts, prompt_ids, responses) == pytest.approx([1, 0, 1, 0], abs=1e-5)
+    finally:
+        hook.remove()
+    if not same_tokenizer:  # its own tokenizer's special tokens: its BOS, once, even where the prompt had one
+        assert score(["<s>dcba="], prompt_ids[:1], responses[:1]) == pytest.approx([1], abs=1e-5)
+        rows = [[t for t in row if t != 0] for row in seen]  # padding (id 0) removed
+        assert len(rows) == 4 and all(row[0] == 3 and row.count(3) == 1 for row in rows), rows
 
 
 def test_a_run_scores_with_the_reward_model_at_eos(cache_dir, model_path, tmp_path):
@@ -240,6 +253,10 @@ def test_a_snapshot_is_one_buffer_of_views(model_path):
             assert w.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()  # a view, not a copy
             assert torch.equal(w, policy.state_dict()[name].to(dtype))
     assert A.pack_weights(policy, torch.float32, "cpu", rank=1) is None
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, tie_word_embeddings=True))  # fmt: skip
+    names = [name for name, _, _ in A.pack_weights(tied, torch.float32, "cpu", rank=0)[1]]
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names  # sent once; vLLM ties it again
 
 
 def test_the_trainer_waits_for_the_snapshot_slot_and_notices_a_dead_generator():
@@ -272,13 +289,34 @@ def test_dist_timeout_stops_a_run_cleanly(cache_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The weight-sync check: a run whose weight sync is broken stops at the first lag-0 batch after a push.
-def test_a_broken_weight_sync_stops_the_run(cache_dir, tmp_path):
+# The weight-sync check: a run whose weight sync is broken stops before it trains on a batch vLLM sampled with
+# weights other than those pushed: a sync run at batch 1, an async one (N = 1) at batch 2, the first from version 1.
+@pytest.mark.parametrize("async_steps", [0, 1])
+def test_a_broken_weight_sync_stops_the_run(cache_dir, tmp_path, async_steps):
     broken = "A.load_weights_into_vllm = lambda llm, weights: None  # vLLM keeps serving version 0"
-    result = run_wrapped(tmp_path, broken, "--cache_dir", cache_dir, "--async_steps", "0")
+    result = run_wrapped(tmp_path, broken, "--cache_dir", cache_dir, "--async_steps", str(async_steps))
     assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the weight sync is broken: batch 1 was sampled by policy version 1"), last
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and errors[-1].startswith("error: the weight sync is broken: after loading policy version 1"), errors
     _, steps, _ = read_run(tmp_path / "out")
-    assert [s["step"] for s in steps] == [0]  # it did not train on batch 1
+    assert [s["step"] for s in steps] == list(range(1 + async_steps))  # batches sampled by version 0 only
     assert steps[0]["async/logprob_gap"] < 1e-4  # version 0, loaded by vLLM from disk, agreed
+
+
+def test_a_trainer_that_holds_other_weights_than_vllm_stops_at_the_first_lag_0_batch(cache_dir, tmp_path):
+    """The lag-0 check compares vLLM's log-probs of the sampled tokens with the trainer's: here the trainer's
+    policy is not the one vLLM loaded, so batch 0 already disagrees."""
+    other = """
+load_policy = A.load_policy
+def other_policy(*args, **kwargs):
+    policy = load_policy(*args, **kwargs)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(1.5)
+    return policy
+A.load_policy = other_policy
+"""
+    result = run_wrapped(tmp_path, other, "--cache_dir", cache_dir, "--async_steps", "1")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and errors[-1].startswith("error: the weight sync is broken: batch 0 was sampled by policy version 0"), errors
+    assert read_run(tmp_path / "out")[1] == []  # nothing trained

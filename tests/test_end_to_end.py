@@ -2,6 +2,7 @@
 
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,6 +29,12 @@ def read_run(output_dir):
     steps = [r for r in rows if "step" in r]
     evals = [r for r in rows if "eval/version" in r]
     return run_dir, steps, evals
+
+
+def check_reloads(steps):
+    """After every load of pushed weights, vLLM agreed with the trainer on the probe completion."""
+    reloads = [r["async/reload_gap"] for r in steps if not math.isnan(r["async/reload_gap"])]
+    assert reloads and all(gap < 1e-4 for gap in reloads), reloads
 
 
 def check_run_folder(run_dir, steps, evals, initial_model, num_steps=4):
@@ -64,6 +71,7 @@ def test_async_run(cache_dir, model_path, tmp_path, async_steps):
     # an older policy is off-policy, by a measurable gap.
     gaps = [r["async/logprob_gap"] for r in steps]
     assert gaps[0] < 1e-4 and all(gap > 1e-3 for gap in gaps[1:]), gaps
+    check_reloads(steps)
     assert "step   4/4" in result.stdout and "overlap speedup" in result.stdout
 
 
@@ -74,6 +82,7 @@ def test_sync_run(cache_dir, model_path, tmp_path):
     check_run_folder(run_dir, steps, evals, model_path)
     assert [r["async/lag"] for r in steps] == [0, 0, 0, 0]
     assert all(r["async/logprob_gap"] < 1e-4 for r in steps)  # vLLM serves each pushed version exactly
+    check_reloads(steps)
     assert os.path.basename(run_dir).startswith("sync_baseline__")
 
 

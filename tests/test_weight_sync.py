@@ -37,7 +37,13 @@ def generator_process(args, model_path):
 
 
 def snapshot(policy, version):
-    return {"version": version, "snapshot": A.pack_weights(policy, torch.float32, "cpu", rank=0)}
+    """What the trainer pushes: the packed weights, and the probe the generator checks them with after loading."""
+    tokenizer = AutoTokenizer.from_pretrained(policy.name_or_path)
+    prompt_ids, response_ids = A.tokenize(tokenizer, ["dcba="])[0], A.tokenize(tokenizer, ["abcd"])[0]
+    with torch.no_grad():
+        logprobs = A.token_logprobs(policy, *A.pad_batch([prompt_ids], [response_ids]), len(response_ids), 1.0)[0]
+    probe = {"prompt_ids": prompt_ids, "response_ids": response_ids, "logprobs": logprobs.tolist()}
+    return {"version": version, "snapshot": A.pack_weights(policy, torch.float32, "cpu", rank=0), "probe": probe}
 
 
 def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
@@ -73,6 +79,8 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
         batch = A.receive(samples_queue, process)
         (eval1,) = batch["evals"]
         assert batch["version"] == 1 and eval1["version"] == 1
+        ((version, gap),) = batch["checks"]  # the generator checked the load against the probe
+        assert version == 1 and gap < 1e-4
         new = transformers_greedy(policy, tokenizer, eval1["prompts"], args.response_length)
         assert eval1["response_ids"] == new  # vLLM now serves the new weights...
         assert sum(a != b for a, b in zip(new, old)) >= len(old) // 2  # ...which really changed the output
