@@ -243,6 +243,11 @@ def stop_token_ids(model_path: str, tokenizer) -> set[int]:
     return {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
 
 
+def ended(response_ids: list[list[int]], eos_ids: set[int]) -> list[bool]:
+    """Whether each completion stopped at EOS; the others were cut off at the length limit."""
+    return [len(r) > 0 and r[-1] in eos_ids for r in response_ids]
+
+
 def import_reward_fn(args: Args):
     """--reward_fn module:function, or the built-in task's reward."""
     if not args.reward_fn:
@@ -274,12 +279,12 @@ def load_reward(args: Args, model_path: str, device, tokenizer, eos_ids: set[int
     # that doubles as the pad token (a tokenizer without one), as it would with right padding.
     model.config.pad_token_id = model.config.get_text_config().pad_token_id = -1
 
-    def rm_tokens(text: str, ended: bool) -> list[int]:
+    def rm_tokens(text: str, stopped: bool) -> list[int]:
         ids = rm_tokenizer(text)["input_ids"]
         bos, eos = rm_tokenizer.bos_token_id, rm_tokenizer.eos_token_id
         if bos is not None and ids[:2] == [bos, bos]:  # the prompt had its BOS already
             ids = ids[1:]
-        if ended and eos is not None and ids[-1:] != [eos]:
+        if stopped and eos is not None and ids[-1:] != [eos]:
             ids = ids + [eos]
         return ids
 
@@ -290,8 +295,7 @@ def load_reward(args: Args, model_path: str, device, tokenizer, eos_ids: set[int
         else:
             completions = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
             texts = [p + c for p, c in zip(prompts, completions)]
-            ended = [len(r) > 0 and r[-1] in eos_ids for r in response_ids]
-            sequences = [rm_tokens(text, e) for text, e in zip(texts, ended)]
+            sequences = [rm_tokens(text, e) for text, e in zip(texts, ended(response_ids, eos_ids))]
         scores = []
         for start in range(0, len(sequences), args.micro_batch_size):
             chunk = sequences[start : start + args.micro_batch_size]
@@ -960,8 +964,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
                 for name, value in row.items():
                     writer.add_scalar(name, value, e["version"])
                 metrics_file.write(json.dumps(row) + "\n")
-                ended = [len(r) > 0 and r[-1] in eos_ids for r in e["response_ids"]]
-                shown = list(zip(e["prompts"], completions, ended, rewards))[:4]
+                shown = list(zip(e["prompts"], completions, ended(e["response_ids"], eos_ids), rewards))[:4]
                 for p, c, eos, r in shown:
                     sample = {"version": e["version"], "prompt": p, "completion": c, "eos": eos, "gold": r}
                     samples_file.write(json.dumps(sample) + "\n")
@@ -984,7 +987,7 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
             check_reloads(batch["checks"], tolerance)  # before training on a batch that vLLM sampled with them
 
             # 2. Score every completion with the reward; a completion with no EOS gets the penalty instead.
-            has_eos = torch.tensor([len(r) > 0 and r[-1] in eos_ids for r in responses])
+            has_eos = torch.tensor(ended(responses, eos_ids))
             repeat = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731, a prompt for each of its k samples
             gold = torch.tensor(reward_fn(repeat(prompts), repeat(prompt_ids), responses), dtype=torch.float)
             scores = apply_missing_eos_penalty(gold, has_eos, args.missing_eos_penalty).view(P, k)
@@ -1056,14 +1059,15 @@ def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
             t_push = time.time()
             # The probe: the new policy's log-probs of the batch's longest completion, which the generator compares
             # with vLLM's once it has loaded these weights. Its last token is left out: vLLM needs room for one
-            # more in the context. (Every FSDP rank must run the forward.)
-            j = max(range(len(batch["response_ids"])), key=lambda j: len(batch["response_ids"][j]))
-            probe = {"prompt_ids": batch["prompt_ids"][j // k], "response_ids": batch["response_ids"][j][:-1]}
-            ids, mask = (t.to(device) for t in pad_batch([probe["prompt_ids"]], [probe["response_ids"]]))
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                width = len(probe["response_ids"])  # 0 when every completion was a lone EOS: nothing to probe
-                probe["logprobs"] = token_logprobs(policy, ids, mask, width, 1.0)[0].tolist() if width else []
-            snapshot = pack_weights(policy, dtype, device, rank) if args.fsdp or rank == 0 else None
+            # more in the context. Only the ranks that make the snapshot do this (under FSDP, all of them).
+            if args.fsdp or rank == 0:
+                j = max(range(len(batch["response_ids"])), key=lambda j: len(batch["response_ids"][j]))
+                probe = {"prompt_ids": batch["prompt_ids"][j // k], "response_ids": batch["response_ids"][j][:-1]}
+                ids, mask = (t.to(device) for t in pad_batch([probe["prompt_ids"]], [probe["response_ids"]]))
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    width = len(probe["response_ids"])  # 0 when every completion was a lone EOS: nothing to probe
+                    probe["logprobs"] = token_logprobs(policy, ids, mask, width, 1.0)[0].tolist() if width else []
+                snapshot = pack_weights(policy, dtype, device, rank)
             if rank == 0:
                 weights_queue.put({"version": step + 1, "snapshot": snapshot, "probe": probe})
             t3 = time.time()
