@@ -5,7 +5,7 @@ Models" (Noukhovitch et al., ICLR 2025, arXiv 2410.18252). A vLLM generator samp
 policy exactly N updates old while the trainer learns from earlier batches with online DPO, so generation
 and training overlap. `sync_baseline.py` runs the same code with N = 0 for comparison.
 
-    python async_online_dpo.py                      # CPU: generator and trainer on separate cores (~4 min)
+    python async_online_dpo.py                      # CPU: generator and trainer on separate cores (~7 min)
     python async_online_dpo.py                      # 1 GPU: both share GPU 0 (--vllm_gpu_memory_utilization)
     CUDA_VISIBLE_DEVICES=0,1 python async_online_dpo.py   # 2 GPUs: generator on GPU 0, trainer on GPU 1
     python async_online_dpo.py --trainer_ranks 4 --fsdp --bf16   # 5 GPUs: generator + 4 FSDP2 trainer ranks
@@ -14,6 +14,8 @@ and training overlap. `sync_baseline.py` runs the same code with N = 0 for compa
     python async_online_dpo.py --save_every 16      # then, after a crash: --resume runs/RUN_FOLDER
     python sync_baseline.py                         # the same run, generation and training in turn
 
+Part I, the method, reads top to bottom in the order things happen: the flags, the math, the generator
+process, the trainer and `main`. Part II, below the divider, is support code a first reading can skip.
 See README.md for the GPU recipes (Pythia on TL;DR, Llama 3.1 8B) and what every logged metric means.
 """
 
@@ -35,6 +37,7 @@ import traceback
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
+from functools import cache
 from typing import Literal
 
 import torch
@@ -42,20 +45,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import tyro
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
-)  # fmt: skip
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    GenerationConfig,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import GenerationConfig
 
 
 @dataclass
@@ -160,9 +157,439 @@ class Args:
     cpu_share_cores: bool = False
     """on a CPU, give generator and trainer every core, not half each: for sync runs, where they take turns"""
 
-    # --- testing
-    crash_generator_at: int = -1
-    """raise an error inside the generator at this batch (-1: never), to test that a crash stops the run"""
+
+# ----------------------------------------------------------------------------------------------------
+# The math: log-probs, scores, pairs and the DPO loss. Pure functions, checked in tests/.
+def token_logprobs(model, input_ids, attention_mask, response_width: int, temperature: float):
+    """log π(y_t | x, y_<t) of the last `response_width` tokens of each row, (B, R), with logits divided by the
+    sampling temperature, as vLLM samples and as the paper's code scores. Only those columns get logits: a
+    float32 log-softmax over every position, prompts included, takes gigabytes at a 128k vocabulary."""
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        logits_to_keep=response_width + 1,
+        use_cache=False,
+    ).logits[:, :-1]  # (B, R, V): the logits at column t predict the token at t + 1
+    logps = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.gather(logps, 2, input_ids[:, -response_width:, None]).squeeze(2)  # (B, R)
+
+
+def ended(response_ids: list[list[int]], eos_ids: set[int]) -> list[bool]:
+    """Whether each completion stopped at EOS; the others were cut off at the length limit."""
+    return [len(r) > 0 and r[-1] in eos_ids for r in response_ids]
+
+
+def apply_missing_eos_penalty(rewards, has_eos, penalty: float | None):
+    """A completion cut off before EOS gets the penalty as its score, whatever the reward said: the paper's
+    code replaces the score (TRL's flag of the same name subtracts from it). None changes nothing."""
+    if penalty is None:
+        return rewards
+    return torch.where(has_eos, rewards, torch.full_like(rewards, penalty))
+
+
+def select_pairs(scores):
+    """Chosen = highest score, rejected = lowest, per prompt. scores: (P, k).
+
+    When all k scores are equal the pair says nothing about which completion is better, so it is
+    marked invalid and left out of the loss (and counted in rewards/tie_frac)."""
+    chosen, rejected = scores.argmax(1), scores.argmin(1)  # (P,)
+    valid = scores.max(1).values > scores.min(1).values
+    return chosen, rejected, valid
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type="sigmoid"):
+    """Per-pair loss. DPO (Rafailov et al. 2023, eq. 7):
+        -log σ(β [(log π(y_c|x) - log π_ref(y_c|x)) - (log π(y_r|x) - log π_ref(y_r|x))])
+    IPO (Azar et al. 2023, eq. 17) regresses the same log-ratio difference to 1/(2β)."""
+    logits = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    if loss_type == "ipo":
+        return (logits - 1 / (2 * beta)) ** 2
+    return -F.logsigmoid(beta * logits)
+
+
+def sampler_gap(token_logps, response_mask, sampler_logps: list[list[float]], row_weights):
+    """Sum over sampled tokens of |log π_trainer - log π_vLLM|, each row weighted, and the sum of the weights.
+    sampler_logps[j] holds vLLM's log-probs of row j's response tokens, in order."""
+    real = response_mask.bool()
+    vllm_logps = torch.tensor([x for row in sampler_logps for x in row], device=token_logps.device)
+    token_gap = (token_logps.detach()[real] - vllm_logps).abs()
+    token_weight = row_weights.repeat_interleave(real.sum(1))
+    return torch.stack([(token_gap * token_weight).sum(), token_weight.sum()])
+
+
+def pad_batch(prompts: list[list[int]], responses: list[list[int]]):
+    """Token lists -> (B, P + R) ids and attention mask, each prompt padded on the left and each response on
+    the right, so that every response starts in column P: the model then needs logits for the last R + 1
+    columns only. Pad id 0 is masked out, and unlike a pad id past the vocabulary, it is safe on GPUs."""
+    P, R = max(map(len, prompts)), max(map(len, responses))
+    ids = torch.zeros(len(prompts), P + R, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        mask[i, P - len(p) : P + len(r)] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask):
+    """Positions that start at 0 after the left padding: a padded row is computed as it would be alone."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The one place that touches vLLM internals.
+def load_weights_into_vllm(llm, weights: list):
+    """Every vLLM internal we touch, in one place. Written against vLLM 0.32.0 (V1 engine on a CPU, model
+    runner V2 on GPUs).
+
+    reload_weights copies (transformers name, tensor) pairs into the running engine's parameters in place:
+    no restart, no disk, and CUDA graphs captured over those parameters stay valid. The tensors may live on
+    the trainer's GPU; each is copied across to vLLM's directly. The prefix cache holds keys and values
+    computed by the old weights, so it must be dropped, or cached prompts would mix two policies."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    llm.reset_prefix_cache()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # every copy out of the trainer's buffer is done before we let go of it
+
+
+# ----------------------------------------------------------------------------------------------------
+# The generator process. It owns vLLM. Two queues, a snapshot slot and one stop signal connect it to the trainer:
+#   samples_queue  generator -> trainer  "ready" once vLLM is up, then one batch per step, tagged with the
+#                                        version that sampled it
+#   weights_queue  trainer -> generator  {"version", "snapshot", "probe"}: the policy after each update, packed
+#   snapshot_free  released by the generator when it is done with a snapshot; the trainer takes it before
+#                  making the next, so one snapshot at most is in memory
+#   stop           set by the trainer when it is done or has failed
+#
+# The only difference between async and sync is one rule: batch i is sampled by policy version
+# max(0, i - N) (N = --async_steps). With N = 1 the generator samples batch i+1 while the trainer learns
+# from batch i, one version behind:
+#
+#   generator | b0 (v0) | b1 (v0) | b2 (v1) | b3 (v2) | ...        b_i (v_j): batch i sampled by version j
+#   trainer   |  wait   | train b0 | train b1 | train b2 | ...      training b_i makes version i+1
+#                                 ^ push v1  ^ push v2
+#
+# With N = 0 the generator waits for version i before batch i, and the trainer waits while it samples.
+# The version is exact, not "at least": with per-prompt sampling seeds, a run is then reproducible, and
+# a resumed run samples what the uninterrupted one would have.
+# Prompt j of batch i samples with seed (--seed * MAX_BATCHES + i) * --batch_size + j, so that no two prompts share
+# a sampling seed, in one run or across seeds, while runs stay under MAX_BATCHES batches.
+MAX_BATCHES = 10**6
+
+
+def generator(
+    *,
+    args: Args,
+    model_path: str,
+    start_version: int,
+    first_batch: int,
+    max_model_len: int,
+    cpu_cores: list[int],
+    weights_queue,
+    snapshot_free,
+    samples_queue,
+    stop,
+):
+    """Sample batches first_batch, first_batch + 1, ... with vLLM, starting from the policy version saved at
+    model_path (0 for a new run; a checkpoint's version when resuming). Runs in its own process."""
+    set_up_generator_process(args, cpu_cores)  # vLLM's environment, and on a CPU our own cores
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(
+        model=model_path,
+        dtype="bfloat16" if args.bf16 else "float32",
+        seed=args.seed,
+        max_model_len=max_model_len,
+        enforce_eager=not torch.cuda.is_available(),  # CUDA graphs on GPUs; on a CPU compiling only slows the start
+        enable_prefix_caching=False,
+        logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+    )
+    samples_queue.put({"ready": True})  # vLLM has sized its KV cache: the trainer may now use this GPU too
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train_prompts, eval_prompts, _ = load_prompts(args)
+    eval_prompt_ids = tokenize(tokenizer, eval_prompts)
+    version = start_version
+    # Sent with the next batch: (what, start, end) in seconds since the epoch, evaluations, weight-sync checks.
+    spans, evals, checks = [], [], []
+
+    def due(v: int) -> bool:  # the policy versions that are evaluated
+        return v % args.eval_every == 0 or v == args.num_steps
+
+    def generate(prompt_ids, temperature, n, seed, max_tokens, logprobs):
+        # One seed per prompt: what a prompt samples depends only on the weights and its seed. The prompts go
+        # in as token ids, the ones the trainer uses, so vLLM adds no special tokens of its own.
+        params = [
+            SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed + j, logprobs=logprobs)
+            for j in range(len(prompt_ids))
+        ]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        completions = [c for o in outputs for c in o.outputs]  # the n samples of a prompt side by side
+        sampled = [sampled_logprobs(c.token_ids, c.logprobs) for c in completions] if logprobs is not None else None
+        return [list(c.token_ids) for c in completions], sampled
+
+    def evaluate():
+        t = time.time()
+        length = args.eval_response_length or args.response_length
+        response_ids, _ = generate(eval_prompt_ids, 0.0, 1, seed=0, max_tokens=length, logprobs=None)  # greedy
+        evals.append(
+            {"version": version, "prompts": eval_prompts, "prompt_ids": eval_prompt_ids, "response_ids": response_ids}
+        )
+        spans.append(("eval", t, time.time()))
+
+    def take_weights(target: int):
+        """Read snapshots in order up to policy version `target` and load it. Versions due for evaluation are
+        loaded and evaluated on the way, so none is skipped. Each load is checked against the trainer's probe."""
+        nonlocal version
+        while version < target:
+            t = time.time()
+            snapshot = next_snapshot(weights_queue, stop)
+            spans.append(("wait", t, time.time()))
+            version = snapshot["version"]
+            if version == target or due(version):
+                t = time.time()
+                load_weights_into_vllm(llm, unpack_weights(*snapshot["snapshot"]))
+                if snapshot["probe"]["response_ids"]:  # empty when every completion was a lone EOS
+                    checks.append((version, probe_gap(llm, snapshot["probe"])))
+                spans.append(("load", t, time.time()))
+            del snapshot  # the trainer's memory: let go of it before the trainer may make the next
+            snapshot_free.release()
+            if due(version):
+                evaluate()
+
+    if due(version):
+        evaluate()  # the starting policy, loaded from disk
+    for index in range(first_batch, args.num_steps):
+        stop_if_trainer_stopped(stop)
+        take_weights(max(0, index - args.async_steps))  # the staleness rule
+        t = time.time()
+        prompts = batch_prompts(args, train_prompts, index)
+        prompt_ids = tokenize(tokenizer, prompts)
+        seed = (args.seed * MAX_BATCHES + index) * args.batch_size
+        response_ids, logprobs = generate(prompt_ids, args.temperature, args.num_samples, seed, args.response_length, 0)
+        spans.append(("generate", t, time.time()))
+        batch = {"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids}
+        samples_queue.put(batch | {"logprobs": logprobs, "evals": evals, "spans": spans, "checks": checks})
+        spans, evals, checks = [], [], []  # new lists: the queue pickles the old ones in the background
+    take_weights(args.num_steps)  # the final policy, for the last evaluation
+    samples_queue.put({"evals": evals, "spans": spans, "checks": checks})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer. R ranks split every batch (data parallel). Rank 0 is the process you started: it also trades
+# batches and weights with the generator (`link`) and writes the run folder (`run`); the others get None.
+def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores: list[int], run=None, link=None):
+    world = args.trainer_ranks
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    # Placement: rank r trains on GPU r + 1, as GPU 0 is the generator's (on a one-GPU machine they share it).
+    # On a CPU each rank is pinned to its own share of the trainer's cores, apart from the generator's.
+    cuda = torch.cuda.is_available()
+    if cuda:
+        device = torch.device(f"cuda:{rank + 1 if torch.cuda.device_count() > 1 else 0}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        pin_to_cores(cores[rank::world] or cores)
+    # On one GPU, vLLM sizes its KV cache from the memory that is free while it starts, so whatever the trainer
+    # allocated meanwhile would be taken from vLLM, or trip its check. The generator says when it is ready.
+    if link and cuda and torch.cuda.device_count() == 1:
+        link.wait_until_ready()
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
+
+    # The models: the policy, which is trained, and the frozen reference, where it started.
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    eos_ids = stop_token_ids(base_model, tokenizer)
+    reward_fn = load_reward(args, args.reward_model_path, device, tokenizer, eos_ids)  # each rank scores its share
+    if run:  # rank 0 scores the generator's evaluations, with the gold reward model if there is one
+        gold_path = args.gold_reward_model_path
+        run.gold_fn = load_reward(args, gold_path, device, tokenizer, eos_ids) if gold_path else reward_fn
+    dtype = torch.bfloat16 if args.bf16 else torch.float32  # of the reference policy, as of vLLM's weights
+    model_path = os.path.join(checkpoint, "model") if checkpoint else base_model
+    policy = load_policy(model_path, device, args.gradient_checkpointing)
+    ref_policy = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device).eval().requires_grad_(False)
+    if args.fsdp:  # FSDP2: a rank keeps 1/R of every weight, gradient and Adam moment
+        shard(policy)
+        shard(ref_policy)
+        forward = policy
+    else:
+        forward = DistributedDataParallel(policy)  # averages the gradients over ranks during backward
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / args.num_steps)
+    start = restore_checkpoint(args, checkpoint, policy, optimizer, scheduler)  # the version to start from: 0 if new
+    if link:
+        link.wait_until_ready()  # vLLM started while we loaded the models
+    tolerance = args.logprob_gap_tolerance or (0.1 if args.bf16 else 1e-3)
+    P, k = args.batch_size // world, args.num_samples
+
+    for step in range(start, args.num_steps):
+        # 1. Get a batch: rank 0 takes it from the generator (it was sampled by policy version max(0, step - N))
+        #    and hands it to the other ranks. Each keeps its share: P prompts and their k completions each.
+        t0 = time.time()
+        batch = [link.next_batch() if link else None]
+        dist.broadcast_object_list(batch, src=0)
+        batch = batch[0]
+        t1 = time.time()
+        check_reloads(batch["checks"], tolerance)  # the weights that sampled it, as vLLM loaded them
+        own, own_k = slice(rank * P, (rank + 1) * P), slice(rank * P * k, (rank + 1) * P * k)
+        prompts, prompt_ids = batch["prompts"][own], batch["prompt_ids"][own]
+        responses = batch["response_ids"][own_k]  # the k completions of a prompt side by side
+        sampler_logps = batch["logprobs"][own_k]  # vLLM's log-prob of each sampled token
+
+        # 2. Score every completion with the reward; a completion with no EOS gets the penalty instead.
+        has_eos = torch.tensor(ended(responses, eos_ids))
+        of = [j // k for j in range(len(responses))]  # the prompt of each completion
+        rewards = reward_fn([prompts[i] for i in of], [prompt_ids[i] for i in of], responses)
+        gold = torch.tensor(rewards, dtype=torch.float)
+        scores = apply_missing_eos_penalty(gold, has_eos, args.missing_eos_penalty).view(P, k)
+
+        # 3. Pick chosen (best) and rejected (worst) per prompt; drop ties, they carry no preference. Every rank
+        #    must run as many micro-batches as the others (DDP and FSDP exchange data in each), so a rank with
+        #    fewer pairs pads with copies that weigh 0.
+        chosen, rejected, valid = select_pairs(scores)
+        pairs = valid.nonzero().squeeze(1).tolist()
+        counts = [None] * world
+        dist.all_gather_object(counts, len(pairs))
+        weights = torch.tensor([1.0] * len(pairs) + [0.0] * (max(counts) - len(pairs)))
+        pairs += [0] * (max(counts) - len(pairs))
+
+        # 4. DPO loss on summed response log-probs of policy and reference, one update per batch. DDP and FSDP
+        #    average gradients over ranks, so each rank scales its summed loss by R / (pairs in the whole batch):
+        #    the update is the mean over all pairs, whatever the micro-batch size or R.
+        pair_stats, gap = [], torch.zeros(2, device=device)  # gap: see the weight-sync check below
+        for begin in range(0, len(pairs), args.micro_batch_size):
+            mb, w = pairs[begin : begin + args.micro_batch_size], weights[begin : begin + args.micro_batch_size]
+            rows = [i * k + chosen[i] for i in mb] + [i * k + rejected[i] for i in mb]  # completions, (2M,)
+            ids, mask = pad_batch([prompt_ids[j // k] for j in rows], [responses[j] for j in rows])  # (2M, P + R)
+            input_ids, attention_mask, w = ids.to(device), mask.to(device), w.to(device)
+            width = max(len(responses[j]) for j in rows)
+            response_mask = attention_mask[:, -width:]  # (2M, R)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                token_logps = token_logprobs(forward, input_ids, attention_mask, width, args.temperature)  # (2M, R)
+                with torch.no_grad():
+                    ref_token_logps = token_logprobs(ref_policy, input_ids, attention_mask, width, args.temperature)
+            chosen_logps, rejected_logps = (token_logps * response_mask).sum(1).chunk(2)  # (M,) each
+            ref_chosen_logps, ref_rejected_logps = (ref_token_logps * response_mask).sum(1).chunk(2)
+            losses = dpo_loss(
+                chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta, args.loss_type
+            )
+            ((losses * w).sum() * world / sum(counts)).backward()
+            stats = torch.stack([losses, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps])
+            pair_stats.append(stats[:, w > 0].detach().float().cpu())
+            gap += sampler_gap(token_logps, response_mask, [sampler_logps[j] for j in rows], torch.cat([w, w]))
+
+        # 5. The weight-sync check. At lag 0, vLLM sampled with the weights the trainer holds, so the two agree on
+        #    the log-probs up to float error; if not, vLLM is not serving what was pushed: stop before training
+        #    on it. At lag N the gap measures how far the policy moved from the sampler: how off-policy we are.
+        dist.all_reduce(gap)
+        logprob_gap = (gap[0] / gap[1]).item()  # NaN when every pair tied
+        if batch["version"] == step:
+            check_weight_sync(logprob_gap, tolerance, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()  # with every pair tied there are no gradients, and AdamW leaves the weights be
+        scheduler.step()
+        optimizer.zero_grad()
+        t2 = time.time()
+
+        # 6. Push the new weights; the generator loads them for batch step + 1 + N.
+        t_push = push_weights(args, rank, step + 1, policy, batch, device, link)
+        t3 = time.time()
+
+        # 7. Log one dict and one line per step, over all ranks' shares; save a checkpoint now and then.
+        mine = {"scores": scores, "gold": gold, "has_eos": has_eos.float(), "valid": valid.float()}
+        stats = dict(zip(PAIR_STATS, torch.cat(pair_stats, 1) if pair_stats else torch.zeros(5, 0)))
+        log_step(args, run, step, batch, mine | stats, grad_norm, lr, logprob_gap, (t0, t1, t2, t_push, t3))
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(args, rank, step + 1, policy, optimizer, scheduler, run, link)
+
+    final_weights = full_weights(args, rank, policy)  # under FSDP every rank helps gather them
+    if run:
+        last = link.receive()  # the generator's evaluation of the final policy
+        check_reloads(last["checks"], tolerance)
+        run.log_generator(last)
+        policy.save_pretrained(os.path.join(run.dir, "model"), state_dict=final_weights)
+        tokenizer.save_pretrained(os.path.join(run.dir, "model"))
+
+
+def push_weights(args: Args, rank: int, version: int, policy, batch: dict, device, link) -> float:
+    """Send the policy to the generator as one packed snapshot, with a probe to check its load by. One snapshot at
+    a time: the next is made only once the generator is done with the last (rank 0's link keeps the last alive
+    until then, as torch requires of a CUDA tensor's sender). Returns the time the wait for that ended."""
+    if link:
+        link.wait_for_snapshot_slot()
+    t_push = time.time()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32  # vLLM's
+    if args.fsdp or rank == 0:  # under FSDP every rank holds a shard of the weights, so every rank helps gather them
+        probe = make_probe(policy, batch, args.num_samples, device, args.bf16)
+        packed = pack_weights(policy, dtype, device, rank)  # None but on rank 0
+    if link:
+        link.push({"version": version, "snapshot": packed, "probe": probe})
+    return t_push
+
+
+# ----------------------------------------------------------------------------------------------------
+# main: check the input, start the generator and the trainer ranks, train as rank 0, stop everything, summarise.
+def main(args: Args):
+    args = resumed_args(args)  # with --resume, the flags the run was started with
+    check_args(args)  # one sentence naming the fix, before any process starts
+    t_start = time.time()
+    base_model = args.model_name_or_path or warm_start(args)  # the reference policy, where training starts
+    checkpoint = latest_checkpoint(args.resume) if args.resume else None
+    model_path = os.path.join(checkpoint, "model") if checkpoint else base_model
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    train_prompts, eval_prompts, references = load_prompts(args)
+    max_model_len = check_lengths(args, base_model, tokenizer, train_prompts, eval_prompts)
+    run = RunFolder(args, checkpoint, tokenizer, references, t_start)  # on resume, logs are cut back to the checkpoint
+    mode = f"async, generator {args.async_steps} batch(es) ahead" if args.async_steps else "synchronous"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"run {run.dir}: {mode}; {args.trainer_ranks} trainer rank(s) on {device}, policy from {model_path}")
+
+    # Start the generator. It loads the policy from disk once; after that, weights arrive by queue.
+    generator_cores, trainer_cores = split_cpu_cores(args.cpu_share_cores)  # used on a CPU only
+    ctx = mp.get_context("spawn")
+    queues = dict(weights_queue=ctx.Queue(), samples_queue=ctx.Queue(), stop=ctx.Event())
+    queues["snapshot_free"] = ctx.Semaphore(1)  # one snapshot in memory at a time
+    first_batch = run.start + len(run.pending)  # batches sampled before a checkpoint come from the checkpoint
+    settings = dict(args=args, model_path=model_path, start_version=run.start, first_batch=first_batch)
+    settings |= dict(max_model_len=max_model_len, cpu_cores=generator_cores)
+    process = ctx.Process(target=generator_process, kwargs=settings | queues, daemon=True)
+    process.start()
+    link = GeneratorLink(process, pending=run.pending, **queues)
+
+    # Start trainer ranks 1..R-1; this process is rank 0. torch.distributed finds it at MASTER_ADDR:MASTER_PORT.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    ranks = []
+    for r in range(1, args.trainer_ranks):
+        ranks.append(
+            ctx.Process(target=trainer_process, args=(args, r, base_model, checkpoint, trainer_cores), daemon=True)
+        )
+        ranks[-1].start()
+    threading.Thread(target=watch_ranks, args=(ranks, link), daemon=True).start()  # NCCL hangs on a dead rank
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops every process, as Ctrl-C does
+    try:
+        train(args, 0, base_model, checkpoint, trainer_cores, run, link)
+    except KeyboardInterrupt:
+        sys.exit("interrupted: stopped the trainer and the generator")
+    except (GeneratorError, WeightSyncError) as error:
+        sys.exit(f"error: {error}")
+    except dist.DistError as error:
+        sys.exit(f"error: {collective_failure(args, error)}")
+    finally:
+        link.stop(ranks)  # the generator and every other rank, however training ended
+        run.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    run.summarize(link.snapshot_gb)  # where the time went, printed and in summary.json
+
+
+# ====================================================================================================
+# PART II: SUPPORT CODE. A first reading can stop here.
+# The method is all above. Below are the built-in task and its warm start; prompts, datasets and rewards;
+# the input checks; the run folder (logs, TensorBoard, W&B, checkpoints and resume); and process plumbing.
+# ====================================================================================================
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,7 +597,8 @@ class Args:
 # partial credit, 1 - (edit distance to the sorted letters) / (length of the longer string), in [0, 1]:
 # each letter missing, extra or wrong costs about the same, so a near miss scores close to a hit.
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-MIN_LETTERS, MAX_LETTERS = 4, 12
+MIN_LETTERS = 4
+MAX_LETTERS = 12
 
 
 def builtin_prompts(rng: random.Random, n: int) -> list[str]:
@@ -195,8 +623,53 @@ def builtin_reward(prompts: list[str], completions: list[str]) -> list[float]:
     return rewards
 
 
+def warm_start(args: Args) -> str:
+    """With no --model_name_or_path we build a ~10 M parameter Llama and a character tokenizer here, and teach
+    it the task briefly with supervised learning, to an imperfect SFT policy. save_pretrained makes it an
+    ordinary model folder that vLLM and transformers both load."""
+    path = os.path.join(args.cache_dir, f"builtin-sort-sft{args.sft_steps}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    print(f"warm start: building the built-in model and training it for {args.sft_steps} SFT steps (once, then cached)")
+    vocab = {"<pad>": 0, "</s>": 1} | {c: i + 2 for i, c in enumerate(LETTERS + "=")}
+    char_level = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per character
+    char_level.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=char_level, pad_token="<pad>", eos_token="</s>")
+    size = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6)
+    special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=len(vocab), max_position_embeddings=64, tie_word_embeddings=False, **size, **special
+    )
+    torch.manual_seed(0)  # one SFT model shared by every seed, as in the paper
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / args.sft_steps)
+    rng = random.Random("sft")
+    for _ in range(args.sft_steps):
+        prompts = builtin_prompts(rng, 64)
+        targets = ["".join(sorted(p[:-1])) for p in prompts]
+        answers = [ids + [tokenizer.eos_token_id] for ids in tokenize(tokenizer, targets)]
+        input_ids, attention_mask = pad_batch(tokenize(tokenizer, prompts), answers)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, : -max(map(len, answers))] = -100  # learn the answers only: prompts fill the columns before them
+        positions = position_ids(attention_mask)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    tmp = path + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)  # atomic: a half-written model folder is never picked up
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------
-# Prompts and rewards from elsewhere: a dataset loaded with `datasets`, a reward function or a reward model.
+# Prompts and rewards: a dataset loaded with `datasets` (or the built-in task's), a reward function or model.
 def load_split(args: Args, split: str, streaming: bool = False):
     from datasets import load_dataset
 
@@ -215,7 +688,8 @@ def load_prompts(args: Args):
         held_out = held_out.select(range(min(args.eval_prompts, len(held_out))))
     else:  # the last rows are held out for evaluation
         cut = max(0, len(train) - args.eval_prompts)
-        train, held_out = train.select(range(cut)), train.select(range(cut, len(train)))
+        held_out = train.select(range(cut, len(train)))
+        train = train.select(range(cut))
     references = list(held_out[args.reference_column]) if args.reference_column else None
     return list(train[args.prompt_column]), list(held_out[args.prompt_column]), references
 
@@ -224,8 +698,13 @@ def batch_prompts(args: Args, train_prompts, index: int) -> list[str]:
     """The prompts of batch `index`, a function of seed and index alone: a resumed run sees the same data."""
     if train_prompts is None:
         return builtin_prompts(random.Random(f"train-{args.seed}-{index}"), args.batch_size)
-    order = random.Random(args.seed).sample(range(len(train_prompts)), len(train_prompts))  # one shuffle, cycled
+    order = shuffled(args.seed, len(train_prompts))  # one shuffle of the dataset, cycled
     return [train_prompts[order[i % len(order)]] for i in range(index * args.batch_size, (index + 1) * args.batch_size)]
+
+
+@cache
+def shuffled(seed: int, n: int) -> list[int]:
+    return random.Random(seed).sample(range(n), n)
 
 
 def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -241,11 +720,6 @@ def stop_token_ids(model_path: str, tokenizer) -> set[int]:
     except OSError:  # no generation_config.json: transformers and vLLM fall back on the model config
         eos = AutoConfig.from_pretrained(model_path).eos_token_id
     return {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-
-
-def ended(response_ids: list[list[int]], eos_ids: set[int]) -> list[bool]:
-    """Whether each completion stopped at EOS; the others were cut off at the length limit."""
-    return [len(r) > 0 and r[-1] in eos_ids for r in response_ids]
 
 
 def import_reward_fn(args: Args):
@@ -300,157 +774,427 @@ def load_reward(args: Args, model_path: str, device, tokenizer, eos_ids: set[int
         for start in range(0, len(sequences), args.micro_batch_size):
             chunk = sequences[start : start + args.micro_batch_size]
             ids, mask = (t.to(device) for t in pad_batch(chunk, [[]] * len(chunk)))
-            scores += model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, 0].float().tolist()
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+            scores += logits[:, 0].float().tolist()
         return scores
 
     return reward_model
 
 
 # ----------------------------------------------------------------------------------------------------
-# The math: log-probs, scores, pairs and the DPO loss. Pure functions, checked in tests/.
-def token_logprobs(model, input_ids, attention_mask, response_width: int, temperature: float):
-    """log π(y_t | x, y_<t) of the last `response_width` tokens of each row, (B, R), with logits divided by the
-    sampling temperature, as vLLM samples and as the paper's code scores. Only those columns get logits: a
-    float32 log-softmax over every position, prompts included, takes gigabytes at a 128k vocabulary."""
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        logits_to_keep=response_width + 1,
-        use_cache=False,
-    ).logits[:, :-1]  # (B, R, V): the logits at column t predict the token at t + 1
-    logps = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return torch.gather(logps, 2, input_ids[:, -response_width:, None]).squeeze(2)  # (B, R)
+# The trainer's models.
+def load_policy(path: str, device, gradient_checkpointing: bool):
+    """The policy, ready to train. Train mode, since transformers recomputes activations under gradient
+    checkpointing only in train mode; but every dropout probability is 0, as in the paper's code and TRL, so
+    that its log-probs are those of the reference and of vLLM. Dropout kept in the config (attention dropout,
+    read when a layer is built) is zeroed before loading, dropout modules after."""
+    config = AutoConfig.from_pretrained(path)
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    policy = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).to(device)
+    for module in policy.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy.train()
 
 
-def apply_missing_eos_penalty(rewards, has_eos, penalty: float | None):
-    """A completion cut off before EOS gets the penalty as its score, whatever the reward said: the paper's
-    code replaces the score (TRL's flag of the same name subtracts from it). None changes nothing."""
-    if penalty is None:
-        return rewards
-    return torch.where(has_eos, rewards, torch.full_like(rewards, penalty))
-
-
-def select_pairs(scores):
-    """Chosen = highest score, rejected = lowest, per prompt. scores: (P, k).
-
-    When all k scores are equal the pair says nothing about which completion is better, so it is
-    marked invalid and left out of the loss (and counted in rewards/tie_frac)."""
-    chosen, rejected = scores.argmax(1), scores.argmin(1)  # (P,)
-    valid = scores.max(1).values > scores.min(1).values
-    return chosen, rejected, valid
-
-
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type="sigmoid"):
-    """Per-pair loss. DPO (Rafailov et al. 2023, eq. 7):
-        -log σ(β [(log π(y_c|x) - log π_ref(y_c|x)) - (log π(y_r|x) - log π_ref(y_r|x))])
-    IPO (Azar et al. 2023, eq. 17) regresses the same log-ratio difference to 1/(2β)."""
-    logits = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
-    if loss_type == "ipo":
-        return (logits - 1 / (2 * beta)) ** 2
-    return -F.logsigmoid(beta * logits)
-
-
-def pad_batch(prompts: list[list[int]], responses: list[list[int]]):
-    """Token lists -> (B, P + R) ids and attention mask, each prompt padded on the left and each response on
-    the right, so that every response starts in column P: the model then needs logits for the last R + 1
-    columns only. Pad id 0 is masked out, and unlike a pad id past the vocabulary, it is safe on GPUs."""
-    P, R = max(map(len, prompts)), max(map(len, responses))
-    ids = torch.zeros(len(prompts), P + R, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        mask[i, P - len(p) : P + len(r)] = 1
-    return ids, mask
-
-
-def position_ids(attention_mask):
-    """Positions that start at 0 after the left padding: a padded row is computed as it would be alone."""
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+def shard(model):
+    """FSDP2 over the trainer ranks: each transformer block, then the rest. A block gathers its full weights
+    only while it runs."""
+    for module in model.modules():
+        if type(module).__name__ in (model._no_split_modules or []):
+            fully_shard(module)
+    fully_shard(model)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The warm start: with no --model_name_or_path we build a ~10 M parameter Llama and a character
-# tokenizer here, and teach it the task briefly with supervised learning, to an imperfect SFT policy.
-# save_pretrained makes it an ordinary model folder that vLLM and transformers both load.
-def warm_start(args: Args) -> str:
-    path = os.path.join(args.cache_dir, f"builtin-sort-sft{args.sft_steps}")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+# Input checks, before any process is spawned: each failure is one sentence naming the fix.
+def fail(message: str):
+    sys.exit(f"error: {message}")
 
-    print(f"warm start: building the built-in model and training it for {args.sft_steps} SFT steps (once, then cached)")
-    vocab = {"<pad>": 0, "</s>": 1} | {c: i + 2 for i, c in enumerate(LETTERS + "=")}
-    char_level = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per character
-    char_level.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=char_level, pad_token="<pad>", eos_token="</s>")
-    config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-        num_attention_heads=6, max_position_embeddings=64, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=1,
-    )  # fmt: skip
-    torch.manual_seed(0)  # one SFT model shared by every seed, as in the paper
-    model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / args.sft_steps)
-    rng = random.Random("sft")
-    for step in range(args.sft_steps):
-        prompts = builtin_prompts(rng, 64)
-        targets = ["".join(sorted(p[:-1])) for p in prompts]
-        answers = [ids + [tokenizer.eos_token_id] for ids in tokenize(tokenizer, targets)]
-        input_ids, attention_mask = pad_batch(tokenize(tokenizer, prompts), answers)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        labels[:, : -max(map(len, answers))] = -100  # learn the answers only: prompts fill the columns before them
-        positions = position_ids(attention_mask)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-    tmp = path + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, path)  # atomic: a half-written model folder is never picked up
-    return path
+
+def resumed_args(args: Args) -> Args:
+    """With --resume, the flags the run was started with, read from its args.json."""
+    if not args.resume:
+        return args
+    if not latest_checkpoint(args.resume):
+        fail(f"--resume {args.resume!r} has no checkpoint-* folder; start runs with --save_every N to write them.")
+    with open(os.path.join(args.resume, "args.json")) as f:
+        return Args(**{**json.load(f), "resume": args.resume})
+
+
+def check_args(args: Args):
+    gpus, cores = torch.cuda.device_count(), len(split_cpu_cores(share=True)[0])
+    sizes = ["num_steps", "batch_size", "micro_batch_size", "response_length", "eval_every", "eval_prompts"]
+    sizes += ["trainer_ranks", "dist_timeout"] + ["eval_response_length"] * (args.eval_response_length is not None)
+    R = args.trainer_ranks
+    for wrong, message in [
+        (args.num_samples < 2, f"--num_samples is {args.num_samples}, but online DPO compares at least 2 per prompt."),
+        (args.beta <= 0, f"--beta is {args.beta}; it must be positive (the paper uses 0.1 on TL;DR)."),
+        (args.temperature <= 0, "--temperature must be positive (the paper uses 0.7)."),
+        (min(getattr(args, s) for s in sizes) < 1, f"--{', --'.join(sizes)} must be at least 1."),
+        (
+            min(args.async_steps, args.save_every) < 0,
+            "--async_steps (0 = synchronous) and --save_every must be at least 0.",
+        ),
+        ((args.logprob_gap_tolerance or 1) <= 0, "--logprob_gap_tolerance must be positive (or None: the default)."),
+        (
+            args.batch_size % R,
+            f"--batch_size {args.batch_size} does not split over --trainer_ranks {R}; make it a multiple of {R}.",
+        ),
+        (
+            gpus and R > max(1, gpus - 1),
+            f"--trainer_ranks {R} needs {R + 1} GPUs (GPU 0 is the generator's), but there are {gpus}; lower it.",
+        ),
+        (not gpus and R > cores, f"--trainer_ranks {R} is more than the {cores} CPU cores here; lower it."),
+        (args.eval_split and not args.dataset, "--eval_split names a split of --dataset; give --dataset too."),
+    ]:
+        if wrong:
+            fail(message)
+    if (args.missing_eos_penalty or 0) > 0:
+        print(
+            f"warning: --missing_eos_penalty {args.missing_eos_penalty} is positive. Here it replaces the score of a "
+            "completion cut off before EOS (the paper's meaning), so cut-off completions score that high; TRL's flag "
+            "subtracts it. Give the score you mean, e.g. -1.",
+            file=sys.stderr,
+        )
+    check_models(args)
+    if args.reward_fn:
+        try:
+            import_reward_fn(args)
+        except (ImportError, AttributeError, ValueError):
+            fail(
+                f"--reward_fn {args.reward_fn!r} cannot be imported; give it as module:function, importable from here."
+            )
+    if args.dataset:
+        check_dataset(args)
+
+
+def check_models(args: Args):
+    for flag in ("model_name_or_path", "reward_model_path", "gold_reward_model_path"):
+        path = getattr(args, flag)
+        try:
+            architectures = AutoConfig.from_pretrained(path).architectures or [] if path else None
+        except (OSError, ValueError):
+            fail(
+                f"--{flag} {path!r} is not a transformers model folder or hub name; give one written by "
+                "save_pretrained."
+            )
+        if path and "reward" in flag and not any(a.endswith("ForSequenceClassification") for a in architectures):
+            fail(
+                f"--{flag} {path!r} is a {' / '.join(architectures) or 'model'}, not a sequence-classification reward "
+                "model; give one saved from AutoModelForSequenceClassification."
+            )
+
+
+def check_dataset(args: Args):
+    for flag in ("dataset_split", "eval_split"):
+        split = getattr(args, flag)
+        if not split:
+            continue
+        try:
+            columns = load_split(args, split, streaming=True).column_names
+        except Exception as error:  # datasets raises many kinds: missing file, unknown split, no network
+            fail(
+                f"--dataset {args.dataset!r} with --{flag} {split!r} cannot be loaded ({type(error).__name__}); give a "
+                "local .json/.jsonl file or folder, or a hub dataset name, and one of its splits."
+            )
+        for column_flag in ("prompt_column", "reference_column"):
+            column = getattr(args, column_flag)
+            if column and columns is not None and column not in columns:
+                fail(
+                    f"--dataset {args.dataset!r} --{flag} {split!r} has no column {column!r} (it has "
+                    f"{', '.join(columns)}); name the right one with --{column_flag}."
+                )
+
+
+def check_lengths(args: Args, model_path: str, tokenizer, train_prompts, eval_prompts: list[str]) -> int:
+    """Every prompt the run will use, plus a response, must fit in the model's context. Returns the longest
+    sequence, for vLLM."""
+    used = dict.fromkeys(p for i in range(args.num_steps) for p in batch_prompts(args, train_prompts, i))
+    prompt_ids = tokenize(tokenizer, eval_prompts + list(used))
+    longest_prompt = max(map(len, prompt_ids))
+    longest_response = max(args.response_length, args.eval_response_length or 0)
+    context = AutoConfig.from_pretrained(model_path).max_position_embeddings
+    if longest_prompt + longest_response > context:
+        fail(
+            f"prompts of up to {longest_prompt} tokens plus responses of up to {longest_response} exceed the model's "
+            f"context of {context} tokens; lower --response_length or --eval_response_length."
+        )
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] and any(ids[:1] != [bos] for ids in prompt_ids):
+        print(
+            f"warning: this tokenizer adds {tokenizer.bos_token!r} to the start of a text by default, but some prompts "
+            "don't start with it. Prompts are used as written; add it to them (a chat template does) if the model "
+            "needs it.",
+            file=sys.stderr,
+        )
+    return longest_prompt + longest_response
 
 
 # ----------------------------------------------------------------------------------------------------
-# The generator process. It owns vLLM. Two queues, a snapshot slot and one stop signal connect it to the trainer:
-#   samples_queue  generator -> trainer  "ready" once vLLM is up, then one batch per step, tagged with the
-#                                        version that sampled it
-#   weights_queue  trainer -> generator  {"version", "snapshot"}: the policy after each update, packed
-#   snapshot_free  released by the generator when it is done with a snapshot; the trainer takes it before
-#                  making the next, so one snapshot at most is in memory
-#   stop           set by the trainer when it is done or has failed
-#
-# The only difference between async and sync is one rule: batch i is sampled by policy version
-# max(0, i - N) (N = --async_steps). With N = 1 the generator samples batch i+1 while the trainer learns
-# from batch i, one version behind:
-#
-#   generator | b0 (v0) | b1 (v0) | b2 (v1) | b3 (v2) | ...        b_i (v_j): batch i sampled by version j
-#   trainer   |  wait   | train b0 | train b1 | train b2 | ...      training b_i makes version i+1
-#                                 ^ push v1  ^ push v2
-#
-# With N = 0 the generator waits for version i before batch i, and the trainer waits while it samples.
-# The version is exact, not "at least": with per-prompt sampling seeds, a run is then reproducible, and
-# a resumed run samples what the uninterrupted one would have.
-def pin_to_cores(cores: list[int]):
-    """Run this process on these CPU cores only (Linux; elsewhere the thread count alone separates them)."""
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, cores)
-    torch.set_num_threads(len(cores))
+# The run folder, written by rank 0: args.json, metrics.jsonl (one line per step and per evaluation, with the
+# timeline the benchmark plots), samples.jsonl (a few evaluation completions), TensorBoard events, W&B when
+# --track, checkpoint-*/ and, at the end, model/ and summary.json. A resumed run cuts its logs back to the
+# checkpoint and carries on as if it had never stopped.
+PAIR_STATS = ("loss", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 
 
-def split_cpu_cores(share: bool = False):
-    """On a CPU the generator takes the first half of our cores and the trainer the rest (or both take all)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
-    if share:
-        return cores, cores
-    half = max(1, len(cores) // 2)
-    return cores[:half], cores[half:] or cores
+class RunFolder:
+    def __init__(self, args: Args, checkpoint: str | None, tokenizer, references, t_start: float):
+        self.args = args
+        self.tokenizer = tokenizer
+        self.references = references
+        self.gold_fn = None  # set by rank 0's trainer once the gold reward model is loaded
+        self.eos_ids = stop_token_ids(tokenizer.name_or_path, tokenizer)
+        self.warm_start_time = time.time() - t_start
+        self.dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+        os.makedirs(self.dir, exist_ok=bool(checkpoint))
+        with open(os.path.join(self.dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        state = read_checkpoint(checkpoint) if checkpoint else {}
+        self.start = state.get("version", 0)  # the policy version we start from; batch `start` is trained next
+        self.pending = state.get("pending", [])  # batches sampled before the checkpoint, not yet trained on
+        self.version_time = state.get("version_time", {0: 0.0})  # seconds from the start until version v existed
+        self.t_start = t_start - state.get("elapsed", 0.0)
+        for name in ("metrics.jsonl", "samples.jsonl") if checkpoint else ():
+            os.truncate(os.path.join(self.dir, name), state["offsets"][name])  # forget what came after the checkpoint
+        self.metrics_file = open(os.path.join(self.dir, "metrics.jsonl"), "a")
+        self.samples_file = open(os.path.join(self.dir, "samples.jsonl"), "a")
+        logged = [json.loads(line) for line in open(os.path.join(self.dir, "metrics.jsonl"))]
+        self.step_log = [r for r in logged if "step" in r]
+        self.eval_log = [r for r in logged if "eval/version" in r]
+        self.ref_gold = None  # the gold reward of the references, scored once
+        self.load_times = []  # seconds the generator took to load each snapshot it loaded
+        if args.track:
+            import wandb
+
+            wandb.init(name=os.path.basename(self.dir), config=asdict(args), sync_tensorboard=True)
+        self.writer = SummaryWriter(self.dir, purge_step=self.start if checkpoint else None)
+
+    def log_step(self, step: int, metrics: dict, batch: dict, clock: tuple):
+        """One dict to TensorBoard and metrics.jsonl, and one printed line; then what the generator sent."""
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        t0, t1, t2, _, t3 = (t - self.t_start for t in clock)
+        timeline = {  # who did what when, in seconds since the start, for the benchmark's timeline plot
+            "generator": [
+                (what, a - self.t_start, b - self.t_start, batch["version"]) for what, a, b in batch["spans"]
+            ],
+            "trainer": [(what, a, b, step) for what, a, b in [("wait", t0, t1), ("train", t1, t2), ("push", t2, t3)]],
+        }
+        self.version_time[step + 1] = t3
+        self.step_log.append(metrics)
+        self.metrics_file.write(json.dumps({"step": step, **metrics, "timeline": timeline}) + "\n")
+        m = metrics
+        print(
+            f"step {step + 1:3d}/{self.args.num_steps}  policy v{step:<3d} on batch v{batch['version']:<3d} "
+            f"(lag {m['async/lag']})  loss {m['objective/loss']:.3f}  kl {m['objective/kl']:5.2f}  score "
+            f"{m['rewards/score']:.3f}  gen {m['time/generate'] + m['time/load_weights']:.2f}s  train "
+            f"{m['time/train'] + m['time/push_weights']:.2f}s  wait {m['time/wait_samples']:.2f}s"
+        )
+        self.log_generator(batch)
+
+    def log_generator(self, message: dict):
+        """The generator's evaluations, scored here with the gold reward; the KL beside each is from version v's
+        training batch. Then the seconds its loads took, for the summary."""
+        for e in message["evals"]:
+            completions = self.tokenizer.batch_decode(e["response_ids"], skip_special_tokens=True)
+            rewards = self.gold_fn(e["prompts"], e["prompt_ids"], e["response_ids"])
+            kl = self.step_log[min(e["version"], len(self.step_log) - 1)]["objective/kl"] if self.step_log else 0.0
+            row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl}
+            row["eval/wall_time"] = self.version_time[e["version"]]
+            if self.references:  # the paper's win-rate: how often the gold reward prefers ours to the reference
+                if self.ref_gold is None:  # whole answers, so with EOS
+                    ids = [r + [self.tokenizer.eos_token_id] for r in tokenize(self.tokenizer, self.references)]
+                    self.ref_gold = self.gold_fn(e["prompts"], e["prompt_ids"], ids)
+                wins = [(r > g) + 0.5 * (r == g) for r, g in zip(rewards, self.ref_gold)]
+                row["eval/win_rate"] = sum(wins) / len(rewards)
+            self.eval_log.append(row)
+            for name, value in row.items():
+                self.writer.add_scalar(name, value, e["version"])
+            self.metrics_file.write(json.dumps(row) + "\n")
+            shown = list(zip(e["prompts"], completions, ended(e["response_ids"], self.eos_ids), rewards))[:4]
+            for p, c, eos, r in shown:
+                sample = {"version": e["version"], "prompt": p, "completion": c, "eos": eos, "gold": r}
+                self.samples_file.write(json.dumps(sample) + "\n")
+            examples = "  ".join((p + c)[-40:] for p, c, _, _ in shown)
+            print(
+                f"eval  policy v{e['version']:<4d} gold reward {row['eval/gold_reward']:.3f}  kl {kl:5.2f}  "
+                f"e.g. {examples}"
+            )
+        self.load_times += [b - a for what, a, b in message["spans"] if what == "load"]
+
+    def write_checkpoint(self, version: int, policy, weights, trainer_state: dict):
+        """Everything a resumed run needs, written under a temporary name and renamed in one step when complete:
+        a kill during the save leaves the previous checkpoint whole."""
+        self.metrics_file.flush()
+        self.samples_file.flush()
+        trainer_state["offsets"] = {
+            "metrics.jsonl": self.metrics_file.tell(),
+            "samples.jsonl": self.samples_file.tell(),
+        }
+        trainer_state |= {"version": version, "version_time": self.version_time, "elapsed": time.time() - self.t_start}
+        tmp = os.path.join(self.dir, f".tmp-checkpoint-{version:06d}")
+        final = os.path.join(self.dir, f"checkpoint-{version:06d}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
+        self.tokenizer.save_pretrained(os.path.join(tmp, "model"))
+        torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+        os.replace(tmp, final)
+        for old in glob.glob(os.path.join(self.dir, "checkpoint-*")):
+            if old != final:
+                shutil.rmtree(old)
+
+    def close(self):
+        self.metrics_file.close()
+        self.samples_file.close()
+        self.writer.close()
+
+    def summarize(self, snapshot_gb: float):
+        """Where the time went, per step; written to summary.json and printed."""
+        steady = self.step_log[1:] or self.step_log  # step 1 also waits for vLLM to start, so it is left out
+        mean = {key: sum(m[key] for m in steady) / len(steady) for key in steady[0] if key.startswith("time/")}
+        G = mean["time/generate"] + mean["time/load_weights"] + mean["time/eval"]
+        T = mean["time/train"] + mean["time/push_weights"]
+        summary = {
+            "wall_time": time.time() - self.t_start,
+            "warm_start_time": self.warm_start_time,
+            "time_per_step": mean["time/step"],
+            "generate_per_step": G,
+            "train_per_step": T,
+            "trainer_wait_per_step": mean["time/wait_samples"],
+            "generator_wait_per_step": mean["time/wait_weights"],
+            "load_weights_per_step": mean["time/load_weights"],
+            "push_weights_per_step": mean["time/push_weights"],
+            "snapshot_gb": snapshot_gb,
+            "push_gb_per_s": snapshot_gb / mean["time/push_weights"],
+            "load_gb_per_s": snapshot_gb / (sum(self.load_times) / len(self.load_times)) if self.load_times else None,
+            "speedup_achieved": (G + T) / mean["time/step"],
+            "speedup_ideal": (G + T) / max(G, T),
+            "eval_gold_reward_start": self.eval_log[0]["eval/gold_reward"],
+            "eval_gold_reward_end": self.eval_log[-1]["eval/gold_reward"],
+            "kl_end": self.step_log[-1]["objective/kl"],
+            "lags": [m["async/lag"] for m in self.step_log],
+        }
+        with open(os.path.join(self.dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        s = summary
+        print(
+            f"\ndone in {s['wall_time']:.1f}s (warm start {s['warm_start_time']:.1f}s). "
+            f"Per step: {s['time_per_step']:.2f}s; "
+            f"generating {G:.2f}s, training {T:.2f}s; trainer waited {s['trainer_wait_per_step']:.2f}s.\n"
+            f"weights: {snapshot_gb:.3f} GB a snapshot, pushed at {s['push_gb_per_s']:.2f} GB/s, loaded into vLLM at "
+            f"{s['load_gb_per_s'] or 0:.2f} GB/s.\noverlap speedup (G+T)/step: achieved {s['speedup_achieved']:.2f}x, "
+            f"ideal (G+T)/max(G,T) {s['speedup_ideal']:.2f}x.\neval gold reward {s['eval_gold_reward_start']:.3f} -> "
+            f"{s['eval_gold_reward_end']:.3f}, final KL {s['kl_end']:.2f}. Model and logs in {self.dir}"
+        )
 
 
+def log_step(args: Args, run, step: int, batch, mine: dict, grad_norm, lr, logprob_gap, clock: tuple):
+    """Gather every rank's share of the step's statistics; rank 0 (which holds `run`) logs them."""
+    gathered = [None] * args.trainer_ranks
+    dist.all_gather_object(gathered, mine)
+    if run is None:
+        return
+    s = {name: torch.cat([g[name] for g in gathered]) for name in mine}
+    t0, t1, t2, t_push, t3 = clock
+    chosen_ratio = s["chosen_logps"] - s["ref_chosen_logps"]
+    rejected_ratio = s["rejected_logps"] - s["ref_rejected_logps"]
+    metrics = {
+        "async/learner_version": step,
+        "async/batch_version": batch["version"],
+        "async/lag": step - batch["version"],
+        "async/logprob_gap": logprob_gap,
+        "async/reload_gap": max((gap for _, gap in batch["checks"]), default=float("nan")),
+        "objective/loss": s["loss"].mean().item(),
+        "objective/kl": torch.cat([chosen_ratio, rejected_ratio]).mean().item(),
+        "objective/grad_norm": grad_norm,
+        "objective/lr": lr,
+        "rewards/score": s["scores"].mean().item(),
+        "rewards/gold": s["gold"].mean().item(),
+        "rewards/chosen_score": s["scores"].max(1).values.mean().item(),
+        "rewards/rejected_score": s["scores"].min(1).values.mean().item(),
+        "rewards/missing_eos_frac": 1 - s["has_eos"].mean().item(),
+        "rewards/tie_frac": 1 - s["valid"].mean().item(),
+        "rewards/dpo_margin": (args.beta * (chosen_ratio - rejected_ratio)).mean().item(),
+        "rewards/dpo_accuracy": (chosen_ratio > rejected_ratio).float().mean().item(),
+        "logps/chosen": s["chosen_logps"].mean().item(),
+        "logps/rejected": s["rejected_logps"].mean().item(),
+        "time/wait_samples": t1 - t0,
+        "time/train": t2 - t1,
+        "time/wait_push": t_push - t2,
+        "time/push_weights": t3 - t_push,
+        "time/step": t3 - t0,
+    }
+    for span, name in GENERATOR_SPANS.items():  # seconds the generator spent on each kind of work
+        metrics[f"time/{name}"] = sum(b - a for what, a, b in batch["spans"] if what == span)
+    run.log_step(step, metrics, batch, clock)
+
+
+# What the generator reports it did in a batch's "spans", and the name of each in the metrics.
+GENERATOR_SPANS = {"generate": "generate", "load": "load_weights", "wait": "wait_weights", "eval": "eval"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: the policy as a model folder, and trainer.pt with the optimizer, scheduler and RNG states, the
+# batches sampled ahead, and where the logs stood.
+def latest_checkpoint(run_dir: str):
+    """The newest complete checkpoint: a half-written one still has its temporary name, so it is never picked."""
+    found = sorted(glob.glob(os.path.join(run_dir, "checkpoint-*")))
+    return found[-1] if found else None
+
+
+def read_checkpoint(checkpoint: str) -> dict:
+    # Read to CPU memory wherever it was saved (GPU 1 of a bigger machine, say), and mapped, not copied.
+    return torch.load(os.path.join(checkpoint, "trainer.pt"), map_location="cpu", weights_only=False, mmap=True)
+
+
+def full_weights(args: Args, rank: int, policy) -> dict:
+    """The whole float32 policy on rank 0, to save. Under FSDP every rank helps gather it into CPU memory."""
+    if args.fsdp:
+        return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {name: w.detach().clone() for name, w in policy.state_dict().items()} if rank == 0 else {}
+
+
+def save_checkpoint(args: Args, rank: int, version: int, policy, optimizer, scheduler, run, link):
+    """Every rank helps gather the weights and optimizer state (under FSDP); rank 0 writes them."""
+    weights = full_weights(args, rank, policy)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer_state = get_optimizer_state_dict(policy, optimizer, options=full) if args.fsdp else optimizer.state_dict()
+    if run is None:
+        return
+    state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
+    state["rng"] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    # Batches sampled by older versions: a resumed generator could not sample them again.
+    state["pending"] = link.batches_ahead(min(args.async_steps, args.num_steps - version))
+    run.write_checkpoint(version, policy, weights, state)
+
+
+def restore_checkpoint(args: Args, checkpoint: str | None, policy, optimizer, scheduler) -> int:
+    """Restore optimizer, scheduler and RNG from the checkpoint; returns the policy version it holds (0 if None).
+    Each part is dropped once restored, so no second copy of the Adam state stays alive for the whole run."""
+    if checkpoint is None:
+        return 0
+    state = read_checkpoint(checkpoint)
+    if args.fsdp:
+        full = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(policy, optimizer, state.pop("optimizer"), options=full)
+    else:
+        optimizer.load_state_dict(state.pop("optimizer"))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    rng = state.pop("rng")
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    return state["version"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weights across processes: the policy packed into one flat tensor, which the generator reads as views, and
+# the probe it checks them with once loaded.
 def snapshot_weights(model) -> dict:
     """What vLLM needs: the floating-point state dict, a weight tied to another (lm_head to the embeddings)
     once, since vLLM ties it again on its side."""
@@ -470,7 +1214,7 @@ def pack_weights(model, dtype, device, rank: int):
         size += w.numel()
     # On a CPU, in shared memory from the start: the queue then sends it without copying it first.
     buffer = torch.empty(size, dtype=dtype, device=device).share_memory_() if rank == 0 else None
-    for (name, shape, offset), w in zip(layout, weights.values()):
+    for (_, _, offset), w in zip(layout, weights.values()):
         w = w.detach().to(dtype)
         if isinstance(w, DTensor):
             w = w.full_tensor()
@@ -484,146 +1228,118 @@ def unpack_weights(buffer, layout) -> list:
     return [(name, buffer[offset : offset + math.prod(shape)].view(shape)) for name, shape, offset in layout]
 
 
-def load_weights_into_vllm(llm, weights: list):
-    """Every vLLM internal we touch, in one place. Written against vLLM 0.32.0 (V1 engine on a CPU, model
-    runner V2 on GPUs).
+def make_probe(policy, batch, k: int, device, bf16: bool) -> dict:
+    """The new policy's log-probs of the batch's longest completion, which the generator compares with vLLM's
+    once it has loaded these weights (at temperature 1: vLLM's prompt log-probs skip temperature). Its last
+    token is left out: vLLM needs room for one more in the context."""
+    j = max(range(len(batch["response_ids"])), key=lambda j: len(batch["response_ids"][j]))
+    probe = {"prompt_ids": batch["prompt_ids"][j // k], "response_ids": batch["response_ids"][j][:-1]}
+    ids, mask = (t.to(device) for t in pad_batch([probe["prompt_ids"]], [probe["response_ids"]]))
+    width = len(probe["response_ids"])  # 0 when every completion was a lone EOS: nothing to probe
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        probe["logprobs"] = token_logprobs(policy, ids, mask, width, 1.0)[0].tolist() if width else []
+    return probe
 
-    reload_weights copies (transformers name, tensor) pairs into the running engine's parameters in place:
-    no restart, no disk, and CUDA graphs captured over those parameters stay valid. The tensors may live on
-    the trainer's GPU; each is copied across to vLLM's directly. The prefix cache holds keys and values
-    computed by the old weights, so it must be dropped, or cached prompts would mix two policies."""
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-    llm.reset_prefix_cache()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # every copy out of the trainer's buffer is done before we let go of it
+
+def probe_gap(llm, probe) -> float:
+    """Mean |log π_trainer - log π_vLLM| over the probe completion's tokens, vLLM's from the weights just
+    loaded. Prompt log-probs skip temperature in vLLM, so the trainer computed the probe's at temperature 1."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt, response = probe["prompt_ids"], probe["response_ids"]
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    (output,) = llm.generate([TokensPrompt(prompt_token_ids=prompt + response)], params, use_tqdm=False)
+    logps = sampled_logprobs(response, output.prompt_logprobs[len(prompt) :])
+    return sum(abs(a - b) for a, b in zip(logps, probe["logprobs"])) / len(response)
+
+
+def sampled_logprobs(token_ids, logprobs) -> list[float]:
+    """The log-prob of each token from vLLM's per-position dicts, which with logprobs=0 hold that token alone."""
+    return [position[t].logprob for t, position in zip(token_ids, logprobs)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Process plumbing: CPU cores, the generator's process and its end of the queues, the trainer ranks, and
+# stopping all of them cleanly whatever happens.
+def pin_to_cores(cores: list[int]):
+    """Run this process on these CPU cores only (Linux; elsewhere the thread count alone separates them)."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+
+
+def split_cpu_cores(share: bool = False):
+    """On a CPU the generator takes the first half of our cores and the trainer the rest (or both take all)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    if share:
+        return cores, cores
+    half = max(1, len(cores) // 2)
+    return cores[:half], cores[half:] or cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Stopped(Exception):
     """Raised in the generator when the trainer has finished, failed or been killed."""
 
 
-def generator(*, args: Args, model_path: str, start_version: int, first_batch: int, max_model_len: int,
-              cpu_cores: list[int], weights_queue, snapshot_free, samples_queue, stop):  # fmt: skip
-    """Sample batches first_batch, first_batch + 1, ... with vLLM, starting from the policy version
-    saved at model_path (0 for a new run; a checkpoint's version when resuming)."""
-    try:
-        # With the engine inside this process, collective_rpc can pass tensors (vLLM 0.32).
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ["VLLM_CACHE_ROOT"] = os.path.abspath(os.path.join(args.cache_dir, "vllm"))
-        # vLLM 0.32 warns on every reload that RotaryEmbedding has no weights (its tables are computed,
-        # not loaded); that would bury the step lines. Set VLLM_LOGGING_LEVEL=INFO to see everything.
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        warnings.filterwarnings("ignore", message=".*reduce_op.*", category=FutureWarning)
-        cuda = torch.cuda.is_available()
-        # In float32 on GPUs vLLM's attention is a Triton kernel, whose float32 products default to TF32 (10-bit
-        # mantissa); full precision keeps vLLM's log-probs those of the trainer, as the weight-sync check expects.
-        os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
-        if not cuda:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.vllm_cpu_kv_cache_gib)
-            os.environ["OMP_NUM_THREADS"] = str(len(cpu_cores))
-            pin_to_cores(cpu_cores)  # our own cores, so the trainer never slows us down
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
+class GeneratorError(RuntimeError):
+    """The generator process crashed (its traceback is in the message) or died."""
 
-        llm = LLM(
-            model=model_path,
-            dtype="bfloat16" if args.bf16 else "float32",
-            seed=args.seed,
-            max_model_len=max_model_len,
-            enforce_eager=not cuda,  # CUDA graphs on GPUs; on a CPU, compiling would only slow the start
-            enable_prefix_caching=False,
-            logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+
+class WeightSyncError(RuntimeError):
+    """vLLM's log-probs disagree with the trainer's where they should not: vLLM is not serving the pushed weights."""
+
+
+def check_reloads(checks: list, tolerance: float):
+    """The generator's (version, gap) for each snapshot it loaded: vLLM with the pushed weights against the trainer,
+    on the probe completion. A sync run checks every push at lag 0 as well; an async run only this way."""
+    for version, gap in checks:
+        check_weight_sync(gap, tolerance, version, probe=True)
+
+
+def check_weight_sync(gap: float, tolerance: float, version: int, probe: bool = False):
+    """Stop the run where vLLM and the trainer should agree on log-probs up to float error, but don't: on a batch
+    sampled by the weights the trainer holds (lag 0), or on the probe after vLLM loaded pushed weights."""
+    what = f"batch {version} was sampled by policy version {version}, the very weights the trainer holds, yet "
+    what += "vLLM's log-probs of its tokens"
+    if probe:
+        what = f"after loading policy version {version}, vLLM's log-probs of the probe completion"
+    if gap > tolerance:
+        raise WeightSyncError(
+            f"the weight sync is broken: {what} differ from the trainer's by {gap:.3g} per token on average, more "
+            f"than --logprob_gap_tolerance {tolerance:g}; vLLM is not serving the pushed weights."
         )
-        samples_queue.put({"ready": True})  # vLLM has sized its KV cache: the trainer may now use this GPU too
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        train_prompts, eval_prompts, _ = load_prompts(args)
-        eval_prompt_ids = tokenize(tokenizer, eval_prompts)
-        version = start_version
-        due = lambda v: v % args.eval_every == 0 or v == args.num_steps  # noqa: E731, versions to evaluate
 
-        def check_trainer():
-            if stop.is_set() or not mp.parent_process().is_alive():  # done, failed, or killed outright
-                raise Stopped
 
-        def generate(prompt_ids, temperature, n, seed, max_tokens, logprobs):
-            # One seed per prompt: what a prompt samples depends only on the weights and its seed. The prompts
-            # go in as token ids, the ones the trainer uses, so vLLM adds no special tokens of its own.
-            params = [
-                SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed + j, logprobs=logprobs)
-                for j in range(len(prompt_ids))
-            ]
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
-            completions = [c for o in outputs for c in o.outputs]  # the n samples of a prompt side by side
-            if logprobs is None:
-                return [list(c.token_ids) for c in completions], None
-            # logprobs=0: each position holds the sampled token's log-prob alone
-            sampled = [[p[t].logprob for t, p in zip(c.token_ids, c.logprobs)] for c in completions]
-            return [list(c.token_ids) for c in completions], sampled
+def set_up_generator_process(args: Args, cpu_cores: list[int]):
+    """vLLM's settings, made before it is imported."""
+    # With the engine inside this process, collective_rpc can pass tensors (vLLM 0.32).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_CACHE_ROOT"] = os.path.abspath(os.path.join(args.cache_dir, "vllm"))
+    # vLLM 0.32 warns on every reload that RotaryEmbedding has no weights (its tables are computed, not
+    # loaded); that would bury the step lines. Set VLLM_LOGGING_LEVEL=INFO to see everything.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore", message=".*reduce_op.*", category=FutureWarning)
+    # In float32 on GPUs vLLM's attention is a Triton kernel, whose float32 products default to TF32 (10-bit
+    # mantissa); full precision keeps vLLM's log-probs those of the trainer, as the weight-sync check expects.
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+    if not torch.cuda.is_available():
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.vllm_cpu_kv_cache_gib)
+        os.environ["OMP_NUM_THREADS"] = str(len(cpu_cores))
+        pin_to_cores(cpu_cores)  # our own cores, so the trainer never slows us down
 
-        def probe_gap(probe) -> float:
-            """Mean |log π_trainer - log π_vLLM| over the probe completion's tokens, vLLM's from the weights just
-            loaded. Prompt log-probs skip temperature in vLLM, so the trainer computed the probe's at temperature 1."""
-            prompt, response = probe["prompt_ids"], probe["response_ids"]
-            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-            (output,) = llm.generate([TokensPrompt(prompt_token_ids=prompt + response)], params, use_tqdm=False)
-            logps = [p[t].logprob for t, p in zip(response, output.prompt_logprobs[len(prompt) :])]
-            return sum(abs(a - b) for a, b in zip(logps, probe["logprobs"])) / len(response)
 
-        def evaluate(spans, evals):
-            t = time.time()
-            length = args.eval_response_length or args.response_length
-            response_ids, _ = generate(eval_prompt_ids, 0.0, 1, seed=0, max_tokens=length, logprobs=None)  # greedy
-            record = {"version": version, "prompts": eval_prompts, "prompt_ids": eval_prompt_ids}
-            evals.append(record | {"response_ids": response_ids})
-            spans.append(("eval", t, time.time()))
-
-        def take_weights(target, spans, evals, checks):
-            """Read snapshots in order up to policy version `target` and load it. Versions due for
-            evaluation are loaded and evaluated on the way, so none is skipped. Each load is checked against
-            the trainer's probe: (version, gap) goes to the trainer in `checks`."""
-            nonlocal version
-            while version < target:
-                t = time.time()
-                while True:
-                    try:
-                        snapshot = weights_queue.get(timeout=1)
-                        break
-                    except queue.Empty:
-                        check_trainer()
-                spans.append(("wait", t, time.time()))
-                version = snapshot["version"]
-                if version == target or due(version):
-                    t = time.time()
-                    load_weights_into_vllm(llm, unpack_weights(*snapshot["snapshot"]))
-                    if snapshot["probe"]["response_ids"]:  # empty when every completion was a lone EOS
-                        checks.append((version, probe_gap(snapshot["probe"])))
-                    spans.append(("load", t, time.time()))
-                del snapshot  # the trainer's memory: let go of it before the trainer may make the next
-                snapshot_free.release()
-                if due(version):
-                    evaluate(spans, evals)
-
-        # (what, start, end) in seconds since the epoch; evaluations done on the way; weight-sync checks
-        spans, evals, checks = [], [], []
-        if due(version):
-            evaluate(spans, evals)  # the starting policy, loaded from disk
-        for index in range(first_batch, args.num_steps):
-            check_trainer()
-            take_weights(max(0, index - args.async_steps), spans, evals, checks)  # the staleness rule
-            if index == args.crash_generator_at:
-                raise RuntimeError(f"generator crashed on purpose at batch {index} (--crash_generator_at)")
-            t = time.time()
-            prompts = batch_prompts(args, train_prompts, index)
-            prompt_ids = tokenize(tokenizer, prompts)
-            seed = (args.seed * 10**6 + index) * args.batch_size
-            response_ids, logprobs = generate(prompt_ids, args.temperature, args.num_samples, seed, args.response_length, 0)
-            spans.append(("generate", t, time.time()))
-            samples_queue.put({"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids,
-                               "logprobs": logprobs, "evals": evals, "spans": spans, "checks": checks})  # fmt: skip
-            spans, evals, checks = [], [], []
-        take_weights(args.num_steps, spans, evals, checks)  # the final policy, for the last evaluation
-        samples_queue.put({"evals": evals, "spans": spans, "checks": checks})
+def generator_process(**settings):
+    """The generator process runs this: `generator`, with its crash's traceback handed to the trainer."""
+    samples_queue = settings["samples_queue"]
+    try:
+        generator(**settings)
     except (KeyboardInterrupt, Stopped):
         samples_queue.cancel_join_thread()  # Ctrl-C or the trainer stopped: exit without flushing
     except BaseException:
@@ -631,92 +1347,18 @@ def generator(*, args: Args, model_path: str, start_version: int, first_batch: i
         sys.exit(1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checks, before any process is spawned.
-def check_args(args: Args):
-    """Fail with one sentence naming the fix."""
+def stop_if_trainer_stopped(stop):
+    if stop.is_set() or not mp.parent_process().is_alive():  # done, failed, or killed outright
+        raise Stopped
 
-    def fail(message):
-        sys.exit(f"error: {message}")
 
-    gpus, cores = torch.cuda.device_count(), len(split_cpu_cores(share=True)[0])
-    for wrong, message in [
-        (args.num_samples < 2, f"--num_samples is {args.num_samples}, but online DPO compares at least 2 completions per prompt."),
-        (args.beta <= 0, f"--beta is {args.beta}; it must be positive (the paper uses 0.1 on TL;DR)."),
-        (args.temperature <= 0, "--temperature must be positive (the paper uses 0.7)."),
-        (min(args.num_steps, args.batch_size, args.micro_batch_size, args.response_length, args.eval_every, args.eval_prompts,
-             args.trainer_ranks, args.eval_response_length or 1, args.dist_timeout) < 1,
-         "--num_steps, --batch_size, --micro_batch_size, --response_length, --eval_response_length, --eval_every, "
-         "--eval_prompts, --trainer_ranks and --dist_timeout must be at least 1."),
-        (args.async_steps < 0 or args.save_every < 0, "--async_steps (0 = synchronous) and --save_every must be at least 0."),
-        ((args.logprob_gap_tolerance or 1) <= 0, "--logprob_gap_tolerance must be positive (or None for the default)."),
-        (args.batch_size % args.trainer_ranks, f"--batch_size {args.batch_size} does not split evenly over --trainer_ranks "
-                                               f"{args.trainer_ranks}; make it a multiple of {args.trainer_ranks}."),
-        (gpus and args.trainer_ranks > max(1, gpus - 1), f"--trainer_ranks {args.trainer_ranks} needs {args.trainer_ranks + 1} "
-                                                         f"GPUs (GPU 0 is the generator's), but there are {gpus}; lower it."),
-        (not gpus and args.trainer_ranks > cores, f"--trainer_ranks {args.trainer_ranks} is more than the {cores} CPU cores here; lower it."),
-        (args.eval_split and not args.dataset, "--eval_split names a split of --dataset; give --dataset too."),
-    ]:  # fmt: skip
-        if wrong:
-            fail(message)
-    if (args.missing_eos_penalty or 0) > 0:
-        print(f"warning: --missing_eos_penalty {args.missing_eos_penalty} is positive. Here it replaces the score of a "
-              "completion cut off before EOS (the paper's meaning), so cut-off completions score that high; TRL's flag "
-              "subtracts it. Give the score you mean, e.g. -1.", file=sys.stderr)  # fmt: skip
-    for flag, path in (("--model_name_or_path", args.model_name_or_path), ("--reward_model_path", args.reward_model_path),
-                       ("--gold_reward_model_path", args.gold_reward_model_path)):  # fmt: skip
+def next_snapshot(weights_queue, stop) -> dict:
+    """The next snapshot the trainer pushed, waiting for it while the trainer lives."""
+    while True:
         try:
-            architectures = AutoConfig.from_pretrained(path).architectures or [] if path else None
-        except (OSError, ValueError):
-            fail(f"{flag} {path!r} is not a transformers model folder or hub name; give one written by save_pretrained.")
-        if path and "reward" in flag and not any(a.endswith("ForSequenceClassification") for a in architectures):
-            fail(f"{flag} {path!r} is a {' / '.join(architectures) or 'model'}, not a sequence-classification reward "
-                 "model; give one saved from AutoModelForSequenceClassification.")  # fmt: skip
-    if args.reward_fn:
-        try:
-            import_reward_fn(args)
-        except (ImportError, AttributeError, ValueError):
-            fail(f"--reward_fn {args.reward_fn!r} cannot be imported; give it as module:function, with the module importable from here.")
-    for flag, split in (("--dataset_split", args.dataset_split), ("--eval_split", args.eval_split)) if args.dataset else ():
-        if not split:
-            continue
-        try:
-            columns = load_split(args, split, streaming=True).column_names
-        except Exception as error:  # datasets raises many kinds: missing file, unknown split, no network
-            fail(f"--dataset {args.dataset!r} with {flag} {split!r} cannot be loaded ({type(error).__name__}); give a "
-                 "local .json/.jsonl file or folder, or a hub dataset name, and one of its splits.")  # fmt: skip
-        for column_flag, column in (("--prompt_column", args.prompt_column), ("--reference_column", args.reference_column)):
-            if column and columns is not None and column not in columns:
-                fail(f"--dataset {args.dataset!r} {flag} {split!r} has no column {column!r} (it has {', '.join(columns)}); "
-                     f"name the right one with {column_flag}.")  # fmt: skip
-
-
-def check_lengths(args: Args, model_path: str, tokenizer, prompts: list[str]) -> int:
-    """Prompt plus response must fit in the model's context. Returns the longest sequence, for vLLM."""
-    prompt_ids = tokenize(tokenizer, prompts + ["z" * MAX_LETTERS + "="])
-    longest_prompt = max(map(len, prompt_ids))
-    longest_response = max(args.response_length, args.eval_response_length or 0)
-    context = AutoConfig.from_pretrained(model_path).max_position_embeddings
-    if longest_prompt + longest_response > context:
-        sys.exit(f"error: prompts of up to {longest_prompt} tokens plus responses of up to {longest_response} exceed "
-                 f"the model's context of {context} tokens; lower --response_length or --eval_response_length.")  # fmt: skip
-    bos = tokenizer.bos_token_id
-    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] and any(ids[:1] != [bos] for ids in prompt_ids[:-1]):
-        print(f"warning: this tokenizer adds {tokenizer.bos_token!r} to the start of a text by default, but some prompts "
-              "don't start with it. Prompts are used as written; add it to them (a chat template does) if the model "
-              "needs it.", file=sys.stderr)  # fmt: skip
-    return longest_prompt + longest_response
-
-
-# ----------------------------------------------------------------------------------------------------
-# The trainer. Rank 0 is the process you started: it starts the generator and the other ranks, trades
-# batches and weights with the generator, and logs. Every rank trains on its share of each batch.
-class GeneratorError(RuntimeError):
-    """The generator process crashed (its traceback is in the message) or died."""
-
-
-class WeightSyncError(RuntimeError):
-    """On a lag-0 batch vLLM's log-probs disagree with the trainer's: vLLM is not serving the pushed weights."""
+            return weights_queue.get(timeout=1)
+        except queue.Empty:
+            stop_if_trainer_stopped(stop)
 
 
 def receive(samples_queue, process):
@@ -727,7 +1369,7 @@ def receive(samples_queue, process):
         except queue.Empty:
             if process.is_alive():
                 continue
-            raise generator_failure(samples_queue, process)
+            raise generator_failure(samples_queue, process) from None
         if "error" in message:
             raise GeneratorError("the generator process crashed:\n" + message["error"])
         return message
@@ -743,18 +1385,6 @@ def generator_failure(samples_queue, process) -> GeneratorError:
     return GeneratorError("the generator process crashed:\n" + message["error"])
 
 
-def check_reloads(checks, tolerance: float):
-    """The generator's (version, gap) for every snapshot it loaded: vLLM, with the pushed weights, against the
-    trainer on the probe completion. A sync run checks every push at lag 0 too; an async run only this way."""
-    for version, gap in checks:
-        if gap > tolerance:
-            raise WeightSyncError(
-                f"the weight sync is broken: after loading policy version {version}, vLLM's log-probs of the probe "
-                f"completion differ from the trainer's by {gap:.3g} per token on average, more than "
-                f"--logprob_gap_tolerance {tolerance:g}; vLLM is not serving the pushed weights."
-            )
-
-
 def wait_for_snapshot_slot(snapshot_free, samples_queue, process) -> float:
     """Wait until the generator is done with the last snapshot; returns the seconds waited."""
     t = time.time()
@@ -764,416 +1394,90 @@ def wait_for_snapshot_slot(snapshot_free, samples_queue, process) -> float:
     return time.time() - t
 
 
-def load_policy(path: str, device, gradient_checkpointing: bool):
-    """The policy, ready to train. Train mode, since transformers recomputes activations under gradient
-    checkpointing only in train mode; but every dropout probability is 0, as in the paper's code and TRL, so
-    that its log-probs are those of the reference and of vLLM. Dropout kept in the config (attention dropout,
-    read when a layer is built) is zeroed before loading, dropout modules after."""
-    config = AutoConfig.from_pretrained(path)
-    for key, value in config.to_dict().items():
-        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
-            setattr(config, key, 0.0)
-    policy = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).to(device)
-    for module in policy.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return policy.train()
+class GeneratorLink:
+    """Rank 0's end of the generator's queues (see the generator), and the generator process itself."""
+
+    def __init__(self, process, weights_queue, samples_queue, snapshot_free, stop, pending: list):
+        self.process = process
+        self.weights_queue = weights_queue
+        self.samples_queue = samples_queue
+        self.snapshot_free = snapshot_free
+        self.stop_event = stop
+        self.pending = deque(pending)  # batches sampled before a checkpoint, restored from it: trained on first
+        self.ready = False
+        self.snapshot = None  # the last snapshot pushed; its sender must keep a CUDA tensor alive while it is used
+        self.snapshot_gb = 0.0
+
+    def receive(self) -> dict:
+        return receive(self.samples_queue, self.process)
+
+    def wait_until_ready(self):
+        if not self.ready:
+            assert self.receive() == {"ready": True}
+            self.ready = True
+
+    def next_batch(self) -> dict:
+        return self.pending.popleft() if self.pending else self.receive()
+
+    def batches_ahead(self, n: int) -> list:
+        """The next n batches, received now if need be; next_batch returns them still."""
+        while len(self.pending) < n:
+            self.pending.append(self.receive())
+        return list(self.pending)
+
+    def wait_for_snapshot_slot(self):
+        wait_for_snapshot_slot(self.snapshot_free, self.samples_queue, self.process)
+        self.snapshot = None
+        if torch.cuda.is_available():
+            torch.cuda.ipc_collect()  # give back the memory of the snapshot the generator let go of
+
+    def push(self, snapshot: dict):
+        self.snapshot = snapshot
+        buffer = snapshot["snapshot"][0]
+        self.snapshot_gb = buffer.numel() * buffer.itemsize / 1e9
+        self.weights_queue.put(snapshot)
+
+    def stop(self, ranks: list):
+        """Stop the generator and the other trainer ranks, however the run ended."""
+        self.stop_event.set()
+        for r in ranks:
+            r.kill()
+        self.weights_queue.cancel_join_thread()  # don't block exit on snapshots the generator never read
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
 
 
-def watch_ranks(ranks, stop, generator_process):
+def collective_failure(args: Args, error: Exception) -> str:
+    return (
+        f"a trainer rank failed, or waited longer than --dist_timeout {args.dist_timeout}s for the others in a "
+        f"collective ({type(error).__name__}: {str(error).splitlines()[0]})"
+    )
+
+
+def trainer_process(args: Args, rank: int, base_model: str, checkpoint: str | None, cores: list[int]):
+    """Trainer ranks 1..R-1 run this: `train`, exiting quietly on failure, as rank 0 reports it."""
+    try:
+        train(args, rank, base_model, checkpoint, cores)
+    except (KeyboardInterrupt, GeneratorError, WeightSyncError, dist.DistError):
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def watch_ranks(ranks: list, link: GeneratorLink):
     """Rank 0's watchdog. NCCL notices a dead rank only after --dist_timeout, so rank 0, waiting for it in a
     collective, would hang that long. If a rank dies and rank 0 has not stopped the run itself within 10 s (it
     may be handling the same failure), this stops everything. Checkpoints are whole: they are renamed when done."""
-    while not stop.wait(1):
+    while not link.stop_event.wait(1):
         dead = [(r, p.exitcode) for r, p in enumerate(ranks, 1) if p.exitcode not in (None, 0)]
-        if dead and not stop.wait(10):
+        if dead and not link.stop_event.wait(10):
             print(f"error: trainer rank {dead[0][0]} died (exit code {dead[0][1]}); stopped the run.", file=sys.stderr)
-            for p in [*ranks, generator_process]:
+            for p in [*ranks, link.process]:
                 p.kill()
             os._exit(1)
 
 
-def latest_checkpoint(run_dir: str):
-    """The newest complete checkpoint: a half-written one still has its temporary name, so it is never picked."""
-    found = sorted(glob.glob(os.path.join(run_dir, "checkpoint-*")))
-    return found[-1] if found else None
-
-
-def main(args: Args, rank: int = 0, port: int = 0, run_dir: str = ""):
-    if rank == 0 and args.resume:  # continue with the flags the run was started with
-        if not latest_checkpoint(args.resume):
-            sys.exit(f"error: --resume {args.resume!r} has no checkpoint-* folder; start runs with --save_every N to write them.")
-        with open(os.path.join(args.resume, "args.json")) as f:
-            args = Args(**{**json.load(f), "resume": args.resume})
-    if rank == 0:
-        check_args(args)
-    world, t_start = args.trainer_ranks, time.time()
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    base_model = args.model_name_or_path or warm_start(args)  # the reference policy, where training starts
-    checkpoint = latest_checkpoint(args.resume) if args.resume else None
-    model_path = os.path.join(checkpoint, "model") if checkpoint else base_model
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-
-    # Placement: the generator gets GPU 0; trainer rank r gets GPU r + 1, or shares GPU 0 on a one-GPU
-    # machine. On a CPU each process is pinned to its own cores, so they run side by side without contention.
-    cuda = torch.cuda.is_available()
-    if cuda:
-        device, generator_cores = torch.device(f"cuda:{rank + 1 if torch.cuda.device_count() > 1 else 0}"), []
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        generator_cores, trainer_cores = split_cpu_cores(args.cpu_share_cores)
-        pin_to_cores(trainer_cores[rank::world] or trainer_cores)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32  # of the reference policy and of vLLM's weights
-    # Read to CPU memory, wherever it was saved (GPU 1 of a bigger machine, say); each part is dropped once
-    # it is restored, so no second copy of the Adam state stays alive for the whole run.
-    state = torch.load(os.path.join(checkpoint, "trainer.pt"), map_location="cpu", weights_only=False, mmap=True) if checkpoint else {}
-    start = state.get("version", 0)  # the policy version we start from; batch `start` is trained next
-    eos_ids = stop_token_ids(base_model, tokenizer)
-    if rank == 0:
-        train_prompts, eval_prompts, references = load_prompts(args)
-        max_model_len = check_lengths(args, base_model, tokenizer, eval_prompts + (train_prompts or []))
-        time_warm_start = time.time() - t_start
-        run_dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
-        os.makedirs(run_dir, exist_ok=bool(checkpoint))
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-        # A resumed run forgets what was logged after its checkpoint, then carries on as if never stopped.
-        for name in ("metrics.jsonl", "samples.jsonl") if checkpoint else ():
-            os.truncate(os.path.join(run_dir, name), state["offsets"][name])
-        metrics_file, samples_file = (open(os.path.join(run_dir, name), "a") for name in ("metrics.jsonl", "samples.jsonl"))
-        logged = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-        step_log, eval_log = [r for r in logged if "step" in r], [r for r in logged if "eval/version" in r]
-        version_time = state.get("version_time", {0: 0.0})  # seconds from the start until version v existed
-        t_start -= state.get("elapsed", 0.0)
-        pending = deque(state.pop("pending", []))  # batches sampled before the checkpoint, not yet trained on
-        if args.track:
-            import wandb
-
-            wandb.init(name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True)
-        writer = SummaryWriter(run_dir, purge_step=start if checkpoint else None)
-        mode = f"async, generator {args.async_steps} batch(es) ahead" if args.async_steps else "synchronous"
-        print(f"run {run_dir}: {mode}; {world} trainer rank(s) on {device}, policy from {model_path}")
-
-        # Start the generator. It loads the model from disk once; after that, weights arrive by queue.
-        ctx = mp.get_context("spawn")
-        weights_queue, samples_queue, snapshot_free, stop = ctx.Queue(), ctx.Queue(), ctx.Semaphore(1), ctx.Event()
-        settings = dict(args=args, model_path=model_path, start_version=start, first_batch=start + len(pending),
-                        max_model_len=max_model_len, cpu_cores=generator_cores)  # fmt: skip
-        queues = dict(weights_queue=weights_queue, snapshot_free=snapshot_free, samples_queue=samples_queue, stop=stop)
-        process = ctx.Process(target=generator, kwargs=settings | queues, daemon=True)
-        process.start()
-        with socket.socket() as s:  # a free port for torch.distributed
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ranks = [ctx.Process(target=main, args=(args, r, port, run_dir), daemon=True) for r in range(1, world)]
-        for r in ranks:
-            r.start()
-        threading.Thread(target=watch_ranks, args=(ranks, stop, process), daemon=True).start()
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops every process, as Ctrl-C does
-    try:
-        # On one GPU, vLLM sizes its KV cache from the memory that is free while it starts, so whatever the
-        # trainer allocated meanwhile would be taken from vLLM, or trip its check. It says when it is ready.
-        shares_gpu = cuda and torch.cuda.device_count() == 1
-        if rank == 0 and shares_gpu:
-            receive(samples_queue, process)  # "ready"
-        timeout = datetime.timedelta(seconds=args.dist_timeout)
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timeout)  # fmt: skip
-        reward_fn = load_reward(args, args.reward_model_path, device, tokenizer, eos_ids)  # each rank scores its share
-        if rank == 0:
-            gold_fn = load_reward(args, args.gold_reward_model_path, device, tokenizer, eos_ids) if args.gold_reward_model_path else reward_fn
-            eval_prompt_ids = tokenize(tokenizer, eval_prompts)
-            if references:  # the eval prompts never change: score the references once. They are whole answers, with EOS.
-                reference_ids = [ids + [tokenizer.eos_token_id] for ids in tokenize(tokenizer, references)]
-                ref_gold = gold_fn(eval_prompts, eval_prompt_ids, reference_ids)
-        policy = load_policy(model_path, device, args.gradient_checkpointing)
-        ref_policy = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device).eval().requires_grad_(False)
-        if args.fsdp:  # FSDP2: a rank keeps 1/R of every weight, gradient and Adam moment; a layer gathers its
-            for model in (policy, ref_policy):  # full weights only while it runs
-                for module in model.modules():
-                    if type(module).__name__ in (model._no_split_modules or []):
-                        fully_shard(module)
-                fully_shard(model)
-            forward = policy
-        else:
-            forward = DistributedDataParallel(policy)  # averages the gradients over ranks during backward
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / args.num_steps)
-        if checkpoint:
-            if args.fsdp:
-                set_optimizer_state_dict(policy, optimizer, state.pop("optimizer"), options=StateDictOptions(full_state_dict=True))
-            else:
-                optimizer.load_state_dict(state.pop("optimizer"))
-            scheduler.load_state_dict(state.pop("scheduler"))
-            rng = state.pop("rng")
-            random.setstate(rng["python"])
-            torch.set_rng_state(rng["torch"])
-        if rank == 0 and not shares_gpu:
-            receive(samples_queue, process)  # "ready"; vLLM started while we loaded the models
-        tolerance = args.logprob_gap_tolerance or (0.1 if args.bf16 else 1e-3)
-        snapshot_gb = sum(w.numel() for w in snapshot_weights(policy).values()) * dtype.itemsize / 1e9  # one snapshot
-        load_times = []  # seconds the generator took to load each snapshot it loaded
-
-        def full_weights():
-            """The whole float32 policy on rank 0, to save. Under FSDP every rank helps gather it into CPU memory."""
-            if args.fsdp:
-                return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return {name: w.detach().clone() for name, w in policy.state_dict().items()} if rank == 0 else {}
-
-        def save_checkpoint(version):
-            """Everything a resumed run needs, written under a temporary name and renamed in one step when
-            complete: a kill during the save leaves the previous checkpoint whole."""
-            weights = full_weights()
-            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            optimizer_state = get_optimizer_state_dict(policy, optimizer, options=full) if args.fsdp else optimizer.state_dict()
-            if rank != 0:
-                return
-            while len(pending) < min(args.async_steps, args.num_steps - version):  # sampled by older versions:
-                pending.append(receive(samples_queue, process))  # a resumed generator could not redo them
-            metrics_file.flush(), samples_file.flush()
-            tmp, final = os.path.join(run_dir, f".tmp-checkpoint-{version:06d}"), os.path.join(run_dir, f"checkpoint-{version:06d}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            policy.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
-            tokenizer.save_pretrained(os.path.join(tmp, "model"))
-            torch.save({
-                "version": version, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, "pending": list(pending),
-                "offsets": {"metrics.jsonl": metrics_file.tell(), "samples.jsonl": samples_file.tell()},
-                "version_time": version_time, "elapsed": time.time() - t_start,
-            }, os.path.join(tmp, "trainer.pt"))  # fmt: skip
-            os.replace(tmp, final)
-            for old in glob.glob(os.path.join(run_dir, "checkpoint-*")):
-                if old != final:
-                    shutil.rmtree(old)
-
-        def log_evals(evals):
-            """Score held-out completions with the gold reward; the KL beside it is from version v's training batch."""
-            for e in evals:
-                completions = tokenizer.batch_decode(e["response_ids"], skip_special_tokens=True)
-                rewards = gold_fn(e["prompts"], e["prompt_ids"], e["response_ids"])
-                kl = step_log[min(e["version"], len(step_log) - 1)]["objective/kl"] if step_log else 0.0
-                row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl,
-                       "eval/wall_time": version_time[e["version"]]}  # fmt: skip
-                if references:  # the paper's win-rate: how often the gold reward prefers ours to the reference
-                    row["eval/win_rate"] = sum((r > g) + 0.5 * (r == g) for r, g in zip(rewards, ref_gold)) / len(rewards)
-                eval_log.append(row)
-                for name, value in row.items():
-                    writer.add_scalar(name, value, e["version"])
-                metrics_file.write(json.dumps(row) + "\n")
-                shown = list(zip(e["prompts"], completions, ended(e["response_ids"], eos_ids), rewards))[:4]
-                for p, c, eos, r in shown:
-                    sample = {"version": e["version"], "prompt": p, "completion": c, "eos": eos, "gold": r}
-                    samples_file.write(json.dumps(sample) + "\n")
-                examples = "  ".join((p + c)[-40:] for p, c, _, _ in shown)
-                print(f"eval  policy v{e['version']:<4d} gold reward {row['eval/gold_reward']:.3f}  kl {kl:5.2f}  e.g. {examples}")
-
-        # ------------------------------------------------------------------------------------------------
-        # The loop: one update per batch.
-        for step in range(start, args.num_steps):
-            # 1. Get a batch: rank 0 takes it from the generator (it was sampled by policy version
-            #    max(0, step - N)) and hands it to the other ranks. Each rank keeps its share of the prompts.
-            t0 = time.time()
-            batch = [(pending.popleft() if pending else receive(samples_queue, process)) if rank == 0 else None]
-            dist.broadcast_object_list(batch, src=0)
-            batch, t1 = batch[0], time.time()
-            P, k = args.batch_size // world, args.num_samples
-            prompts, prompt_ids = batch["prompts"][rank * P : (rank + 1) * P], batch["prompt_ids"][rank * P : (rank + 1) * P]
-            responses = batch["response_ids"][rank * P * k : (rank + 1) * P * k]  # the k samples of a prompt side by side
-            sampler_logps = batch["logprobs"][rank * P * k : (rank + 1) * P * k]  # vLLM's, of each sampled token
-            check_reloads(batch["checks"], tolerance)  # before training on a batch that vLLM sampled with them
-
-            # 2. Score every completion with the reward; a completion with no EOS gets the penalty instead.
-            has_eos = torch.tensor(ended(responses, eos_ids))
-            repeat = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731, a prompt for each of its k samples
-            gold = torch.tensor(reward_fn(repeat(prompts), repeat(prompt_ids), responses), dtype=torch.float)
-            scores = apply_missing_eos_penalty(gold, has_eos, args.missing_eos_penalty).view(P, k)
-
-            # 3. Pick chosen (best) and rejected (worst) per prompt; drop ties, they carry no preference.
-            #    Every rank must run as many micro-batches as the others (DDP and FSDP exchange data in each),
-            #    so a rank with fewer pairs pads with copies that weigh 0.
-            chosen, rejected, valid = select_pairs(scores)
-            chosen, rejected, pairs = chosen.tolist(), rejected.tolist(), valid.nonzero().squeeze(1).tolist()
-            counts = [None] * world
-            dist.all_gather_object(counts, len(pairs))
-            weights = torch.tensor([1.0] * len(pairs) + [0.0] * (max(counts) - len(pairs)))
-            pairs += [0] * (max(counts) - len(pairs))
-
-            # 4. DPO loss on summed response log-probs of policy and reference, one update per batch. DDP and
-            #    FSDP average gradients over ranks, so each rank scales its summed loss by R / (pairs in the
-            #    whole batch): the update is the mean over all pairs, whatever the micro-batch size or R.
-            stats = {"loss": [], "chosen_logps": [], "rejected_logps": [], "ref_chosen_logps": [], "ref_rejected_logps": []}
-            gap = torch.zeros(2, device=device)  # sum of |log π_trainer - log π_vLLM| over sampled tokens, and their count
-            for begin in range(0, len(pairs), args.micro_batch_size):
-                mb, w = pairs[begin : begin + args.micro_batch_size], weights[begin : begin + args.micro_batch_size].to(device)
-                rows = [i * k + chosen[i] for i in mb] + [i * k + rejected[i] for i in mb]  # completions, (2M,)
-                ids, mask = pad_batch([prompt_ids[j // k] for j in rows], [responses[j] for j in rows])  # (2M, P + R)
-                input_ids, attention_mask = ids.to(device), mask.to(device)
-                width = max(len(responses[j]) for j in rows)
-                response_mask = attention_mask[:, -width:]  # (2M, R)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    token_logps = token_logprobs(forward, input_ids, attention_mask, width, args.temperature)  # (2M, R)
-                    with torch.no_grad():
-                        ref_token_logps = token_logprobs(ref_policy, input_ids, attention_mask, width, args.temperature)
-                logps, ref_logps = (token_logps * response_mask).sum(1), (ref_token_logps * response_mask).sum(1)  # (2M,)
-                # The same tokens' log-probs under the policy that sampled them, from vLLM; a padding pair weighs 0.
-                real = response_mask.bool()  # row by row, these are the tokens of sampler_logps[j], in order
-                token_gap = (token_logps.detach()[real] - torch.tensor([x for j in rows for x in sampler_logps[j]], device=device)).abs()
-                token_weight = torch.cat([w, w]).repeat_interleave(real.sum(1))
-                gap += torch.stack([(token_gap * token_weight).sum(), token_weight.sum()])
-                chosen_logps, rejected_logps = logps.chunk(2)
-                ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2)
-                losses = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta, args.loss_type)
-                ((losses * w).sum() * world / sum(counts)).backward()
-                for name, value in zip(stats, (losses, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)):
-                    stats[name].append(value[w > 0].detach().float().cpu())
-            # The weight-sync check. At lag 0, vLLM sampled with the weights the trainer holds, so the two agree on
-            # the log-probs up to float error; if not, vLLM is not serving what was pushed: stop before training
-            # on it. At lag N the gap measures how far the policy moved from the sampler: how off-policy we are.
-            dist.all_reduce(gap)
-            logprob_gap = (gap[0] / gap[1]).item()  # NaN when every pair tied
-            if batch["version"] == step and logprob_gap > tolerance:
-                raise WeightSyncError(
-                    f"the weight sync is broken: batch {step} was sampled by policy version {step}, the very weights the "
-                    f"trainer holds, yet the trainer's log-probs of its tokens differ from vLLM's by {logprob_gap:.3g} per "
-                    f"token on average, more than --logprob_gap_tolerance {tolerance:g}; vLLM is not serving the pushed weights."
-                )
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()  # with every pair tied there are no gradients, and AdamW leaves the weights be
-            scheduler.step()
-            optimizer.zero_grad()
-            t2 = time.time()
-
-            # 5. Push the new weights; the generator loads them for batch step + 1 + N. One snapshot at a time:
-            #    the next is made only once the generator is done with the last. We hold on to the last until
-            #    then: torch requires the sender of a CUDA tensor to keep it alive while the receiver uses it.
-            if rank == 0:
-                wait_for_snapshot_slot(snapshot_free, samples_queue, process)
-                snapshot = None
-                if cuda:
-                    torch.cuda.ipc_collect()  # give back the memory of the snapshot the generator let go of
-            t_push = time.time()
-            # The probe: the new policy's log-probs of the batch's longest completion, which the generator compares
-            # with vLLM's once it has loaded these weights. Its last token is left out: vLLM needs room for one
-            # more in the context. Only the ranks that make the snapshot do this (under FSDP, all of them).
-            if args.fsdp or rank == 0:
-                j = max(range(len(batch["response_ids"])), key=lambda j: len(batch["response_ids"][j]))
-                probe = {"prompt_ids": batch["prompt_ids"][j // k], "response_ids": batch["response_ids"][j][:-1]}
-                ids, mask = (t.to(device) for t in pad_batch([probe["prompt_ids"]], [probe["response_ids"]]))
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    width = len(probe["response_ids"])  # 0 when every completion was a lone EOS: nothing to probe
-                    probe["logprobs"] = token_logprobs(policy, ids, mask, width, 1.0)[0].tolist() if width else []
-                snapshot = pack_weights(policy, dtype, device, rank)
-            if rank == 0:
-                weights_queue.put({"version": step + 1, "snapshot": snapshot, "probe": probe})
-            t3 = time.time()
-
-            # 6. Log one dict and one line per step, over all ranks' shares. Means over no pairs (all tied) are NaN.
-            mine = {"scores": scores, "gold": gold, "has_eos": has_eos.float(), "valid": valid.float()}
-            mine |= {name: torch.cat(values) if values else torch.zeros(0) for name, values in stats.items()}
-            gathered = [None] * world
-            dist.all_gather_object(gathered, mine)
-            if rank == 0:
-                s = {name: torch.cat([g[name] for g in gathered]) for name in mine}
-                chosen_ratio, rejected_ratio = s["chosen_logps"] - s["ref_chosen_logps"], s["rejected_logps"] - s["ref_rejected_logps"]
-                metrics = {
-                    "async/learner_version": step, "async/batch_version": batch["version"], "async/lag": step - batch["version"],
-                    "async/logprob_gap": logprob_gap,
-                    "async/reload_gap": max((gap for _, gap in batch["checks"]), default=float("nan")),
-                    "objective/loss": s["loss"].mean().item(),
-                    "objective/kl": torch.cat([chosen_ratio, rejected_ratio]).mean().item(),
-                    "objective/grad_norm": grad_norm.item(), "objective/lr": lr,
-                    "rewards/score": s["scores"].mean().item(), "rewards/gold": s["gold"].mean().item(),
-                    "rewards/chosen_score": s["scores"].max(1).values.mean().item(),
-                    "rewards/rejected_score": s["scores"].min(1).values.mean().item(),
-                    "rewards/missing_eos_frac": 1 - s["has_eos"].mean().item(), "rewards/tie_frac": 1 - s["valid"].mean().item(),
-                    "rewards/dpo_margin": (args.beta * (chosen_ratio - rejected_ratio)).mean().item(),
-                    "rewards/dpo_accuracy": (chosen_ratio > rejected_ratio).float().mean().item(),
-                    "logps/chosen": s["chosen_logps"].mean().item(), "logps/rejected": s["rejected_logps"].mean().item(),
-                    "time/wait_samples": t1 - t0, "time/train": t2 - t1, "time/wait_push": t_push - t2,
-                    "time/push_weights": t3 - t_push, "time/step": t3 - t0,
-                    **{f"time/{key}": sum(b - a for what, a, b in batch["spans"] if what == span) for key, span in
-                       [("generate", "generate"), ("load_weights", "load"), ("wait_weights", "wait"), ("eval", "eval")]},
-                }
-                step_log.append(metrics)
-                load_times += [b - a for what, a, b in batch["spans"] if what == "load"]
-                for name, value in metrics.items():
-                    writer.add_scalar(name, value, step)
-                timeline = {  # who did what when, in seconds since the start, for the benchmark's timeline plot
-                    "generator": [(what, a - t_start, b - t_start, batch["version"]) for what, a, b in batch["spans"]],
-                    "trainer": [(what, a - t_start, b - t_start, step) for what, a, b in [("wait", t0, t1), ("train", t1, t2), ("push", t2, t3)]],
-                }
-                version_time[step + 1] = t3 - t_start
-                metrics_file.write(json.dumps({"step": step, **metrics, "timeline": timeline}) + "\n")
-                m = metrics
-                print(f"step {step + 1:3d}/{args.num_steps}  policy v{step:<3d} on batch v{batch['version']:<3d} (lag {m['async/lag']})  "
-                      f"loss {m['objective/loss']:.3f}  kl {m['objective/kl']:5.2f}  score {m['rewards/score']:.3f}  gen "
-                      f"{m['time/generate'] + m['time/load_weights']:.2f}s  train {m['time/train'] + m['time/push_weights']:.2f}s  "
-                      f"wait {m['time/wait_samples']:.2f}s")  # fmt: skip
-                log_evals(batch["evals"])
-            if args.save_every and (step + 1) % args.save_every == 0:
-                save_checkpoint(version=step + 1)
-
-        final_weights = full_weights()
-        if rank != 0:
-            return
-        last = receive(samples_queue, process)
-        check_reloads(last["checks"], tolerance)
-        log_evals(last["evals"])  # the generator evaluates the final policy
-        load_times += [b - a for what, a, b in last["spans"] if what == "load"]
-    except KeyboardInterrupt:
-        sys.exit("interrupted: stopped the trainer and the generator" if rank == 0 else 1)
-    except (GeneratorError, WeightSyncError) as error:
-        sys.exit(f"error: {error}" if rank == 0 else 1)
-    except dist.DistError as error:
-        sys.exit(f"error: a trainer rank failed, or waited longer than --dist_timeout {args.dist_timeout}s for the "
-                 f"others in a collective ({type(error).__name__}: {str(error).splitlines()[0]})" if rank == 0 else 1)  # fmt: skip
-    finally:
-        if rank == 0:
-            stop.set()
-            for r in ranks:
-                r.kill()
-            weights_queue.cancel_join_thread()  # don't block exit on snapshots the generator never read
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-            metrics_file.close(), samples_file.close(), writer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-    # ------------------------------------------------------------------------------------------------
-    # Save the model and summarise where the time went.
-    policy.save_pretrained(os.path.join(run_dir, "model"), state_dict=final_weights)
-    tokenizer.save_pretrained(os.path.join(run_dir, "model"))
-    steady = step_log[1:] or step_log  # step 1 also waits for vLLM to start, so it is left out
-    mean = {key: sum(m[key] for m in steady) / len(steady) for key in steady[0] if key.startswith("time/")}
-    G = mean["time/generate"] + mean["time/load_weights"] + mean["time/eval"]
-    T = mean["time/train"] + mean["time/push_weights"]
-    summary = {
-        "wall_time": time.time() - t_start, "warm_start_time": time_warm_start, "time_per_step": mean["time/step"],
-        "generate_per_step": G, "train_per_step": T, "trainer_wait_per_step": mean["time/wait_samples"],
-        "generator_wait_per_step": mean["time/wait_weights"], "load_weights_per_step": mean["time/load_weights"],
-        "push_weights_per_step": mean["time/push_weights"], "snapshot_gb": snapshot_gb,
-        "push_gb_per_s": snapshot_gb / mean["time/push_weights"],
-        "load_gb_per_s": snapshot_gb / (sum(load_times) / len(load_times)) if load_times else None,
-        "speedup_achieved": (G + T) / mean["time/step"], "speedup_ideal": (G + T) / max(G, T),
-        "eval_gold_reward_start": eval_log[0]["eval/gold_reward"], "eval_gold_reward_end": eval_log[-1]["eval/gold_reward"],
-        "kl_end": step_log[-1]["objective/kl"], "lags": [m["async/lag"] for m in step_log],
-    }  # fmt: skip
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"\ndone in {summary['wall_time']:.1f}s (warm start {time_warm_start:.1f}s). Per step: {summary['time_per_step']:.2f}s; "
-          f"generating {G:.2f}s, training {T:.2f}s; trainer waited {summary['trainer_wait_per_step']:.2f}s.\n"
-          f"weights: {snapshot_gb:.3f} GB a snapshot, pushed at {summary['push_gb_per_s']:.2f} GB/s, loaded into vLLM at "
-          f"{summary['load_gb_per_s'] or 0:.2f} GB/s.\n"
-          f"overlap speedup (G+T)/step: achieved {summary['speedup_achieved']:.2f}x, ideal (G+T)/max(G,T) {summary['speedup_ideal']:.2f}x.\n"
-          f"eval gold reward {summary['eval_gold_reward_start']:.3f} -> {summary['eval_gold_reward_end']:.3f}, "
-          f"final KL {summary['kl_end']:.2f}. Model and logs in {run_dir}")  # fmt: skip
-
-
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, use_underscores=True))

@@ -23,7 +23,12 @@ import tyro
 from async_online_dpo import Args, main
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, default=Args(exp_name="sync_baseline", async_steps=0), description=__doc__)
+    args = tyro.cli(
+        Args, default=Args(exp_name="sync_baseline", async_steps=0), description=__doc__, use_underscores=True
+    )
     if args.async_steps != 0:
-        sys.exit("error: sync_baseline.py always runs with --async_steps 0; use async_online_dpo.py --async_steps N to run ahead.")
+        sys.exit(
+            "error: sync_baseline.py always runs with --async_steps 0; use async_online_dpo.py --async_steps N to run "
+            "ahead."
+        )
     main(args)

@@ -45,21 +45,20 @@ class ThroughputArgs:
 
 
 def vllm_engine(args: A.Args, model_path: str, cores: list[int]):
-    """vLLM set up exactly as generator() in async_online_dpo.py sets it up on a CPU."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_CACHE_ROOT"] = os.path.abspath(os.path.join(args.cache_dir, "vllm"))
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.vllm_cpu_kv_cache_gib)
-    os.environ["OMP_NUM_THREADS"] = str(len(cores))
-    A.pin_to_cores(cores)
+    """vLLM set up as generator() in async_online_dpo.py sets it up on a CPU."""
+    A.set_up_generator_process(args, cores)
     from vllm import LLM, SamplingParams
 
-    max_model_len = A.check_lengths(args, model_path, AutoTokenizer.from_pretrained(model_path), [])
+    max_model_len = A.check_lengths(args, model_path, AutoTokenizer.from_pretrained(model_path), None, [])
     llm = LLM(
-        model=model_path, dtype="float32", seed=args.seed, max_model_len=max_model_len,
-        enforce_eager=True, enable_prefix_caching=False,
+        model=model_path,
+        dtype="float32",
+        seed=args.seed,
+        max_model_len=max_model_len,
+        enforce_eager=True,
+        enable_prefix_caching=False,
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-    )  # fmt: skip
+    )
     params = SamplingParams(n=args.num_samples, temperature=args.temperature, max_tokens=args.response_length)
 
     def generate(prompts: list[str]) -> int:
@@ -82,10 +81,16 @@ def transformers_engine(args: A.Args, model_path: str, cores: list[int]):
     def generate(prompts: list[str]) -> int:
         inputs = tokenizer(prompts, return_tensors="pt", padding=True)
         sequences = model.generate(
-            **inputs, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-            max_new_tokens=args.response_length, num_return_sequences=args.num_samples,
-            eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
+            **inputs,
+            do_sample=True,
+            temperature=args.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=args.response_length,
+            num_return_sequences=args.num_samples,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         completions = sequences[:, inputs["input_ids"].shape[1] :]  # (B*k, <= response_length)
         # A finished row is padded to the longest one: count its tokens up to and including the first EOS.
         is_eos = completions == eos
@@ -96,9 +101,9 @@ def transformers_engine(args: A.Args, model_path: str, cores: list[int]):
 
 
 if __name__ == "__main__":
-    bench = tyro.cli(ThroughputArgs)
-    args = A.Args(cache_dir=bench.cache_dir, sft_steps=bench.sft_steps, batch_size=bench.batch_size,
-                  num_samples=bench.num_samples, seed=bench.seed)  # fmt: skip
+    bench = tyro.cli(ThroughputArgs, use_underscores=True)
+    sizes = dict(batch_size=bench.batch_size, num_samples=bench.num_samples)
+    args = A.Args(cache_dir=bench.cache_dir, sft_steps=bench.sft_steps, seed=bench.seed, **sizes)
     model_path = A.warm_start(args)
     cores = A.split_cpu_cores()[0]  # the generator's cores in a training run
     make_engine = vllm_engine if bench.engine == "vllm" else transformers_engine
@@ -108,9 +113,9 @@ if __name__ == "__main__":
     t = time.time()
     tokens = sum(generate(batch) for batch in prompts[1:])
     seconds = time.time() - t
-    result = {"engine": bench.engine, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-              "cores": cores, "threads": torch.get_num_threads(), "temperature": args.temperature,
-              "response_length": args.response_length, "model": model_path, **asdict(bench)}  # fmt: skip
+    result = {"engine": bench.engine, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
+    result |= {"cores": cores, "threads": torch.get_num_threads(), "temperature": args.temperature}
+    result |= {"response_length": args.response_length, "model": model_path, **asdict(bench)}
     with open(bench.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"{bench.engine}: {tokens} tokens in {seconds:.2f}s, {tokens / seconds:.0f} tokens/s on cores {cores}")

@@ -20,20 +20,14 @@ from transformers import (
 )
 
 import async_online_dpo as A
-from conftest import ROOT
+from conftest import ROOT, wrapper_script
 from test_end_to_end import TINY, read_run, run_script
 from test_failures import processes_with, start
 
 
-def run_wrapped(tmp_path, prelude, *flags, script="async_online_dpo.py", timeout=300):
-    """Run the script's main through a wrapper file whose top level runs `prelude` first. The generator is spawned,
-    so it imports this file again as __mp_main__: a patch in the prelude reaches the generator too."""
-    wrapper = tmp_path / f"wrapper_{uuid.uuid4().hex[:8]}.py"
-    wrapper.write_text(
-        f"import sys\nsys.path.insert(0, {ROOT!r})\nimport torch\nimport tyro\nimport async_online_dpo as A\n{prelude}\n"
-        "if __name__ == '__main__':\n    A.main(tyro.cli(A.Args))\n"
-    )
-    cmd = [sys.executable, str(wrapper), *TINY, "--output_dir", str(tmp_path / "out"), *flags]
+def run_wrapped(tmp_path, prelude, *flags, timeout=300):
+    """Run the script's main through a wrapper file whose top level runs `prelude` first."""
+    cmd = [sys.executable, wrapper_script(tmp_path, prelude), *TINY, "--output_dir", str(tmp_path / "out"), *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -66,8 +60,14 @@ def test_gradient_checkpointing_recomputes_every_layer(cache_dir, model_path, tm
 
 def test_the_policy_trains_in_train_mode_with_no_dropout(tmp_path):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         attention_dropout=0.5)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=16,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        attention_dropout=0.5,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
     policy = A.load_policy(str(tmp_path / "m"), "cpu", gradient_checkpointing=True)
     assert policy.training and policy.is_gradient_checkpointing
@@ -85,9 +85,16 @@ def make_eos_reward_model(path, tokenizer, pad_is_eos=True):
     residual stream, so the score head reads the embedding of the last token, and only EOS has a component along
     the direction it reads. Its pad token is its EOS, as in tokenizers that have no pad token of their own."""
     eos = tokenizer.eos_token_id
-    config = LlamaConfig(vocab_size=max(tokenizer.get_vocab().values()) + 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=128, num_labels=1,
-                         pad_token_id=eos if pad_is_eos else None)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=max(tokenizer.get_vocab().values()) + 1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        num_labels=1,
+        pad_token_id=eos if pad_is_eos else None,
+    )
     model = LlamaForSequenceClassification(config)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -108,8 +115,13 @@ def other_tokenizer():
     """A tokenizer with other ids and another vocabulary than the built-in policy's, which puts its BOS in front
     of every text by default, as Llama's does."""
     vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, "<s>": 3} | {c: 10 + i for i, c in enumerate(reversed(A.LETTERS + "="))}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-                                        pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>")  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        bos_token="<s>",
+    )
     tokenizer._tokenizer.decoder = decoders.Fuse()
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
     return tokenizer
@@ -142,8 +154,19 @@ def test_reward_model_reads_its_score_at_eos(model_path, tmp_path, same_tokenize
 def test_a_run_scores_with_the_reward_model_at_eos(cache_dir, model_path, tmp_path):
     """End to end, with the penalty off: the reward is 1 exactly for the completions that ended."""
     rm = make_eos_reward_model(tmp_path / "rm", AutoTokenizer.from_pretrained(model_path))
-    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", "--num_steps", "2", "--eval_every", "1",
-                        "--reward_model_path", rm, "--missing_eos_penalty", "None")  # fmt: skip
+    result = run_script(
+        "async_online_dpo.py",
+        cache_dir,
+        tmp_path / "out",
+        "--num_steps",
+        "2",
+        "--eval_every",
+        "1",
+        "--reward_model_path",
+        rm,
+        "--missing_eos_penalty",
+        "None",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, steps, evals = read_run(tmp_path / "out")
     for s in steps:  # with the penalty off, the score is the reward model's alone
@@ -179,8 +202,19 @@ def test_prompts_reach_vllm_with_the_one_bos_they_were_written_with(cache_dir, m
     prompts = ["<s>" + p for p in A.builtin_prompts(A.random.Random(3), 48)]  # ...to prompts that have one already
     with open(tmp_path / "data.jsonl", "w") as f:
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
-    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", "--model_name_or_path", path,
-                        "--dataset", str(tmp_path / "data.jsonl"), "--async_steps", "0", "--num_steps", "2")  # fmt: skip
+    result = run_script(
+        "async_online_dpo.py",
+        cache_dir,
+        tmp_path / "out",
+        "--model_name_or_path",
+        path,
+        "--dataset",
+        str(tmp_path / "data.jsonl"),
+        "--async_steps",
+        "0",
+        "--num_steps",
+        "2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning" not in result.stderr  # the prompts carry their BOS: nothing to warn about
     _, steps, _ = read_run(tmp_path / "out")
@@ -210,8 +244,24 @@ def test_eval_split_and_length_then_resume_a_gpu_checkpoint_on_a_cpu(cache_dir, 
         with open(data / f"{split}.jsonl", "w") as f:
             for _ in range(40):
                 f.write(json.dumps({"prompt": "".join(rng.choices(letters, k=rng.randint(6, 10))) + "="}) + "\n")
-    flags = ["--dataset", str(data), "--eval_split", "validation", "--eval_prompts", "8", "--response_length", "4",
-             "--eval_response_length", "14", "--num_steps", "3", "--save_every", "2", "--eval_every", "2"]  # fmt: skip
+    flags = [
+        "--dataset",
+        str(data),
+        "--eval_split",
+        "validation",
+        "--eval_prompts",
+        "8",
+        "--response_length",
+        "4",
+        "--eval_response_length",
+        "14",
+        "--num_steps",
+        "3",
+        "--save_every",
+        "2",
+        "--eval_every",
+        "2",
+    ]
     result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, steps, evals = read_run(tmp_path / "out")
@@ -253,8 +303,16 @@ def test_a_snapshot_is_one_buffer_of_views(model_path):
             assert w.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()  # a view, not a copy
             assert torch.equal(w, policy.state_dict()[name].to(dtype))
     assert A.pack_weights(policy, torch.float32, "cpu", rank=1) is None
-    tied = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, tie_word_embeddings=True))  # fmt: skip
+    tied = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=16,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     names = [name for name, _, _ in A.pack_weights(tied, torch.float32, "cpu", rank=0)[1]]
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names  # sent once; vLLM ties it again
 
@@ -279,8 +337,18 @@ def test_dist_timeout_stops_a_run_cleanly(cache_dir, tmp_path):
     """2 s is too short for the ranks to meet: rank 1 takes longer to start, and then waits for rank 0 at the first
     batch while vLLM starts. The run must stop at the timeout, with a sentence that names the flag."""
     marker = uuid.uuid4().hex
-    p = start("async_online_dpo.py", cache_dir, tmp_path, "--num_steps", "2", "--trainer_ranks", "2",
-              "--dist_timeout", "2", marker=marker)  # fmt: skip
+    p = start(
+        "async_online_dpo.py",
+        cache_dir,
+        tmp_path,
+        "--num_steps",
+        "2",
+        "--trainer_ranks",
+        "2",
+        "--dist_timeout",
+        "2",
+        marker=marker,
+    )
     out, err = p.communicate(timeout=300)
     assert p.returncode != 0
     assert any(line.startswith("error: ") and "--dist_timeout 2s" in line for line in err.splitlines()), err[-3000:]
@@ -318,5 +386,7 @@ A.load_policy = other_policy
     result = run_wrapped(tmp_path, other, "--cache_dir", cache_dir, "--async_steps", "1")
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and errors[-1].startswith("error: the weight sync is broken: batch 0 was sampled by policy version 0"), errors
+    assert errors and errors[-1].startswith(
+        "error: the weight sync is broken: batch 0 was sampled by policy version 0"
+    ), errors
     assert read_run(tmp_path / "out")[1] == []  # nothing trained

@@ -13,12 +13,33 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, SFT_STEPS
 
-TINY = ["--num_steps", "4", "--batch_size", "8", "--micro_batch_size", "4", "--eval_every", "2",
-        "--eval_prompts", "16", "--sft_steps", str(SFT_STEPS)]
+TINY = [
+    "--num_steps",
+    "4",
+    "--batch_size",
+    "8",
+    "--micro_batch_size",
+    "4",
+    "--eval_every",
+    "2",
+    "--eval_prompts",
+    "16",
+    "--sft_steps",
+    str(SFT_STEPS),
+]
 
 
 def run_script(script, cache_dir, output_dir, *flags, timeout=300):
-    cmd = [sys.executable, os.path.join(ROOT, script), *TINY, "--cache_dir", cache_dir, "--output_dir", str(output_dir), *flags]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, script),
+        *TINY,
+        "--cache_dir",
+        cache_dir,
+        "--output_dir",
+        str(output_dir),
+        *flags,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -88,8 +109,15 @@ def test_sync_run(cache_dir, model_path, tmp_path):
 
 def test_own_model_and_reward_function(cache_dir, model_path, tmp_path):
     """Any local transformers model folder and any module:function reward work in place of the defaults."""
-    result = run_script("async_online_dpo.py", cache_dir, tmp_path, "--model_name_or_path", model_path,
-                        "--reward_fn", "tests.my_rewards:count_a")
+    result = run_script(
+        "async_online_dpo.py",
+        cache_dir,
+        tmp_path,
+        "--model_name_or_path",
+        model_path,
+        "--reward_fn",
+        "tests.my_rewards:count_a",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"from {model_path}" in result.stdout
     run_dir, steps, evals = read_run(tmp_path)

@@ -9,17 +9,34 @@ import uuid
 
 import pytest
 
-from conftest import ROOT, SFT_STEPS
+from conftest import ROOT, SFT_STEPS, wrapper_script
 
 
 def start(script, cache_dir, tmp_path, *flags, marker=None):
     env = dict(os.environ, ASYNC_DPO_TEST_MARKER=marker or "none")
-    cmd = [sys.executable, os.path.join(ROOT, script), "--cache_dir", cache_dir, "--output_dir", str(tmp_path),
-           "--sft_steps", str(SFT_STEPS), *flags]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, script),
+        "--cache_dir",
+        cache_dir,
+        "--output_dir",
+        str(tmp_path),
+        "--sft_steps",
+        str(SFT_STEPS),
+        *flags,
+    ]
     # A terminal starts programs with SIGINT at its default; a shell's background job (CI may be one)
     # starts them with SIGINT ignored, which Python keeps. Restore the default so Ctrl-C can be tested.
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def processes_with(marker):
@@ -71,10 +88,21 @@ def test_sync_baseline_refuses_async_steps(cache_dir, tmp_path):
     assert p.returncode != 0 and err.strip().startswith("error: sync_baseline.py always runs with --async_steps 0")
 
 
+CRASH_AT_BATCH_2 = """
+batch_prompts = A.batch_prompts
+def crashing_batch_prompts(args, train_prompts, index):
+    if A.mp.parent_process() is not None and index == 2:  # in the generator's process only
+        raise RuntimeError(f"generator crashed on purpose at batch {index}")
+    return batch_prompts(args, train_prompts, index)
+A.batch_prompts = crashing_batch_prompts
+"""
+
+
 def test_generator_crash_stops_the_trainer_with_its_traceback(cache_dir, tmp_path):
     marker = uuid.uuid4().hex
-    p = start("async_online_dpo.py", cache_dir, tmp_path, "--num_steps", "6", "--batch_size", "8",
-              "--micro_batch_size", "4", "--eval_prompts", "8", "--crash_generator_at", "2", marker=marker)
+    script = wrapper_script(tmp_path, CRASH_AT_BATCH_2)
+    flags = ["--num_steps", "6", "--batch_size", "8", "--micro_batch_size", "4", "--eval_prompts", "8"]
+    p = start(script, cache_dir, tmp_path / "out", *flags, marker=marker)
     out, err = p.communicate(timeout=240)
     assert p.returncode == 1
     assert "the generator process crashed" in err and "Traceback" in err
@@ -85,8 +113,20 @@ def test_generator_crash_stops_the_trainer_with_its_traceback(cache_dir, tmp_pat
 
 def test_ctrl_c_stops_both_processes(cache_dir, tmp_path):
     marker = uuid.uuid4().hex
-    p = start("async_online_dpo.py", cache_dir, tmp_path, "--num_steps", "200", "--batch_size", "8",
-              "--micro_batch_size", "4", "--eval_prompts", "8", marker=marker)
+    p = start(
+        "async_online_dpo.py",
+        cache_dir,
+        tmp_path,
+        "--num_steps",
+        "200",
+        "--batch_size",
+        "8",
+        "--micro_batch_size",
+        "4",
+        "--eval_prompts",
+        "8",
+        marker=marker,
+    )
     try:
         for line in p.stdout:  # wait until training is under way
             if line.startswith("step   2/"):

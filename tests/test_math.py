@@ -11,8 +11,14 @@ import async_online_dpo as A
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=11,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -51,7 +57,12 @@ def test_token_logprobs_compute_logits_for_response_positions_only():
 
 
 def test_dpo_loss_matches_the_formula():
-    c, r, rc, rr = torch.tensor([-3.0, -10.0]), torch.tensor([-5.0, -2.0]), torch.tensor([-4.0, -9.0]), torch.tensor([-4.5, -3.0])
+    c, r, rc, rr = (
+        torch.tensor([-3.0, -10.0]),
+        torch.tensor([-5.0, -2.0]),
+        torch.tensor([-4.0, -9.0]),
+        torch.tensor([-4.5, -3.0]),
+    )
     beta = 0.1
     got = A.dpo_loss(c, r, rc, rr, beta, "sigmoid")
     for i in range(2):

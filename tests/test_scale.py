@@ -41,8 +41,20 @@ def test_two_trainer_ranks_give_the_weights_of_one(cache_dir, model_path, tmp_pa
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(cache_dir, tmp_path):
-    flags = ["--num_steps", "6", "--batch_size", "8", "--micro_batch_size", "4", "--eval_every", "2",
-             "--eval_prompts", "16", "--save_every", "2"]
+    flags = [
+        "--num_steps",
+        "6",
+        "--batch_size",
+        "8",
+        "--micro_batch_size",
+        "4",
+        "--eval_every",
+        "2",
+        "--eval_prompts",
+        "16",
+        "--save_every",
+        "2",
+    ]
     result = run_script("async_online_dpo.py", cache_dir, tmp_path / "whole", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     whole_dir, whole_steps, whole_evals = read_run(tmp_path / "whole")
@@ -74,12 +86,24 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(cache_dir, tmp_path):
 def make_reward_model(path, seed):
     """A tiny untrained reward model whose tokenizer differs from the policy's: other ids, other vocabulary size."""
     vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, "#": 3} | {c: 10 + i for i, c in enumerate(reversed(A.LETTERS + "="))}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-                                        pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
     tokenizer._tokenizer.decoder = decoders.Fuse()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=128, num_labels=1, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        num_labels=1,
+        pad_token_id=0,
+    )
     LlamaForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -95,20 +119,38 @@ def test_reward_model_reads_text_with_its_own_tokenizer(model_path, tmp_path):
     model = LlamaForSequenceClassification.from_pretrained(path).eval()
     rm_tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     with torch.no_grad():  # one at a time, no padding: the reference. A completion that ended gets the RM's EOS.
-        expected = [model(torch.tensor([rm_tokenizer(p + c)["input_ids"] + [rm_tokenizer.eos_token_id] * e])).logits[0, 0].item()
-                    for p, c, e in zip(prompts, completions, ended)]  # fmt: skip
+        expected = [
+            model(torch.tensor([rm_tokenizer(p + c)["input_ids"] + [rm_tokenizer.eos_token_id] * e]))
+            .logits[0, 0]
+            .item()
+            for p, c, e in zip(prompts, completions, ended)
+        ]
     assert score(prompts, A.tokenize(tokenizer, prompts), responses) == pytest.approx(expected, abs=1e-5)
 
 
 def test_dataset_reward_models_and_win_rate(cache_dir, model_path, tmp_path):
-    rows = [{"prompt": p, "reference": "".join(sorted(p[:-1])), "id": i}
-            for i, p in enumerate(A.builtin_prompts(A.random.Random(7), 48))]  # fmt: skip
+    rows = [
+        {"prompt": p, "reference": "".join(sorted(p[:-1])), "id": i}
+        for i, p in enumerate(A.builtin_prompts(A.random.Random(7), 48))
+    ]
     with open(tmp_path / "data.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     reward, gold = make_reward_model(tmp_path / "rm", seed=0), make_reward_model(tmp_path / "gold", seed=1)
-    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", "--dataset", str(tmp_path / "data.jsonl"),
-                        "--reference_column", "reference", "--reward_model_path", reward, "--gold_reward_model_path", gold,
-                        "--eval_prompts", "8")  # fmt: skip
+    result = run_script(
+        "async_online_dpo.py",
+        cache_dir,
+        tmp_path / "out",
+        "--dataset",
+        str(tmp_path / "data.jsonl"),
+        "--reference_column",
+        "reference",
+        "--reward_model_path",
+        reward,
+        "--gold_reward_model_path",
+        gold,
+        "--eval_prompts",
+        "8",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, steps, evals = read_run(tmp_path / "out")
     assert len(steps) == 4 and [e["eval/version"] for e in evals] == [0, 2, 4]
@@ -121,7 +163,9 @@ def test_dataset_reward_models_and_win_rate(cache_dir, model_path, tmp_path):
     gold_score = A.load_reward(A.Args(), gold, "cpu", tokenizer, eos_ids={eos})
     for s in samples:  # evaluation used the gold reward model, not the training one
         response = A.tokenize(tokenizer, [s["completion"]])[0] + [eos] * s["eos"]
-        assert s["gold"] == pytest.approx(gold_score([s["prompt"]], A.tokenize(tokenizer, [s["prompt"]]), [response])[0], abs=1e-4)
+        assert s["gold"] == pytest.approx(
+            gold_score([s["prompt"]], A.tokenize(tokenizer, [s["prompt"]]), [response])[0], abs=1e-4
+        )
 
 
 def test_bad_scale_inputs_give_one_sentence_before_spawning(cache_dir, model_path, tmp_path):
@@ -140,12 +184,17 @@ def test_bad_scale_inputs_give_one_sentence_before_spawning(cache_dir, model_pat
         p = start("async_online_dpo.py", cache_dir, out_dir, *flags)
         out, err = p.communicate(timeout=120)
         lines = [line for line in err.strip().splitlines() if line.strip()]
-        assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (flags, err)
+        assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+            flags,
+            err,
+        )
         assert "run " not in out and not os.listdir(out_dir)
 
 
 def test_bf16_and_gradient_checkpointing(cache_dir, model_path, tmp_path):
-    result = run_script("async_online_dpo.py", cache_dir, tmp_path, "--num_steps", "2", "--bf16", "--gradient_checkpointing")
+    result = run_script(
+        "async_online_dpo.py", cache_dir, tmp_path, "--num_steps", "2", "--bf16", "--gradient_checkpointing"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, steps, _ = read_run(tmp_path)
     assert len(steps) == 2 and all(s["objective/grad_norm"] > 0 for s in steps)

@@ -13,9 +13,14 @@ def transformers_greedy(model, tokenizer, prompts, max_new_tokens):
     outputs = []
     for prompt in prompts:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-        out = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        outputs.append(out[0, ids.shape[1]:].tolist())
+        out = model.generate(
+            ids,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        outputs.append(out[0, ids.shape[1] :].tolist())
     return outputs
 
 
@@ -26,7 +31,7 @@ def generator_process(args, model_path):
     weights_queue, samples_queue, snapshot_free, stop = ctx.Queue(), ctx.Queue(), ctx.Semaphore(1), ctx.Event()
     settings = dict(args=args, model_path=model_path, start_version=0, first_batch=0, max_model_len=32, cpu_cores=[0])
     queues = dict(weights_queue=weights_queue, snapshot_free=snapshot_free, samples_queue=samples_queue, stop=stop)
-    process = ctx.Process(target=A.generator, kwargs=settings | queues)
+    process = ctx.Process(target=A.generator_process, kwargs=settings | queues)
     try:
         yield process, weights_queue, samples_queue
     finally:
@@ -47,8 +52,9 @@ def snapshot(policy, version):
 
 
 def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
-    args = A.Args(cache_dir=cache_dir, num_steps=2, batch_size=4, eval_prompts=24, eval_every=1,
-                  async_steps=0, response_length=16)
+    args = A.Args(
+        cache_dir=cache_dir, num_steps=2, batch_size=4, eval_prompts=24, eval_every=1, async_steps=0, response_length=16
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     policy = AutoModelForCausalLM.from_pretrained(model_path).eval()
     with generator_process(args, model_path) as (process, weights_queue, samples_queue):
@@ -69,7 +75,10 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
         optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
         for _ in range(5):
             prompts = eval0["prompts"]
-            seqs = [tokenizer(p)["input_ids"] + tokenizer(p[:-1][::-1])["input_ids"] + [tokenizer.eos_token_id] for p in prompts]
+            seqs = [
+                tokenizer(p)["input_ids"] + tokenizer(p[:-1][::-1])["input_ids"] + [tokenizer.eos_token_id]
+                for p in prompts
+            ]
             ids, mask = A.pad_batch(seqs, [[]] * len(seqs))
             policy(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
             optimizer.step()
@@ -95,7 +104,9 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
 def test_generator_samples_batch_i_with_version_i_minus_n_and_evaluates_every_due_version(cache_dir, model_path):
     """Four snapshots wait on the queue before vLLM has even started. With N = 2, batch i must still be
     sampled by exactly version max(0, i - 2), and versions 2 and 4 (--eval_every 2) evaluated on the way."""
-    args = A.Args(cache_dir=cache_dir, num_steps=4, batch_size=4, eval_prompts=8, eval_every=2, async_steps=2, response_length=16)
+    args = A.Args(
+        cache_dir=cache_dir, num_steps=4, batch_size=4, eval_prompts=8, eval_every=2, async_steps=2, response_length=16
+    )
     policy = AutoModelForCausalLM.from_pretrained(model_path)
     with generator_process(args, model_path) as (process, weights_queue, samples_queue):
         for version in range(1, 5):
