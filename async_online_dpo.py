@@ -125,8 +125,7 @@ class Args:
     eval_every: int = 16
     """evaluate the policy versions that are multiples of this, and the first and last"""
     eval_prompts: int = 256
-    """held-out prompts per evaluation, sampled greedily: the first rows of --eval_split, or else the last rows of
-    --dataset_split, which are then left out of training"""
+    """held-out prompts per evaluation (greedy): the first of --eval_split, else the last of --dataset_split"""
     eval_split: str = ""
     """split of --dataset to evaluate on ("validation" on TL;DR, as in the paper); empty = hold out rows instead"""
     eval_response_length: int | None = None
@@ -189,10 +188,9 @@ def apply_missing_eos_penalty(rewards, has_eos, penalty: float | None):
 
 
 def select_pairs(scores):
-    """Chosen = highest score, rejected = lowest, per prompt. scores: (P, k).
-
-    When all k scores are equal the pair says nothing about which completion is better, so it is
-    marked invalid and left out of the loss (and counted in rewards/tie_frac)."""
+    """Chosen = highest score, rejected = lowest, per prompt. scores: (P, k). When all k scores are equal the
+    pair says nothing about which completion is better, so it is marked invalid and left out of the loss (and
+    counted in rewards/tie_frac)."""
     chosen, rejected = scores.argmax(1), scores.argmin(1)  # (P,)
     valid = scores.max(1).values > scores.min(1).values
     return chosen, rejected, valid
@@ -237,12 +235,9 @@ def position_ids(attention_mask):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The one place that touches vLLM internals.
+# The one place that touches vLLM internals, written against vLLM 0.32.0 (V1 engine on a CPU, runner V2 on GPUs).
 def load_weights_into_vllm(llm, weights: list):
-    """Every vLLM internal we touch, in one place. Written against vLLM 0.32.0 (V1 engine on a CPU, model
-    runner V2 on GPUs).
-
-    reload_weights copies (transformers name, tensor) pairs into the running engine's parameters in place:
+    """reload_weights copies (transformers name, tensor) pairs into the running engine's parameters in place:
     no restart, no disk, and CUDA graphs captured over those parameters stay valid. The tensors may live on
     the trainer's GPU; each is copied across to vLLM's directly. The prefix cache holds keys and values
     computed by the old weights, so it must be dropped, or cached prompts would mix two policies."""
@@ -333,9 +328,8 @@ def generator(
         t = time.time()
         length = args.eval_response_length or args.response_length
         response_ids, _ = generate(eval_prompt_ids, 0.0, 1, seed=0, max_tokens=length, logprobs=None)  # greedy
-        evals.append(
-            {"version": version, "prompts": eval_prompts, "prompt_ids": eval_prompt_ids, "response_ids": response_ids}
-        )
+        evals.append({"version": version, "prompts": eval_prompts, "prompt_ids": eval_prompt_ids})
+        evals[-1]["response_ids"] = response_ids
         spans.append(("eval", t, time.time()))
 
     def take_weights(target: int):
@@ -476,8 +470,8 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
                 chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta, args.loss_type
             )
             ((losses * w).sum() * world / sum(counts)).backward()
-            stats = torch.stack([losses, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps])
-            pair_stats.append(stats[:, w > 0].detach().float().cpu())
+            mb_stats = torch.stack([losses, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps])
+            pair_stats.append(mb_stats[:, w > 0].detach().float().cpu())  # PAIR_STATS of the real pairs, for the log
             gap += sampler_gap(token_logps, response_mask, [sampler_logps[j] for j in rows], torch.cat([w, w]))
 
         # 5. The weight-sync check. At lag 0, vLLM sampled with the weights the trainer holds, so the two agree on
@@ -500,7 +494,7 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
 
         # 7. Log one dict and one line per step, over all ranks' shares; save a checkpoint now and then.
         mine = {"scores": scores, "gold": gold, "has_eos": has_eos.float(), "valid": valid.float()}
-        stats = dict(zip(PAIR_STATS, torch.cat(pair_stats, 1) if pair_stats else torch.zeros(5, 0)))
+        stats = dict(zip(PAIR_STATS, torch.cat(pair_stats, 1) if pair_stats else torch.zeros(len(PAIR_STATS), 0)))
         log_step(args, run, step, batch, mine | stats, grad_norm, lr, logprob_gap, (t0, t1, t2, t_push, t3))
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args, rank, step + 1, policy, optimizer, scheduler, run, link)
