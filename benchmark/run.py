@@ -3,25 +3,16 @@
     python benchmark/run.py                  # full: 3 seeds, 64 updates a run (~40 min on 2 CPU cores)
     python benchmark/run.py --quick          # 1 seed, 24 updates, N in {1, 4, 16} (under 10 min)
     python benchmark/run.py --tiny           # seconds a run, for CI (tests/test_benchmark.py)
-    python benchmark/run.py --report_only    # rebuild the table, results.json and the plots from raw/
+    python benchmark/run.py --report_only    # rebuild results.md, results.json and the plots from raw/
 
-Experiments, after Noukhovitch et al., "Asynchronous RLHF" (arXiv 2410.18252):
-1. Speed at equal quality (paper Fig. 1, Table 6): sync_baseline.py against async_online_dpo.py (N = 1)
-   over the seeds, same flags, same number of updates; plus a sync run whose phases each get every
-   core (--cpu_share_cores).
-2. Staleness (Fig. 3): async with --async_steps N; final gold reward and KL against N (N = 0 is sync).
-3. Training-bound trick (Fig. 8): --num_samples 4 (best against worst of 4) against 2.
-4. Generator throughput: vLLM against transformers' generate (benchmark/throughput.py).
-
-The runs are the scripts themselves, started one at a time as subprocesses. The report reads only the
-runs' folders in raw/, so --report_only rebuilds it; README.md, section Benchmark, says what is where.
+It runs the two scripts themselves, one at a time, and builds the report from the folders they write (raw/) alone.
+README.md, section Benchmark, says what the experiments (after arXiv 2410.18252) measure and what is where.
 """
 
 import glob
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -61,37 +52,29 @@ def mode(seeds: list[int], staleness: list[int], flags: str, throughput_flags: s
     return dict(seeds=seeds, staleness=staleness, flags=flags.split(), throughput_flags=throughput_flags.split())
 
 
+TINY = "--num_steps 4 --batch_size 8 --micro_batch_size 4 --eval_every 2 --eval_prompts 16 --sft_steps 30"
 MODES = {
     "full": mode([1, 2, 3], [1, 2, 4, 8, 16], "--num_steps 64", "--batches 8"),
     "quick": mode([1], [1, 4, 16], "--num_steps 24 --eval_every 8", "--batches 4"),
-    "tiny": mode(
-        [1],
-        [1, 4],
-        "--num_steps 4 --batch_size 8 --micro_batch_size 4 --eval_every 2 --eval_prompts 16 --sft_steps 30",
-        "--batch_size 8 --batches 2 --sft_steps 30",
-    ),
+    "tiny": mode([1], [1, 4], TINY, "--batch_size 8 --batches 2 --sft_steps 30"),
 }
 
 
 def plan(mode: dict) -> list[dict]:
     """The runs, one seed at a time so that a slow spell of the machine hits every method alike. A run's name
     is its --exp_name and its group in the report; a run that serves several experiments runs once."""
-    sync, async_ = "sync_baseline.py", "async_online_dpo.py"
     runs = []
     for seed in mode["seeds"]:
-        runs.append({"name": "sync", "script": sync, "seed": seed, "flags": []})
-        runs.append({"name": "async_N1", "script": async_, "seed": seed, "flags": ["--async_steps", "1"]})
-        runs.append({"name": "sync_shared", "script": sync, "seed": seed, "flags": ["--cpu_share_cores"]})
-    seed = mode["seeds"][0]
-    for n in [n for n in mode["staleness"] if n != 1]:
-        runs.append({"name": f"async_N{n}", "script": async_, "seed": seed, "flags": ["--async_steps", str(n)]})
-    k4 = ["--async_steps", "1", "--num_samples", "4"]
-    return runs + [{"name": "async_N1_k4", "script": async_, "seed": seed, "flags": k4}]
+        runs += [("sync", seed, ""), ("async_N1", seed, "--async_steps 1"), ("sync_shared", seed, "--cpu_share_cores")]
+    runs += [(f"async_N{n}", mode["seeds"][0], f"--async_steps {n}") for n in mode["staleness"] if n != 1]
+    runs.append(("async_N1_k4", mode["seeds"][0], "--async_steps 1 --num_samples 4"))
+    script = {"sync": "sync_baseline.py", "async": "async_online_dpo.py"}
+    return [dict(name=n, script=script[n.split("_")[0]], seed=s, flags=f.split()) for n, s, f in runs]
 
 
 def describe_machine() -> dict:
     with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
     query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
     gpus = subprocess.run(query, capture_output=True, text=True).stdout.strip() if shutil.which(query[0]) else ""
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -182,29 +165,26 @@ def run_benchmark(args: Args, mode_name: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The report. It reads raw/ only: benchmark.json says which run folder is which; every number in the
-# tables is a mean over seeds of a summary.json key (or of a ratio of two), kept in results.json with the
-# files and keys it came from; the plots draw the evaluations and the timeline from metrics.jsonl.
+# The report, from raw/ alone: benchmark.json says which run folder is which. Every number in a table is a
+# mean over seeds, kept in results.json with its values and the file and key each one came from.
 def load_runs(results_dir: str, record: dict) -> dict[str, list[dict]]:
     """{run name: its runs, one a seed, each with its folder, summary.json, and the steps and evaluations}"""
     groups = {}
     for run in record["runs"]:
         folder = os.path.join(results_dir, run["folder"])
-        with open(os.path.join(folder, "summary.json")) as f:
-            summary = json.load(f)
         with open(os.path.join(folder, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
-        steps = [r for r in rows if "step" in r]
-        evals = sorted((r for r in rows if "eval/version" in r), key=lambda r: r["eval/version"])
-        data = {"seed": run["seed"], "folder": run["folder"], "summary": summary, "steps": steps, "evals": evals}
+        with open(os.path.join(folder, "summary.json")) as f:
+            data = {"seed": run["seed"], "folder": run["folder"], "summary": json.load(f)}
+        data["steps"] = [r for r in rows if "step" in r]
+        data["evals"] = sorted((r for r in rows if "eval/version" in r), key=lambda r: r["eval/version"])
         groups.setdefault(run["name"], []).append(data)
     return groups
 
 
 def same_seeds(runs: list[dict], reference: list[dict]) -> list[dict]:
     """The runs of reference that have the seed of one of runs."""
-    seeds = {r["seed"] for r in runs}
-    return [r for r in reference if r["seed"] in seeds]
+    return [r for r in reference if r["seed"] in {run["seed"] for run in runs}]
 
 
 def cell(values: list[float], sources: list[str], decimals: int, how: str = "") -> dict:
@@ -219,11 +199,34 @@ def per_run(runs: list[dict], values: list[float], source: str, decimals: int, h
 
 
 def ratio(top: list[dict], bottom: list[dict], key: str, how: str) -> dict:
-    """Per seed, a summary.json key of the top run over that of the bottom run of the same seed."""
-    by_seed = {r["seed"]: r for r in bottom}
-    pairs = [(t, by_seed[t["seed"]]) for t in top]
+    """Per seed that both have, a summary.json key of the top run over that of the bottom run of the same seed."""
+    pairs = [(t, b) for t in top for b in bottom if b["seed"] == t["seed"]]
     sources = [f"{t['folder']}/summary.json: {key} / {b['folder']}/summary.json: {key}" for t, b in pairs]
     return cell([t["summary"][key] / b["summary"][key] for t, b in pairs], sources, 2, how)
+
+
+# A difference in final reward counts only beyond the seed noise: the larger standard deviation over seeds
+# of the two settings (with one seed, none: any drop counts).
+def means(runs: list[dict], reference: list[dict], key: str) -> tuple[float, float, float]:
+    """The mean of a summary.json key over runs, over reference on the same seeds, and the noise."""
+    values = [[r["summary"][key] for r in group] for group in (runs, same_seeds(runs, reference))]
+    noise = max((statistics.stdev(v) for v in values if len(v) > 1), default=0.0)
+    return statistics.fmean(values[0]), statistics.fmean(values[1]), noise
+
+
+def beats(runs: list[dict], reference: list[dict]) -> str:
+    """Less wall time, and a final gold reward no lower than the reference's beyond the noise."""
+    wall, ref_wall, _ = means(runs, reference, "wall_time")
+    reward, ref_reward, noise = means(runs, reference, "eval_gold_reward_end")
+    reasons = ["slower"] if wall >= ref_wall else []
+    reasons += ["lower reward"] if reward < ref_reward - noise else []
+    return f"**NO** ({', '.join(reasons)})" if reasons else "yes"
+
+
+def logprob_gap(run: dict) -> float:
+    """Mean per-token |log π_trainer - log π_sampler| of the sampled tokens over a run's steps after the first:
+    how off-policy its batches were. NaN marks a step where every pair tied (no tokens compared)."""
+    return statistics.fmean(g for r in run["steps"][1:] if not math.isnan(g := r["async/logprob_gap"]))
 
 
 # Columns that are a mean of one summary.json key: header -> (key, decimals shown).
@@ -241,141 +244,90 @@ SUMMARY_COLUMNS = {
 }
 
 
+def entries(runs: list[dict], sync: list[dict] | None) -> dict:
+    """What a table can show of one setting (runs: one a seed), by column; each table picks its columns.
+    sync: the sync runs that the speedups and the verdict compare with (None for sync itself)."""
+    row = {"seeds": ", ".join(str(r["seed"]) for r in runs)}
+    for column, (key, decimals) in SUMMARY_COLUMNS.items():
+        row[column] = per_run(runs, [r["summary"][key] for r in runs], f"summary.json: {key}", decimals)
+    lags = [statistics.fmean(r["summary"]["lags"][1:]) for r in runs]
+    row["mean lag (updates)"] = per_run(runs, lags, "summary.json: mean of lags[1:]", 2)
+    gap_source = "metrics.jsonl: mean of async/logprob_gap over steps 1.. (NaN steps left out)"
+    row["log-prob gap (per token)"] = per_run(runs, [logprob_gap(r) for r in runs], gap_source, 4)
+    if sync is None:
+        return row | {"beats sync?": "reference"}
+    # Per seed, sync's time over this setting's.
+    row["speedup over sync, per step (×)"] = ratio(sync, runs, "time_per_step", "sync s/step / this s/step")
+    row["speedup over sync, wall time (×)"] = ratio(sync, runs, "wall_time", "sync wall time / this wall time")
+    return row | {"beats sync?": beats(runs, sync)}
+
+
 def table(title: str, columns: list[str], rows: list[tuple]) -> dict:
-    """rows: (label, runs, extra). A row shows its runs' seeds, their mean of every summary column the table
-    has, and the entries of extra {column: cell or text} that the table has; a column it lacks shows "—"."""
-    filled = []
-    for label, runs, extra in rows:
-        row = {columns[0]: label, "seeds": ", ".join(str(r["seed"]) for r in runs)}
-        for column in [c for c in columns if c in SUMMARY_COLUMNS]:
-            key, decimals = SUMMARY_COLUMNS[column]
-            row[column] = per_run(runs, [r["summary"][key] for r in runs], f"summary.json: {key}", decimals)
-        filled.append(row | {column: entry for column, entry in extra.items() if column in columns})
-    return {"title": title, "columns": columns, "rows": filled}
+    """rows: (label, entries); a row shows its entries of the table's columns, and "—" where it has none."""
+    rows = [{columns[0]: label} | {c: row[c] for c in columns[1:] if c in row} for label, row in rows]
+    return {"title": title, "columns": columns, "rows": rows}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Verdicts, computed from the numbers. A difference in final reward counts only beyond the seed noise:
-# the larger standard deviation over seeds of the two settings (with one seed, none: any drop counts).
-def means(runs: list[dict], reference: list[dict], key: str) -> tuple[float, float, float]:
-    """The mean of a summary.json key over runs, over reference on the same seeds, and the noise."""
-    values = [[r["summary"][key] for r in group] for group in (runs, same_seeds(runs, reference))]
-    noise = max((statistics.stdev(v) for v in values if len(v) > 1), default=0.0)
-    return statistics.fmean(values[0]), statistics.fmean(values[1]), noise
+def make_tables(groups: dict, staleness: list[int], throughput: dict) -> list[dict]:
+    """The five tables, one experiment after the other; throughput: {engine: (its file, its measurement)}."""
+    sync, shared, async_, four = groups["sync"], groups["sync_shared"], groups["async_N1"], groups["async_N1_k4"]
+    two = same_seeds(four, async_)  # k = 2 on the seeds k = 4 ran
+    # Each setting's row holds what any table may show of it; below, the few entries that only one setting has.
+    rows = {name: entries(runs, None if name == "sync" else sync) for name, runs in groups.items()}
+    rows["async_N1_k2"] = entries(two, sync)
 
-
-def beats(runs: list[dict], reference: list[dict]) -> str:
-    """Less wall time, and a final gold reward no lower than the reference's beyond the noise."""
-    wall, ref_wall, _ = means(runs, reference, "wall_time")
-    reward, ref_reward, noise = means(runs, reference, "eval_gold_reward_end")
-    reasons = []
-    if wall >= ref_wall:
-        reasons.append("slower")
-    if reward < ref_reward - noise:
-        reasons.append("lower reward")
-    return f"**NO** ({', '.join(reasons)})" if reasons else "yes"
-
-
-# ----------------------------------------------------------------------------------------------------
-# The tables, one function per experiment.
-def speed_tables(sync: list[dict], shared: list[dict], async_: list[dict]) -> list[dict]:
-    """Experiment 1: where the time goes in each setting; then speed and quality against sync."""
-
-    def speedups(runs):
-        """Per seed, sync's time over this setting's: per steady-state step, and for the whole run."""
-        paired = same_seeds(runs, sync)
-        return {
-            "speedup over sync, per step (×)": ratio(paired, runs, "time_per_step", "sync s/step / this s/step"),
-            "speedup over sync, wall time (×)": ratio(paired, runs, "wall_time", "sync wall time / this wall time"),
-        }
-
-    # The best overlap can do: a sync step costs G + T, an async one at least max(G, T).
+    # 1. Speed at equal quality. The best overlap can do: a sync step costs G + T, async at least max(G, T).
     paired = same_seeds(async_, sync)
-    ideal = []
-    for run in paired:
-        g, t = run["summary"]["generate_per_step"], run["summary"]["train_per_step"]
-        ideal.append((g + t) / max(g, t))
-    source = "summary.json: generate_per_step, train_per_step"
+    ideal = [(r["summary"]["generate_per_step"], r["summary"]["train_per_step"]) for r in paired]
+    ideal = [(g + t) / max(g, t) for g, t in ideal]
     how = "(G + T) / max(G, T) of the sync run of each seed"
-    async_extra = speedups(async_) | {
-        "ideal (G+T)/max(G,T) from sync (×)": per_run(paired, ideal, source, 2, how),
-        "beats sync, split cores?": beats(async_, sync),
-        "beats sync, shared cores?": beats(async_, shared),
-    }
-    rows = [  # the same three settings in both tables, each table with its own columns
-        ("sync, split cores (N = 0)", sync, {}),
-        ("sync, shared cores (N = 0, --cpu_share_cores)", shared, speedups(shared)),
-        ("async, split cores (N = 1)", async_, async_extra),
+    source = "summary.json: generate_per_step, train_per_step"
+    rows["async_N1"]["ideal (G+T)/max(G,T) from sync (×)"] = per_run(paired, ideal, source, 2, how)
+    rows["async_N1"]["beats sync, split cores?"] = rows["async_N1"]["beats sync?"]
+    rows["async_N1"]["beats sync, shared cores?"] = beats(async_, shared)
+    settings = [
+        ("sync, split cores (N = 0)", rows["sync"]),
+        ("sync, shared cores (N = 0, --cpu_share_cores)", rows["sync_shared"]),
+        ("async, split cores (N = 1)", rows["async_N1"]),
     ]
-    columns = ["setting", "seeds", "speedup over sync, per step (×)", "speedup over sync, wall time (×)"]
-    columns += ["ideal (G+T)/max(G,T) from sync (×)", "final gold reward", "final KL"]
-    columns += ["beats sync, split cores?", "beats sync, shared cores?"]
-    return [
-        table("Table 1a. Where the time goes", ["setting", "seeds", *list(SUMMARY_COLUMNS)[:8]], rows),
-        table("Table 1b. Speed and quality against sync", columns, rows),
+    speed = ["setting", "seeds", "speedup over sync, per step (×)", "speedup over sync, wall time (×)"]
+    speed += ["ideal (G+T)/max(G,T) from sync (×)", "final gold reward", "final KL"]
+    speed += ["beats sync, split cores?", "beats sync, shared cores?"]
+    tables = [
+        table("Table 1a. Where the time goes", ["setting", "seeds", *list(SUMMARY_COLUMNS)[:8]], settings),
+        table("Table 1b. Speed and quality against sync", speed, settings),
     ]
 
-
-def logprob_gap(run: dict) -> float:
-    """Mean per-token |log π_trainer - log π_sampler| of the sampled tokens over a run's steps after the first:
-    how off-policy its batches were. NaN marks a step where every pair tied (no tokens compared)."""
-    return statistics.fmean(g for r in run["steps"][1:] if not math.isnan(g := r["async/logprob_gap"]))
-
-
-def staleness_table(by_n: dict[int, list[dict]]) -> dict:
-    """Experiment 2: final reward and KL against N, next to sync (N = 0)."""
-    rows = []
-    for n, runs in by_n.items():
-        lags = [statistics.fmean(r["summary"]["lags"][1:]) for r in runs]
-        gaps = [logprob_gap(r) for r in runs]
-        gap_source = "metrics.jsonl: mean of async/logprob_gap over steps 1.. (NaN steps left out)"
-        extra = {
-            "mean lag (updates)": per_run(runs, lags, "summary.json: mean of lags[1:]", 2),
-            "log-prob gap (per token)": per_run(runs, gaps, gap_source, 4),
-        }
-        extra["beats sync?"] = "reference" if n == 0 else beats(runs, by_n[0])
-        rows.append(("0 (sync)" if n == 0 else str(n), runs, extra))
+    # 2. Staleness: async with N = 1, 2, ... against sync (N = 0).
     columns = ["N", "seeds", "final gold reward", "final KL", "mean lag (updates)", "log-prob gap (per token)"]
     columns += ["s/step", "wall time (s)", "beats sync?"]
-    return table("Table 2. Staleness: async with the generator up to N updates ahead", columns, rows)
+    by_n = [("0 (sync)", rows["sync"])] + [(str(n), rows[f"async_N{n}"]) for n in staleness]
+    tables.append(table("Table 2. Staleness: async with the generator up to N updates ahead", columns, by_n))
 
-
-def num_samples_table(two: list[dict], four: list[dict]) -> dict:
-    """Experiment 3: async with k = 4 samples per prompt against k = 2, on the seeds k = 4 ran."""
+    # 3. Four samples per prompt against two (async, N = 1): a higher reward counts beyond the seed noise.
     reward, ref_reward, noise = means(four, two, "eval_gold_reward_end")
-    extra = {
-        "wall time against k = 2 (×)": ratio(four, two, "wall_time", "k = 4 wall time / k = 2 wall time"),
-        "higher reward than k = 2?": "yes" if reward > ref_reward + noise else "**NO**",
-    }
+    how = "k = 4 wall time / k = 2 wall time"
+    rows["async_N1_k4"]["wall time against k = 2 (×)"] = ratio(four, two, "wall_time", how)
+    rows["async_N1_k4"]["higher reward than k = 2?"] = "yes" if reward > ref_reward + noise else "**NO**"
     columns = ["k (--num_samples)", "seeds", "G: generator busy (s/step)", "T: trainer busy (s/step)", "s/step"]
-    columns += ["wall time (s)", "final gold reward", "final KL", *extra]
-    title = "Table 3. Four samples per prompt against two (async, N = 1)"
-    return table(title, columns, [("2", two, {}), ("4", four, extra)])
+    columns += ["wall time (s)", "final gold reward", "final KL"]
+    columns += ["wall time against k = 2 (×)", "higher reward than k = 2?"]
+    by_k = [("2", rows["async_N1_k2"]), ("4", rows["async_N1_k4"])]
+    tables.append(table("Table 3. Four samples per prompt against two (async, N = 1)", columns, by_k))
 
-
-def throughput_table(results_dir: str, record: dict) -> tuple[dict, dict]:
-    """Experiment 4: tokens per second of the two engines (one measurement each); and the measurements."""
-    files = {engine: entry["file"] for engine, entry in record["throughput"].items()}
-    measured = {}
-    for engine, path in files.items():
-        with open(os.path.join(results_dir, path)) as f:
-            measured[engine] = json.load(f)
-    rows = []
+    # 4. Generator throughput: one measurement an engine.
+    base_file, base = throughput["transformers"]
+    engines = []
     for engine, label in (("vllm", "vLLM"), ("transformers", "transformers generate")):
-        m, path = measured[engine], files[engine]
-        against = m["tokens_per_second"] / measured["transformers"]["tokens_per_second"]
-        against_source = f"{path}: tokens_per_second / {files['transformers']}: tokens_per_second"
-        rows.append(
-            {
-                "engine": label,
-                "completion tokens": cell([m["tokens"]], [f"{path}: tokens"], 0),
-                "seconds": cell([m["seconds"]], [f"{path}: seconds"], 2),
-                "tokens/s": cell([m["tokens_per_second"]], [f"{path}: tokens_per_second"], 0),
-                "against transformers (×)": cell([against], [against_source], 2),
-            }
-        )
+        path, m = throughput[engine]
+        entry = {"engine": label, "completion tokens": cell([m["tokens"]], [f"{path}: tokens"], 0)}
+        entry["seconds"] = cell([m["seconds"]], [f"{path}: seconds"], 2)
+        entry["tokens/s"] = cell([m["tokens_per_second"]], [f"{path}: tokens_per_second"], 0)
+        against = m["tokens_per_second"] / base["tokens_per_second"]
+        source = f"{path}: tokens_per_second / {base_file}: tokens_per_second"
+        engines.append(entry | {"against transformers (×)": cell([against], [source], 2)})
     title = "Table 4. Generator throughput on the generator's cores"
-    return {"title": title, "columns": list(rows[0]), "rows": rows}, measured
+    return [*tables, {"title": title, "columns": list(engines[0]), "rows": engines}]
 
 
 def render(entry) -> str:
@@ -399,9 +351,11 @@ def make_report(results_dir: str):
     groups = load_runs(results_dir, record)
     sync, shared, async_, four = groups["sync"], groups["sync_shared"], groups["async_N1"], groups["async_N1_k4"]
     by_n = {n: groups["sync" if n == 0 else f"async_N{n}"] for n in [0, *record["mode_config"]["staleness"]]}
-    throughput, measured = throughput_table(results_dir, record)
-    tables = speed_tables(sync, shared, async_)
-    tables += [staleness_table(by_n), num_samples_table(same_seeds(four, async_), four), throughput]
+    throughput = {}
+    for engine, entry in record["throughput"].items():
+        with open(os.path.join(results_dir, entry["file"])) as f:
+            throughput[engine] = (entry["file"], json.load(f))
+    tables = make_tables(groups, record["mode_config"]["staleness"], throughput)
 
     curves = {"sync, split cores": (sync, "tab:orange", "-"), "sync, shared cores": (shared, "tab:brown", "--")}
     curves["async N = 1, split cores"] = (async_, "tab:blue", "-")
@@ -409,19 +363,19 @@ def make_report(results_dir: str):
     curves = {"k = 2": (same_seeds(four, async_), "tab:blue", "-"), "k = 4": (four, "tab:green", "-")}
     plots.reward_curves(f"{results_dir}/num_samples.png", curves, "Async (N = 1) with 2 or 4 samples per prompt")
     plots.staleness(f"{results_dir}/staleness.png", by_n, logprob_gap)
-    first_sync = min(sync, key=lambda r: r["seed"])
-    first_async = min(async_, key=lambda r: r["seed"])
-    plots.timeline(f"{results_dir}/timeline.png", [("sync (N = 0)", first_sync), ("async (N = 1)", first_async)])
+    first = [min(runs, key=lambda r: r["seed"]) for runs in (sync, async_)]
+    plots.timeline(f"{results_dir}/timeline.png", [("sync (N = 0)", first[0]), ("async (N = 1)", first[1])])
 
+    # The README says what the experiments, settings and columns mean; this file gives the machine, the
+    # verdicts and the numbers, and how busy other processes kept the machine (timings need it idle).
     machine = record["machine"]
     packages = record["packages"]
-    vllm = measured["vllm"]  # both engines ran with the same settings
+    vllm = throughput["vllm"][1]  # both engines ran with the same settings
     speed = tables[1]["rows"][-1]  # the async row
     took = f" (took {record['seconds'] / 60:.1f} min)" if "seconds" in record else ""
     other = [r["other_cores"] for r in record["runs"]] + [e["other_cores"] for e in record["throughput"].values()]
-    staleness_rows = tables[2]["rows"][1:]
-    better = ", ".join(r["N"] for r in staleness_rows if r["beats sync?"] == "yes") or "none"
-    worse = ", ".join(r["N"] for r in staleness_rows if r["beats sync?"] != "yes") or "none"
+    better = ", ".join(r["N"] for r in tables[2]["rows"][1:] if r["beats sync?"] == "yes") or "none"
+    worse = ", ".join(r["N"] for r in tables[2]["rows"][1:] if r["beats sync?"] != "yes") or "none"
     text = f"""# Benchmark: asynchronous against synchronous online DPO
 
 `{record["command"]}`, run {record["date"]}{took} on {machine["cores"]} cores ({machine["cpu"]}), \
@@ -429,33 +383,23 @@ def make_report(results_dir: str):
 transformers {packages["transformers"]}. Other processes on the machine kept {statistics.fmean(other):.2f} cores \
 busy on average while the runs ran, at most {max(other):.2f} during one run (timings are fair only near 0).
 
-Every run is `async_online_dpo.py` or `sync_baseline.py` on the built-in letter-sorting task with the default model \
-and flags, except `{" ".join(record["mode_config"]["flags"])}` and its own flags. Sync and async runs of a seed see \
-the same prompts and make the same number of updates. Times per step are steady-state means (step 0, which waits for \
-vLLM to start, is left out); wall time is the whole run, start-up included. G is the generator's busy time per step \
-(sampling, loading weights, evaluating), T the trainer's (the update and pushing weights). "Final" is the last \
-held-out evaluation (greedy, `--eval_prompts` prompts). ± is the standard deviation over seeds.
-
-**Which comparison is the paper's.** The paper gives generation and training separate GPUs. The CPU analogue is the \
-*split-core* setting, in which the generator is pinned to half of the cores and the trainer to the other half, in \
-sync and async runs alike, so in a sync run each half idles while the other works. The *shared-core* sync row \
-(`--cpu_share_cores`) lets each phase use every core in turn: a baseline a CPU allows but separate GPUs do not.
-
-**"Beats"** means less wall time, and a final gold reward no lower than the reference's minus the larger standard \
-deviation over seeds of the two (with one seed, any drop counts), on the seeds both have.
+Every run is a script's defaults plus `{" ".join(record["mode_config"]["flags"])}` and its own flags; ± is the \
+standard deviation over seeds. README.md, section ["Benchmark"](../../README.md#benchmark), says what each \
+experiment, setting and column means.
 
 ## Verdicts
 
-- Async (N = 1) against sync on split cores, the paper's setting: {speed["beats sync, split cores?"]}. Speedup \
-{render(speed["speedup over sync, per step (×)"])}× per step, against the ideal \
-{render(speed["ideal (G+T)/max(G,T) from sync (×)"])}× from the sync run's G and T.
+"Beats" means less wall time, and a final gold reward no lower than the reference's beyond the seed noise (the \
+larger standard deviation over seeds of the two; with one seed, any drop counts), on the seeds both have.
+
+- Async (N = 1) against sync in the split-core setting, which stands in for the paper's separate GPUs: \
+{speed["beats sync, split cores?"]}. Speedup {render(speed["speedup over sync, per step (×)"])}× per step, against \
+the ideal {render(speed["ideal (G+T)/max(G,T) from sync (×)"])}× from the sync run's G and T.
 - Async (N = 1) against sync on shared cores: {speed["beats sync, shared cores?"]}.
 - Staleness: async beats sync at N = {better}; it does **NOT** at N = {worse}.
 - k = 4 reaches a higher final gold reward than k = 2: {tables[3]["rows"][1]["higher reward than k = 2?"]}.
 - vLLM generates {render(tables[4]["rows"][0]["against transformers (×)"])}× the tokens per second of transformers' \
 generate.
-
-## 1. Speed at equal quality (paper Fig. 1, Table 6)
 
 {markdown(tables[0])}
 
@@ -463,46 +407,21 @@ generate.
 
 ![gold reward against wall time and against updates](speed_reward.png)
 
-![timeline of the first steps](timeline.png)
-
-The timeline shows the first steps of seed {first_sync["seed"]}: `b3 (v2)` is batch 3, sampled by policy version 2; \
-the trainer's `b3 → v4` turns version 3 into version 4 with it.
-
-## 2. Staleness robustness (paper Fig. 3)
+![timeline of the first steps of seed {first[0]["seed"]}](timeline.png)
 
 {markdown(tables[2])}
 
-The log-prob gap is the mean, over sampled tokens, of |log π_trainer − log π_sampler|: the trainer's log-prob of a \
-token under the policy it trains, against vLLM's under the policy that sampled it. At lag 0 (sync) the two policies \
-are the same weights, so the gap is float error; at lag N it measures how far the policy moved in N updates, how \
-off-policy the batches are.
-
 ![final gold reward, KL and log-prob gap against N](staleness.png)
-
-## 3. Four samples per prompt (paper Fig. 8)
-
-When training is the bottleneck (T > G) the generator idles part of each step; sampling k = 4 completions per prompt \
-and training on the best and worst uses that time.
 
 {markdown(tables[3])}
 
 ![gold reward against updates and wall time, k = 2 and k = 4](num_samples.png)
 
-## 4. Generator throughput
-
-Same warm-started model, prompts (batches of {vllm["batch_size"]}, {vllm["num_samples"]} samples each, \
-{vllm["batches"]} timed batches after one untimed), temperature {vllm["temperature"]} and up to \
-{vllm["response_length"]} tokens, on core(s) {", ".join(map(str, vllm["cores"]))} with {vllm["threads"]} thread(s), \
-as a training run's generator.
+Both engines as a training run's generator: {vllm["batches"]} timed batches (after one untimed) of \
+{vllm["batch_size"]} prompts × {vllm["num_samples"]} samples, temperature {vllm["temperature"]}, up to \
+{vllm["response_length"]} tokens, core(s) {", ".join(map(str, vllm["cores"]))}, {vllm["threads"]} thread(s).
 
 {markdown(tables[4])}
-
-## Where the numbers come from
-
-`results.json` lists every number above with the files and keys it was computed from. `raw/` holds each run's folder \
-(`args.json`, `metrics.jsonl`, `summary.json`), the throughput measurements and `benchmark.json` (plan, command, \
-machine); `logs/` the output of every run. `python benchmark/run.py --report_only --results_dir DIR` rebuilds this \
-file and the plots from `raw/`.
 """
     with open(os.path.join(results_dir, "results.md"), "w") as f:
         f.write(text)
