@@ -1,6 +1,6 @@
 """The benchmark: asynchronous against synchronous online DPO on the built-in task, on this machine.
 
-    python benchmark/run.py                  # full: 3 seeds, 64 updates a run (~40 min on 2 CPU cores)
+    python benchmark/run.py                  # full: 3 seeds, 64 updates a run (~48 min on 2 CPU cores)
     python benchmark/run.py --quick          # 1 seed, 24 updates, N in {1, 4, 16} (under 10 min)
     python benchmark/run.py --tiny           # seconds a run, for CI (tests/test_benchmark.py)
     python benchmark/run.py --report_only    # rebuild results.md, results.json and the plots from raw/
