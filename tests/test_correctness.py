@@ -154,19 +154,8 @@ def test_reward_model_reads_its_score_at_eos(model_path, tmp_path, same_tokenize
 def test_a_run_scores_with_the_reward_model_at_eos(cache_dir, model_path, tmp_path):
     """End to end, with the penalty off: the reward is 1 exactly for the completions that ended."""
     rm = make_eos_reward_model(tmp_path / "rm", AutoTokenizer.from_pretrained(model_path))
-    result = run_script(
-        "async_online_dpo.py",
-        cache_dir,
-        tmp_path / "out",
-        "--num_steps",
-        "2",
-        "--eval_every",
-        "1",
-        "--reward_model_path",
-        rm,
-        "--missing_eos_penalty",
-        "None",
-    )
+    flags = ["--reward_model_path", rm, *"--num_steps 2 --eval_every 1 --missing_eos_penalty None".split()]
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, steps, evals = read_run(tmp_path / "out")
     for s in steps:  # with the penalty off, the score is the reward model's alone
@@ -202,19 +191,8 @@ def test_prompts_reach_vllm_with_the_one_bos_they_were_written_with(cache_dir, m
     prompts = ["<s>" + p for p in A.builtin_prompts(A.random.Random(3), 48)]  # ...to prompts that have one already
     with open(tmp_path / "data.jsonl", "w") as f:
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
-    result = run_script(
-        "async_online_dpo.py",
-        cache_dir,
-        tmp_path / "out",
-        "--model_name_or_path",
-        path,
-        "--dataset",
-        str(tmp_path / "data.jsonl"),
-        "--async_steps",
-        "0",
-        "--num_steps",
-        "2",
-    )
+    flags = ["--model_name_or_path", path, "--dataset", str(tmp_path / "data.jsonl"), "--async_steps", "0"]
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", *flags, "--num_steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning" not in result.stderr  # the prompts carry their BOS: nothing to warn about
     _, steps, _ = read_run(tmp_path / "out")
@@ -244,24 +222,8 @@ def test_eval_split_and_length_then_resume_a_gpu_checkpoint_on_a_cpu(cache_dir, 
         with open(data / f"{split}.jsonl", "w") as f:
             for _ in range(40):
                 f.write(json.dumps({"prompt": "".join(rng.choices(letters, k=rng.randint(6, 10))) + "="}) + "\n")
-    flags = [
-        "--dataset",
-        str(data),
-        "--eval_split",
-        "validation",
-        "--eval_prompts",
-        "8",
-        "--response_length",
-        "4",
-        "--eval_response_length",
-        "14",
-        "--num_steps",
-        "3",
-        "--save_every",
-        "2",
-        "--eval_every",
-        "2",
-    ]
+    flags = ["--dataset", str(data), *"--eval_split validation --eval_prompts 8 --response_length 4".split()]
+    flags += "--eval_response_length 14 --num_steps 3 --save_every 2 --eval_every 2".split()
     result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, steps, evals = read_run(tmp_path / "out")
@@ -337,18 +299,8 @@ def test_dist_timeout_stops_a_run_cleanly(cache_dir, tmp_path):
     """2 s is too short for the ranks to meet: rank 1 takes longer to start, and then waits for rank 0 at the first
     batch while vLLM starts. The run must stop at the timeout, with a sentence that names the flag."""
     marker = uuid.uuid4().hex
-    p = start(
-        "async_online_dpo.py",
-        cache_dir,
-        tmp_path,
-        "--num_steps",
-        "2",
-        "--trainer_ranks",
-        "2",
-        "--dist_timeout",
-        "2",
-        marker=marker,
-    )
+    flags = "--num_steps 2 --trainer_ranks 2 --dist_timeout 2".split()
+    p = start("async_online_dpo.py", cache_dir, tmp_path, *flags, marker=marker)
     out, err = p.communicate(timeout=300)
     assert p.returncode != 0
     assert any(line.startswith("error: ") and "--dist_timeout 2s" in line for line in err.splitlines()), err[-3000:]

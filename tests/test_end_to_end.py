@@ -13,33 +13,13 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, SFT_STEPS
 
-TINY = [
-    "--num_steps",
-    "4",
-    "--batch_size",
-    "8",
-    "--micro_batch_size",
-    "4",
-    "--eval_every",
-    "2",
-    "--eval_prompts",
-    "16",
-    "--sft_steps",
-    str(SFT_STEPS),
-]
+TINY = "--num_steps 4 --batch_size 8 --micro_batch_size 4 --eval_every 2 --eval_prompts 16".split()
+TINY += ["--sft_steps", str(SFT_STEPS)]
 
 
 def run_script(script, cache_dir, output_dir, *flags, timeout=300):
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, script),
-        *TINY,
-        "--cache_dir",
-        cache_dir,
-        "--output_dir",
-        str(output_dir),
-        *flags,
-    ]
+    places = ["--cache_dir", cache_dir, "--output_dir", str(output_dir)]
+    cmd = [sys.executable, os.path.join(ROOT, script), *TINY, *places, *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 

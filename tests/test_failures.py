@@ -14,17 +14,8 @@ from conftest import ROOT, SFT_STEPS, wrapper_script
 
 def start(script, cache_dir, tmp_path, *flags, marker=None):
     env = dict(os.environ, ASYNC_DPO_TEST_MARKER=marker or "none")
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, script),
-        "--cache_dir",
-        cache_dir,
-        "--output_dir",
-        str(tmp_path),
-        "--sft_steps",
-        str(SFT_STEPS),
-        *flags,
-    ]
+    places = ["--cache_dir", cache_dir, "--output_dir", str(tmp_path), "--sft_steps", str(SFT_STEPS)]
+    cmd = [sys.executable, os.path.join(ROOT, script), *places, *flags]
     # A terminal starts programs with SIGINT at its default; a shell's background job (CI may be one)
     # starts them with SIGINT ignored, which Python keeps. Restore the default so Ctrl-C can be tested.
     return subprocess.Popen(
@@ -113,20 +104,8 @@ def test_generator_crash_stops_the_trainer_with_its_traceback(cache_dir, tmp_pat
 
 def test_ctrl_c_stops_both_processes(cache_dir, tmp_path):
     marker = uuid.uuid4().hex
-    p = start(
-        "async_online_dpo.py",
-        cache_dir,
-        tmp_path,
-        "--num_steps",
-        "200",
-        "--batch_size",
-        "8",
-        "--micro_batch_size",
-        "4",
-        "--eval_prompts",
-        "8",
-        marker=marker,
-    )
+    flags = "--num_steps 200 --batch_size 8 --micro_batch_size 4 --eval_prompts 8".split()
+    p = start("async_online_dpo.py", cache_dir, tmp_path, *flags, marker=marker)
     try:
         for line in p.stdout:  # wait until training is under way
             if line.startswith("step   2/"):

@@ -41,20 +41,7 @@ def test_two_trainer_ranks_give_the_weights_of_one(cache_dir, model_path, tmp_pa
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(cache_dir, tmp_path):
-    flags = [
-        "--num_steps",
-        "6",
-        "--batch_size",
-        "8",
-        "--micro_batch_size",
-        "4",
-        "--eval_every",
-        "2",
-        "--eval_prompts",
-        "16",
-        "--save_every",
-        "2",
-    ]
+    flags = "--num_steps 6 --batch_size 8 --micro_batch_size 4 --eval_every 2 --eval_prompts 16 --save_every 2".split()
     result = run_script("async_online_dpo.py", cache_dir, tmp_path / "whole", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     whole_dir, whole_steps, whole_evals = read_run(tmp_path / "whole")
@@ -136,21 +123,9 @@ def test_dataset_reward_models_and_win_rate(cache_dir, model_path, tmp_path):
     with open(tmp_path / "data.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     reward, gold = make_reward_model(tmp_path / "rm", seed=0), make_reward_model(tmp_path / "gold", seed=1)
-    result = run_script(
-        "async_online_dpo.py",
-        cache_dir,
-        tmp_path / "out",
-        "--dataset",
-        str(tmp_path / "data.jsonl"),
-        "--reference_column",
-        "reference",
-        "--reward_model_path",
-        reward,
-        "--gold_reward_model_path",
-        gold,
-        "--eval_prompts",
-        "8",
-    )
+    flags = ["--dataset", str(tmp_path / "data.jsonl"), "--reference_column", "reference", "--eval_prompts", "8"]
+    flags += ["--reward_model_path", reward, "--gold_reward_model_path", gold]
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, steps, evals = read_run(tmp_path / "out")
     assert len(steps) == 4 and [e["eval/version"] for e in evals] == [0, 2, 4]
