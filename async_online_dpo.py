@@ -443,7 +443,7 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
         #    must run as many micro-batches as the others (DDP and FSDP exchange data in each), so a rank with
         #    fewer pairs pads with copies that weigh 0.
         chosen, rejected, valid = select_pairs(scores)
-        pairs = valid.nonzero().squeeze(1).tolist()
+        chosen, rejected, pairs = chosen.tolist(), rejected.tolist(), valid.nonzero().squeeze(1).tolist()
         counts = [None] * world
         dist.all_gather_object(counts, len(pairs))
         weights = torch.tensor([1.0] * len(pairs) + [0.0] * (max(counts) - len(pairs)))
@@ -817,19 +817,23 @@ def resumed_args(args: Args) -> Args:
     if not latest_checkpoint(args.resume):
         fail(f"--resume {args.resume!r} has no checkpoint-* folder; start runs with --save_every N to write them.")
     with open(os.path.join(args.resume, "args.json")) as f:
-        return Args(**{**json.load(f), "resume": args.resume})
+        saved = json.load(f)
+    known = {name: value for name, value in saved.items() if name in Args.__dataclass_fields__}  # flags since gone
+    return Args(**{**known, "resume": args.resume})
 
 
 def check_args(args: Args):
     gpus, cores = torch.cuda.device_count(), len(split_cpu_cores(share=True)[0])
     sizes = ["num_steps", "batch_size", "micro_batch_size", "response_length", "eval_every", "eval_prompts"]
     sizes += ["trainer_ranks", "dist_timeout"] + ["eval_response_length"] * (args.eval_response_length is not None)
+    for size in sizes:
+        if getattr(args, size) < 1:
+            fail(f"--{size} is {getattr(args, size)}; it must be at least 1.")
     R = args.trainer_ranks
     for wrong, message in [
         (args.num_samples < 2, f"--num_samples is {args.num_samples}, but online DPO compares at least 2 per prompt."),
         (args.beta <= 0, f"--beta is {args.beta}; it must be positive (the paper uses 0.1 on TL;DR)."),
         (args.temperature <= 0, "--temperature must be positive (the paper uses 0.7)."),
-        (min(getattr(args, s) for s in sizes) < 1, f"--{', --'.join(sizes)} must be at least 1."),
         (
             min(args.async_steps, args.save_every) < 0,
             "--async_steps (0 = synchronous) and --save_every must be at least 0.",
@@ -908,6 +912,11 @@ def check_dataset(args: Args):
 def check_lengths(args: Args, model_path: str, tokenizer, train_prompts, eval_prompts: list[str]) -> int:
     """Every prompt the run will use, plus a response, must fit in the model's context. Returns the longest
     sequence, for vLLM."""
+    if train_prompts is not None and not train_prompts:
+        fail(
+            f"--dataset {args.dataset!r} has no rows left to train on once --eval_prompts {args.eval_prompts} are held "
+            "out; lower --eval_prompts or give --eval_split."
+        )
     used = dict.fromkeys(p for i in range(args.num_steps) for p in batch_prompts(args, train_prompts, i))
     prompt_ids = tokenize(tokenizer, eval_prompts + list(used))
     longest_prompt = max(map(len, prompt_ids))
@@ -1407,7 +1416,9 @@ class GeneratorLink:
 
     def wait_until_ready(self):
         if not self.ready:
-            assert self.receive() == {"ready": True}
+            message = self.receive()
+            if "ready" not in message:
+                raise GeneratorError(f"the generator's first message was not 'ready' but {list(message)}")
             self.ready = True
 
     def next_batch(self) -> dict:

@@ -1,13 +1,17 @@
 """Bad input fails fast with one sentence; a dead generator or Ctrl-C stops everything, leaving no orphans."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import asdict
 
 import pytest
+
+import async_online_dpo as A
 
 from conftest import ROOT, SFT_STEPS, wrapper_script
 
@@ -50,6 +54,7 @@ def processes_with(marker):
         (["--beta", "0"], "--beta"),
         (["--temperature", "0"], "--temperature"),
         (["--response_length", "0"], "--response_length"),
+        (["--eval_every", "0"], "--eval_every is 0"),
         (["--async_steps", "-1"], "--async_steps"),
         (["--model_name_or_path", "/no/such/model"], "--model_name_or_path"),
         (["--reward_fn", "no_such_module:score"], "--reward_fn"),
@@ -65,6 +70,25 @@ def test_bad_input_gives_one_sentence_before_spawning(cache_dir, tmp_path, flags
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert "Traceback" not in err and "run " not in out  # nothing started
     assert not os.listdir(tmp_path)  # no run folder either
+
+
+def test_a_dataset_held_out_whole_gives_one_sentence(cache_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{letters}="}) + "\n" for letters in ["dcba", "fed", "ihg"]))
+    p = start("async_online_dpo.py", cache_dir, tmp_path / "out", "--dataset", str(data), "--eval_prompts", "8")
+    _, err = p.communicate(timeout=120)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # datasets prints progress too
+    assert p.returncode != 0 and len(errors) == 1 and err.strip().endswith(errors[0]), err
+    assert "--eval_prompts" in errors[0] and "Traceback" not in err
+
+
+def test_a_run_folder_from_an_older_version_resumes_with_its_flags(tmp_path):
+    """args.json of an older run may hold flags that are gone (a test hook was one): they are left out."""
+    saved = asdict(A.Args(num_steps=6, save_every=2)) | {"crash_generator_at": -1}
+    (tmp_path / "args.json").write_text(json.dumps(saved))
+    (tmp_path / "checkpoint-000002").mkdir()
+    args = A.resumed_args(A.Args(resume=str(tmp_path)))
+    assert args.num_steps == 6 and args.save_every == 2 and args.resume == str(tmp_path)
 
 
 def test_unknown_flag_is_rejected(cache_dir, tmp_path):
