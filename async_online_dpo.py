@@ -5,7 +5,7 @@ Models" (Noukhovitch et al., ICLR 2025, arXiv 2410.18252). A vLLM generator samp
 policy exactly N updates old while the trainer learns from earlier batches with online DPO, so generation
 and training overlap. `sync_baseline.py` runs the same code with N = 0 for comparison.
 
-    python async_online_dpo.py                      # CPU: generator and trainer on separate cores (~7 min)
+    python async_online_dpo.py                      # CPU: generator and trainer on separate cores (5-7 min)
     python async_online_dpo.py                      # 1 GPU: both share GPU 0 (--vllm_gpu_memory_utilization)
     CUDA_VISIBLE_DEVICES=0,1 python async_online_dpo.py   # 2 GPUs: generator on GPU 0, trainer on GPU 1
     python async_online_dpo.py --trainer_ranks 4 --fsdp --bf16   # 5 GPUs: generator + 4 FSDP2 trainer ranks
