@@ -1,15 +1,17 @@
 """Asynchronous online DPO with a vLLM generator in its own process.
 
-Reference implementation of "Asynchronous RLHF: Faster and More Efficient Off-Policy RL for Language
-Models" (Noukhovitch et al., ICLR 2025, arXiv 2410.18252). A vLLM generator samples completions with a
-policy exactly N updates old while the trainer learns from earlier batches with online DPO, so generation
-and training overlap. `sync_baseline.py` runs the same code with N = 0 for comparison.
+Reference implementation of "Asynchronous RLHF: Faster and More Efficient Off-Policy RL for Language Models"
+(Noukhovitch et al., ICLR 2025, arXiv 2410.18252). A vLLM generator samples completions with a policy N updates
+old while the trainer learns from earlier batches with online DPO, so generation and training overlap.
+`sync_baseline.py` runs the same code in lockstep for comparison.
 
     python async_online_dpo.py                      # CPU: generator and trainer on separate cores (5-7 min)
     python async_online_dpo.py                      # 1 GPU: both share GPU 0 (--vllm_gpu_memory_utilization)
     CUDA_VISIBLE_DEVICES=0,1 python async_online_dpo.py   # 2 GPUs: generator on GPU 0, trainer on GPU 1
     python async_online_dpo.py --trainer_ranks 4 --fsdp --bf16   # 5 GPUs: generator + 4 FSDP2 trainer ranks
     python async_online_dpo.py --async_steps 4      # let the generator run 4 batches ahead
+    python sync_baseline.py --batches_per_round 4   # the paper's off-policy N: one version samples 4 batches
+    python async_online_dpo.py --loss_type rloo     # or ipo, best_of_k; --updates_per_batch 2, --model_size 30m
     python async_online_dpo.py --model_name_or_path PATH --dataset data.jsonl --reward_model_path RM
     python async_online_dpo.py --save_every 16      # then, after a crash: --resume runs/RUN_FOLDER
     python sync_baseline.py                         # the same run, generation and training in turn
@@ -35,7 +37,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import asdict, dataclass
 from functools import cache
 from typing import Literal
@@ -72,6 +74,8 @@ class Args:
     # --- model, data and reward
     model_name_or_path: str = ""
     """transformers causal LM (folder or hub name): the policy and the frozen reference; empty = built-in"""
+    model_size: Literal["3m", "10m", "30m"] = "10m"
+    """parameters of the built-in policy, used when --model_name_or_path is empty (each size is warm-started once)"""
     dataset: str = ""
     """hub dataset name or local .json/.jsonl file of prompts; empty = the built-in letter-sorting task"""
     dataset_split: str = "train"
@@ -89,37 +93,44 @@ class Args:
     sft_steps: int = 30
     """supervised warm-start steps for the built-in model (cached under --cache_dir)"""
 
-    # --- online DPO
+    # --- the loss
     num_steps: int = 128
-    """policy updates; each consumes one batch of --batch_size prompts"""
+    """batches to train on, each of --batch_size prompts; policy version v is the policy after v batches"""
     batch_size: int = 64
     """prompts per batch, across all trainer ranks (the paper uses 512 on TL;DR)"""
     num_samples: int = 2
-    """k, completions sampled per prompt; chosen = best score, rejected = worst"""
+    """k, completions sampled per prompt"""
     response_length: int = 16
     """most tokens sampled per completion (the paper uses 53 on TL;DR)"""
     temperature: float = 0.7
     """sampling temperature; policy and reference logits are divided by it too, as in the paper's code"""
     missing_eos_penalty: float | None = -1.0
-    """score that *replaces* the reward of a completion cut off before EOS, as in the paper's code (-1 on TL;DR);
-    None turns it off. TRL's flag of this name *subtracts* a positive value instead: a positive one here warns"""
+    """score that *replaces* the reward of a completion cut off before EOS (the paper: -1); None: off. See README"""
+    loss_type: Literal["sigmoid", "ipo", "rloo", "best_of_k"] = "sigmoid"
+    """sigmoid: online DPO on the best and worst of k; ipo: IPO on them; rloo: RLOO on all k; best_of_k: SFT on best"""
     beta: float = 0.1
-    """β in the DPO loss, the strength of the pull towards the reference"""
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid: the DPO loss; ipo: the IPO loss (logits - 1/(2β))²"""
+    """β in the DPO and IPO losses, the strength of the pull towards the reference"""
+    kl_coef: float = 0.05
+    """RLOO: the KL penalty in its reward, score - kl_coef · Σ_t (log π_old - log π_ref) (the paper: 0.05)"""
+    clip_range: float = 0.2
+    """RLOO: ε, the sequence ratio π_θ / π_old is clipped to [1 - ε, 1 + ε] (the paper: 0.2)"""
     learning_rate: float = 1e-4
-    """AdamW learning rate, decayed linearly to 0 over --num_steps"""
+    """AdamW learning rate, decayed linearly to 0 over all --num_steps × --updates_per_batch updates"""
+    updates_per_batch: int = 1
+    """E, optimizer updates on each batch (the paper's "ppo epochs"); the weights are pushed after the last one"""
     micro_batch_size: int = 32
-    """(chosen, rejected) pairs per forward/backward on each rank; gradients accumulate to one update"""
+    """loss terms per forward/backward on a rank (DPO: pairs; RLOO, best-of-k: completions); gradients accumulate"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
 
     # --- asynchrony
+    batches_per_round: int = 1
+    """N, the paper's off-policy N: one policy version samples N batches in a row, trained at lags 0 .. N-1"""
     async_steps: int = 1
-    """N: batch i is sampled by policy version max(0, i - N); 0 is synchronous (sync_baseline.py)"""
+    """A, rounds the generator runs ahead: batch i is sampled by version max(0, N·(i // N - A)); 0 = synchronous"""
     logprob_gap_tolerance: float | None = None
-    """stop the run when a lag-0 batch's mean |log π_trainer - log π_vLLM| per sampled token exceeds this: the
-    weight sync is broken. None = 1e-3 in float32, 0.1 with --bf16 (a CPU measures 3e-7 and 4e-3; see README)"""
+    """stop when vLLM's and the trainer's log-probs differ by more, per token, where they should agree; None = 1e-3
+    in float32, 0.1 with --bf16 (a CPU measures 3e-7 and 4e-3)"""
 
     # --- evaluation
     eval_every: int = 16
@@ -151,8 +162,7 @@ class Args:
     vllm_cpu_kv_cache_gib: int = 1
     """GiB of RAM vLLM reserves for its KV cache on a CPU (vLLM's own default takes most of the RAM)"""
     dist_timeout: int = 3600
-    """seconds a trainer rank waits for the others in a collective before the run fails; rank 0 keeps the others
-    waiting through vLLM's start, long evaluations and checkpoint writes (torch's default, 600, is too short)"""
+    """seconds a rank waits for the others in a collective before the run fails (rank 0 may take long: see README)"""
     cpu_share_cores: bool = False
     """on a CPU, give generator and trainer every core, not half each: for sync runs, where they take turns"""
 
@@ -160,9 +170,8 @@ class Args:
 # ----------------------------------------------------------------------------------------------------
 # The math: log-probs, scores, pairs and the DPO loss. Pure functions, checked in tests/.
 def token_logprobs(model, input_ids, attention_mask, response_width: int, temperature: float):
-    """log π(y_t | x, y_<t) of the last `response_width` tokens of each row, (B, R), with logits divided by the
-    sampling temperature, as vLLM samples and as the paper's code scores. Only those columns get logits: a
-    float32 log-softmax over every position, prompts included, takes gigabytes at a 128k vocabulary."""
+    """log π(y_t | x, y_<t) of the last `response_width` tokens of each row, (B, R), logits divided by the sampling
+    temperature as in the paper's code. Only those columns get logits: all of them would take GBs at a 128k vocab."""
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -180,20 +189,31 @@ def ended(response_ids: list[list[int]], eos_ids: set[int]) -> list[bool]:
 
 
 def apply_missing_eos_penalty(rewards, has_eos, penalty: float | None):
-    """A completion cut off before EOS gets the penalty as its score, whatever the reward said: the paper's
-    code replaces the score (TRL's flag of the same name subtracts from it). None changes nothing."""
+    """A completion cut off before EOS gets the penalty as its score, as in the paper's code. None: no penalty."""
     if penalty is None:
         return rewards
     return torch.where(has_eos, rewards, torch.full_like(rewards, penalty))
 
 
 def select_pairs(scores):
-    """Chosen = highest score, rejected = lowest, per prompt. scores: (P, k). When all k scores are equal the
-    pair says nothing about which completion is better, so it is marked invalid and left out of the loss (and
-    counted in rewards/tie_frac)."""
+    """Chosen = highest score, rejected = lowest, per prompt (ties to the first, as in the paper's code).
+    scores: (P, k). valid: whether the scores differ, so that the pair says which completion is better."""
     chosen, rejected = scores.argmax(1), scores.argmin(1)  # (P,)
     valid = scores.max(1).values > scores.min(1).values
     return chosen, rejected, valid
+
+
+def trained_completions(loss_type: str, scores) -> list[tuple[int, ...]]:
+    """What each loss learns from: a tuple of completions (indices into the batch's P·k) per term of the loss. DPO and
+    IPO: (chosen, rejected) of each prompt whose scores differ, since a tie says nothing about which is better.
+    Best-of-k: the chosen completion of every prompt, tie or not, as the paper's code. RLOO: every completion."""
+    P, k = scores.shape
+    chosen, rejected, valid = select_pairs(scores)
+    if loss_type == "rloo":
+        return [(j,) for j in range(P * k)]
+    if loss_type == "best_of_k":
+        return [(i * k + c,) for i, c in enumerate(chosen.tolist())]
+    return [(i * k + chosen[i].item(), i * k + rejected[i].item()) for i in valid.nonzero().squeeze(1).tolist()]
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type="sigmoid"):
@@ -204,6 +224,42 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     if loss_type == "ipo":
         return (logits - 1 / (2 * beta)) ** 2
     return -F.logsigmoid(beta * logits)
+
+
+def rloo_advantages(rewards):
+    """RLOO (Ahmadian et al. 2024): each reward minus the mean reward of the prompt's other k - 1 completions."""
+    k = rewards.shape[1]
+    return rewards - (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+
+
+def rloo_loss(logps, old_logps, advantages, clip_range: float):
+    """Per-completion RLOO loss, PPO's clipped objective (Schulman et al. 2017, eq. 7) on the sequence ratio
+    ρ = π_θ(y|x) / π_old(y|x) = exp(Σ_t log π_θ - Σ_t log π_old), where π_old sampled y:
+        max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε))
+    Also returns ρ, and where the clipped term is the larger (no gradient flows there)."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.max(unclipped, clipped), ratio, clipped > unclipped
+
+
+def best_of_k_loss(chosen_logps):
+    """Best-of-k SFT: -log π_θ(y_c|x) = -Σ_t log π_θ(y_t|x, y_<t) of the chosen completion; no reference, no KL."""
+    return -chosen_logps
+
+
+def loss_terms(args: Args, logps, ref_logps, old_logps, advantages):
+    """The loss of each term of a micro-batch, and what it logs, from per-row log π(y|x) of the policy, reference and
+    sampler (π_old), and RLOO's advantages. DPO's rows are the chosen completions, then the rejected ones."""
+    if args.loss_type == "rloo":
+        losses, ratio, clipped = rloo_loss(logps, old_logps, advantages, args.clip_range)
+        return losses, {"ratio": ratio, "clipped": clipped.float()}
+    if args.loss_type == "best_of_k":
+        return best_of_k_loss(logps), {"chosen_logps": logps}
+    chosen_logps, rejected_logps = logps.chunk(2)
+    ref_chosen, ref_rejected = ref_logps.chunk(2)
+    losses = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.loss_type)
+    margin = args.beta * ((chosen_logps - ref_chosen) - (rejected_logps - ref_rejected))  # DPO's implicit reward
+    return losses, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "margin": margin}
 
 
 def sampler_gap(token_logps, response_mask, sampler_logps: list[list[float]], row_weights):
@@ -217,9 +273,8 @@ def sampler_gap(token_logps, response_mask, sampler_logps: list[list[float]], ro
 
 
 def pad_batch(prompts: list[list[int]], responses: list[list[int]]):
-    """Token lists -> (B, P + R) ids and attention mask, each prompt padded on the left and each response on
-    the right, so that every response starts in column P: the model then needs logits for the last R + 1
-    columns only. Pad id 0 is masked out, and unlike a pad id past the vocabulary, it is safe on GPUs."""
+    """Token lists -> (B, P + R) ids and attention mask, prompts padded on the left and responses on the right, so
+    every response starts in column P. Pad id 0 is masked out (a pad id past the vocabulary fails on GPUs)."""
     P, R = max(map(len, prompts)), max(map(len, responses))
     ids = torch.zeros(len(prompts), P + R, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -234,13 +289,35 @@ def position_ids(attention_mask):
     return (attention_mask.cumsum(1) - 1).clamp(min=0)
 
 
+def completion_logprobs(model, prompt_ids, response_ids, args: Args, device):
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) of each completion, (B,), with the token log-probs and their mask."""
+    ids, mask = (t.to(device) for t in pad_batch(prompt_ids, response_ids))
+    width = max(map(len, response_ids))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        token_logps = token_logprobs(model, ids, mask, width, args.temperature)  # (B, R)
+    response_mask = mask[:, -width:]
+    return (token_logps * response_mask).sum(1), token_logps, response_mask
+
+
+@torch.no_grad()
+def summed_logprobs(model, prompt_ids, response_ids, args: Args, device):
+    """log π(y|x) of each completion without gradients, as many at a time as a DPO micro-batch holds."""
+    chunk = 2 * args.micro_batch_size
+    sums = []
+    for begin in range(0, len(response_ids), chunk):
+        logps, _, _ = completion_logprobs(
+            model, prompt_ids[begin : begin + chunk], response_ids[begin : begin + chunk], args, device
+        )
+        sums.append(logps.float().cpu())
+    return torch.cat(sums)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The one place that touches vLLM internals, written against vLLM 0.32.0 (V1 engine on a CPU, runner V2 on GPUs).
 def load_weights_into_vllm(llm, weights: list):
-    """reload_weights copies (transformers name, tensor) pairs into the running engine's parameters in place:
-    no restart, no disk, and CUDA graphs captured over those parameters stay valid. The tensors may live on
-    the trainer's GPU; each is copied across to vLLM's directly. The prefix cache holds keys and values
-    computed by the old weights, so it must be dropped, or cached prompts would mix two policies."""
+    """reload_weights copies (transformers name, tensor) pairs into the running engine's parameters in place: no
+    restart, no disk, and CUDA graphs over them stay valid; tensors on the trainer's GPU are copied across directly.
+    The prefix cache holds keys and values of the old weights, so it must be dropped."""
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
     if torch.cuda.is_available():
@@ -251,22 +328,41 @@ def load_weights_into_vllm(llm, weights: list):
 # The generator process. It owns vLLM. Two queues, a snapshot slot and one stop signal connect it to the trainer:
 #   samples_queue  generator -> trainer  "ready" once vLLM is up, then one batch per step, tagged with the
 #                                        version that sampled it
-#   weights_queue  trainer -> generator  {"version", "snapshot", "probe"}: the policy after each update, packed
+#   weights_queue  trainer -> generator  {"version", "snapshot", "probe"}: the policy after an update, packed
 #   snapshot_free  released by the generator when it is done with a snapshot; the trainer takes it before
 #                  making the next, so one snapshot at most is in memory
 #   stop           set by the trainer when it is done or has failed
 #
-# The only difference between async and sync is one rule: batch i is sampled by policy version
-# max(0, i - N) (N = --async_steps). With N = 1 the generator samples batch i+1 while the trainer learns
-# from batch i, one version behind:
+# Sync, async and the paper's off-policy study differ in one rule: batch i is sampled by policy version
+# max(0, N·(i // N - A)). One version samples a round of N = --batches_per_round batches in a row (the paper's
+# N), and the generator may run A = --async_steps rounds ahead. With N = 1 and A = 1 (the defaults) it samples
+# batch i+1 while the trainer learns from batch i, one version behind:
 #
 #   generator | b0 (v0) | b1 (v0) | b2 (v1) | b3 (v2) | ...        b_i (v_j): batch i sampled by version j
 #   trainer   |  wait   | train b0 | train b1 | train b2 | ...      training b_i makes version i+1
 #                                 ^ push v1  ^ push v2
 #
-# With N = 0 the generator waits for version i before batch i, and the trainer waits while it samples.
-# The version is exact, not "at least": with per-prompt sampling seeds, a run is then reproducible, and
-# a resumed run samples what the uninterrupted one would have.
+# With A = 0 the generator waits for the version that starts each round. N = 1 is then synchronous, on-policy
+# RLHF (sync_baseline.py); N = 4 is the paper's off-policy setting, each round trained at lags 0, 1, 2, 3:
+#
+#   generator | b0 (v0) | b1 (v0) | b2 (v0) | b3 (v0) |   wait   | b4 (v4) | b5 (v4) | ...
+#   trainer   |  wait   | train b0 | train b1 | train b2 | train b3 |  wait   | train b4 | ...
+#                                                          ^ push v4
+#
+# The version is exact, not "at least": with per-prompt sampling seeds, a run is then reproducible, and a resumed
+# run samples what the uninterrupted one would have. The trainer pushes only the versions the generator will load:
+# those that start a round, and those that are evaluated.
+def sampling_version(args: Args, index: int) -> int:
+    """The staleness rule: the policy version that samples batch `index`."""
+    N = args.batches_per_round
+    return max(0, N * (index // N - args.async_steps))
+
+
+def evaluated(args: Args, version: int) -> bool:
+    """The policy versions whose held-out gold reward and KL are measured: every --eval_every, and the last."""
+    return version % args.eval_every == 0 or version == args.num_steps
+
+
 # Prompt j of batch i samples with seed (--seed * MAX_BATCHES + i) * --batch_size + j, so that no two prompts share
 # a sampling seed, in one run or across seeds, while runs stay under MAX_BATCHES batches.
 MAX_BATCHES = 10**6
@@ -309,39 +405,39 @@ def generator(
     # Sent with the next batch: (what, start, end) in seconds since the epoch, evaluations, weight-sync checks.
     spans, evals, checks = [], [], []
 
-    def due(v: int) -> bool:  # the policy versions that are evaluated
-        return v % args.eval_every == 0 or v == args.num_steps
-
-    def generate(prompt_ids, temperature, n, seed, max_tokens, logprobs):
+    def generate(prompt_ids, temperature, n, seed, max_tokens, with_logprobs):
         # One seed per prompt: what a prompt samples depends only on the weights and its seed. The prompts go
         # in as token ids, the ones the trainer uses, so vLLM adds no special tokens of its own.
+        logprobs = 0 if with_logprobs else None  # 0: the log-prob of the sampled token alone
         params = [
             SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed + j, logprobs=logprobs)
             for j in range(len(prompt_ids))
         ]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
         completions = [c for o in outputs for c in o.outputs]  # the n samples of a prompt side by side
-        sampled = [sampled_logprobs(c.token_ids, c.logprobs) for c in completions] if logprobs is not None else None
+        sampled = [sampled_logprobs(c.token_ids, c.logprobs) for c in completions] if with_logprobs else None
         return [list(c.token_ids) for c in completions], sampled
 
     def evaluate():
         t = time.time()
         length = args.eval_response_length or args.response_length
-        response_ids, _ = generate(eval_prompt_ids, 0.0, 1, seed=0, max_tokens=length, logprobs=None)  # greedy
+        response_ids, _ = generate(eval_prompt_ids, 0.0, 1, 0, length, with_logprobs=False)  # greedy, for the gold
+        # One sample per prompt as training samples, for the trainer's KL of this version to the reference.
+        sampled_ids, sampled_logps = generate(eval_prompt_ids, args.temperature, 1, 0, args.response_length, True)
         evals.append({"version": version, "prompts": eval_prompts, "prompt_ids": eval_prompt_ids})
-        evals[-1]["response_ids"] = response_ids
+        evals[-1] |= {"response_ids": response_ids, "sampled_ids": sampled_ids, "sampled_logprobs": sampled_logps}
         spans.append(("eval", t, time.time()))
 
     def take_weights(target: int):
-        """Read snapshots in order up to policy version `target` and load it. Versions due for evaluation are
-        loaded and evaluated on the way, so none is skipped. Each load is checked against the trainer's probe."""
+        """Read snapshots in order up to version `target` and load it, and on the way each version due for
+        evaluation, so that none is skipped. Each load is checked against the trainer's probe."""
         nonlocal version
         while version < target:
             t = time.time()
             snapshot = next_snapshot(weights_queue, stop)
             spans.append(("wait", t, time.time()))
             version = snapshot["version"]
-            if version == target or due(version):
+            if version == target or evaluated(args, version):
                 t = time.time()
                 load_weights_into_vllm(llm, unpack_weights(*snapshot["snapshot"]))
                 if snapshot["probe"]["response_ids"]:  # empty when every completion was a lone EOS
@@ -349,19 +445,21 @@ def generator(
                 spans.append(("load", t, time.time()))
             del snapshot  # the trainer's memory: let go of it before the trainer may make the next
             snapshot_free.release()
-            if due(version):
+            if evaluated(args, version):
                 evaluate()
 
-    if due(version):
+    if evaluated(args, version):
         evaluate()  # the starting policy, loaded from disk
     for index in range(first_batch, args.num_steps):
         stop_if_trainer_stopped(stop)
-        take_weights(max(0, index - args.async_steps))  # the staleness rule
+        take_weights(sampling_version(args, index))
         t = time.time()
         prompts = batch_prompts(args, train_prompts, index)
         prompt_ids = tokenize(tokenizer, prompts)
         seed = (args.seed * MAX_BATCHES + index) * args.batch_size
-        response_ids, logprobs = generate(prompt_ids, args.temperature, args.num_samples, seed, args.response_length, 0)
+        response_ids, logprobs = generate(
+            prompt_ids, args.temperature, args.num_samples, seed, args.response_length, True
+        )
         spans.append(("generate", t, time.time()))
         batch = {"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids}
         samples_queue.put(batch | {"logprobs": logprobs, "evals": evals, "spans": spans, "checks": checks})
@@ -377,41 +475,20 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
     world = args.trainer_ranks
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    # Placement: rank r trains on GPU r + 1, as GPU 0 is the generator's (on a one-GPU machine they share it).
-    # On a CPU each rank is pinned to its own share of the trainer's cores, apart from the generator's.
-    cuda = torch.cuda.is_available()
-    if cuda:
-        device = torch.device(f"cuda:{rank + 1 if torch.cuda.device_count() > 1 else 0}")
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        pin_to_cores(cores[rank::world] or cores)
-    # On one GPU, vLLM sizes its KV cache from the memory that is free while it starts, so whatever the trainer
-    # allocated meanwhile would be taken from vLLM, or trip its check. The generator says when it is ready.
-    if link and cuda and torch.cuda.device_count() == 1:
-        link.wait_until_ready()
-    timeout = datetime.timedelta(seconds=args.dist_timeout)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
+    device = set_up_rank(args, rank, cores, link)  # its GPU or CPU cores, and the process group of the ranks
 
-    # The models: the policy, which is trained, and the frozen reference, where it started.
+    # The models: the policy, which is trained, and the frozen reference, where it started (each rank holds 1/R of
+    # both under FSDP2), and the reward; the policy starts from the checkpoint on resume.
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     eos_ids = stop_token_ids(base_model, tokenizer)
+    policy, forward, ref_policy = load_policies(args, base_model, checkpoint, device)  # forward: DDP's, or FSDP's
     reward_fn = load_reward(args, args.reward_model_path, device, tokenizer, eos_ids)  # each rank scores its share
     if run:  # rank 0 scores the generator's evaluations, with the gold reward model if there is one
         gold_path = args.gold_reward_model_path
         run.gold_fn = load_reward(args, gold_path, device, tokenizer, eos_ids) if gold_path else reward_fn
-    dtype = torch.bfloat16 if args.bf16 else torch.float32  # of the reference policy, as of vLLM's weights
-    model_path = os.path.join(checkpoint, "model") if checkpoint else base_model
-    policy = load_policy(model_path, device, args.gradient_checkpointing)
-    ref_policy = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device).eval().requires_grad_(False)
-    if args.fsdp:  # FSDP2: a rank keeps 1/R of every weight, gradient and Adam moment
-        shard(policy)
-        shard(ref_policy)
-        forward = policy
-    else:
-        forward = DistributedDataParallel(policy)  # averages the gradients over ranks during backward
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / args.num_steps)
+    updates = args.num_steps * args.updates_per_batch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1 - update / updates)
     start = restore_checkpoint(args, checkpoint, policy, optimizer, scheduler)  # the version to start from: 0 if new
     if link:
         link.wait_until_ready()  # vLLM started while we loaded the models
@@ -419,8 +496,8 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
     P, k = args.batch_size // world, args.num_samples
 
     for step in range(start, args.num_steps):
-        # 1. Get a batch: rank 0 takes it from the generator (it was sampled by policy version max(0, step - N))
-        #    and hands it to the other ranks. Each keeps its share: P prompts and their k completions each.
+        # 1. Get a batch: rank 0 takes it from the generator (it was sampled by version sampling_version(step)) and
+        #    hands it to the other ranks. Each keeps its share: P prompts and their k completions each.
         t0 = time.time()
         batch = [link.next_batch() if link else None]
         dist.broadcast_object_list(batch, src=0)
@@ -429,89 +506,105 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
         check_reloads(batch["checks"], tolerance)  # the weights that sampled it, as vLLM loaded them
         own, own_k = slice(rank * P, (rank + 1) * P), slice(rank * P * k, (rank + 1) * P * k)
         prompts, prompt_ids = batch["prompts"][own], batch["prompt_ids"][own]
-        responses = batch["response_ids"][own_k]  # the k completions of a prompt side by side
+        responses = batch["response_ids"][own_k]  # (P·k,) the k completions of a prompt side by side
         sampler_logps = batch["logprobs"][own_k]  # vLLM's log-prob of each sampled token
+        measure_kl(args, ref_policy, batch["evals"], device)  # of the versions the generator evaluated meanwhile
 
-        # 2. Score every completion with the reward; a completion with no EOS gets the penalty instead.
+        # 2. Score every completion with the reward; a completion with no EOS gets the penalty instead. The
+        #    reference's log-prob of every completion, once per batch, gives the KL of the policy that sampled it,
+        #    Σ_t log π_old - log π_ref (the paper's code logs this), which RLOO's reward also charges for.
         has_eos = torch.tensor(ended(responses, eos_ids))
-        of = [j // k for j in range(len(responses))]  # the prompt of each completion
-        rewards = reward_fn([prompts[i] for i in of], [prompt_ids[i] for i in of], responses)
-        gold = torch.tensor(rewards, dtype=torch.float)
-        scores = apply_missing_eos_penalty(gold, has_eos, args.missing_eos_penalty).view(P, k)
+        completion_prompt_ids = [prompt_ids[j // k] for j in range(P * k)]
+        rewards = reward_fn([prompts[j // k] for j in range(P * k)], completion_prompt_ids, responses)
+        rewards = torch.tensor(rewards, dtype=torch.float)  # (P·k,)
+        scores = apply_missing_eos_penalty(rewards, has_eos, args.missing_eos_penalty).view(P, k)
+        ref_logps = summed_logprobs(ref_policy, completion_prompt_ids, responses, args, device)  # (P·k,)
+        old_logps = torch.tensor([sum(row) for row in sampler_logps])  # log π_old(y|x), from vLLM
+        kl = old_logps - ref_logps
+        advantages = rloo_advantages(scores - args.kl_coef * kl.view(P, k)).flatten()  # used by RLOO alone
 
-        # 3. Pick chosen (best) and rejected (worst) per prompt; drop ties, they carry no preference. Every rank
-        #    must run as many micro-batches as the others (DDP and FSDP exchange data in each), so a rank with
-        #    fewer pairs pads with copies that weigh 0.
-        chosen, rejected, valid = select_pairs(scores)
-        chosen, rejected, pairs = chosen.tolist(), rejected.tolist(), valid.nonzero().squeeze(1).tolist()
+        # 3. What the loss learns from. Every rank must run as many micro-batches as the others (DDP and FSDP
+        #    exchange data in each), so a rank with fewer terms pads with copies that weigh 0.
+        terms = trained_completions(args.loss_type, scores)
         counts = [None] * world
-        dist.all_gather_object(counts, len(pairs))
-        weights = torch.tensor([1.0] * len(pairs) + [0.0] * (max(counts) - len(pairs)))
-        pairs += [0] * (max(counts) - len(pairs))
+        dist.all_gather_object(counts, len(terms))
+        term_weights = torch.tensor([1.0] * len(terms) + [0.0] * (max(counts) - len(terms)))
+        terms += (terms[:1] or [(0, 0)]) * (max(counts) - len(terms))  # only DPO can have no terms: pad with a pair
 
-        # 4. DPO loss on summed response log-probs of policy and reference, one update per batch. DDP and FSDP
-        #    average gradients over ranks, so each rank scales its summed loss by R / (pairs in the whole batch):
-        #    the update is the mean over all pairs, whatever the micro-batch size or R.
-        pair_stats, gap = [], torch.zeros(2, device=device)  # gap: see the weight-sync check below
-        for begin in range(0, len(pairs), args.micro_batch_size):
-            mb, w = pairs[begin : begin + args.micro_batch_size], weights[begin : begin + args.micro_batch_size]
-            rows = [i * k + chosen[i] for i in mb] + [i * k + rejected[i] for i in mb]  # completions, (2M,)
-            ids, mask = pad_batch([prompt_ids[j // k] for j in rows], [responses[j] for j in rows])  # (2M, P + R)
-            input_ids, attention_mask, w = ids.to(device), mask.to(device), w.to(device)
-            width = max(len(responses[j]) for j in rows)
-            response_mask = attention_mask[:, -width:]  # (2M, R)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                token_logps = token_logprobs(forward, input_ids, attention_mask, width, args.temperature)  # (2M, R)
-                with torch.no_grad():
-                    ref_token_logps = token_logprobs(ref_policy, input_ids, attention_mask, width, args.temperature)
-            chosen_logps, rejected_logps = (token_logps * response_mask).sum(1).chunk(2)  # (M,) each
-            ref_chosen_logps, ref_rejected_logps = (ref_token_logps * response_mask).sum(1).chunk(2)
-            losses = dpo_loss(
-                chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta, args.loss_type
-            )
-            ((losses * w).sum() * world / sum(counts)).backward()
-            mb_stats = torch.stack([losses, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps])
-            pair_stats.append(mb_stats[:, w > 0].detach().float().cpu())  # PAIR_STATS of the real pairs, for the log
-            gap += sampler_gap(token_logps, response_mask, [sampler_logps[j] for j in rows], torch.cat([w, w]))
+        # 4. The loss on summed response log-probs, E updates on this batch. DDP and FSDP average gradients over
+        #    ranks, so each rank scales its summed loss by R / (terms in the whole batch): the update is the mean
+        #    over all terms, whatever the micro-batch size or R.
+        term_stats, grad_norms, lr = defaultdict(list), [], scheduler.get_last_lr()[0]
+        for update in range(args.updates_per_batch):
+            gap = torch.zeros(2, device=device)  # see the weight-sync check below
+            for begin in range(0, len(terms), args.micro_batch_size):
+                mb = terms[begin : begin + args.micro_batch_size]
+                w = term_weights[begin : begin + args.micro_batch_size].to(device)
+                rows = [term[n] for n in range(len(mb[0])) for term in mb]  # DPO: the chosen rows, then the rejected
+                prompt_rows, response_rows = [completion_prompt_ids[j] for j in rows], [responses[j] for j in rows]
+                logps, token_logps, mask = completion_logprobs(forward, prompt_rows, response_rows, args, device)
+                ref, old, adv = (t[rows].to(device) for t in (ref_logps, old_logps, advantages))
+                losses, stats = loss_terms(args, logps, ref, old, adv)
+                ((losses * w).sum() * world / sum(counts)).backward()
+                for name, value in {"loss": losses, **stats}.items():  # the real terms, for the log
+                    term_stats[name].append(value.detach()[w > 0].float().cpu())
+                row_weights = w.repeat(len(mb[0]))
+                gap += sampler_gap(token_logps, mask, [sampler_logps[j] for j in rows], row_weights)
 
-        # 5. The weight-sync check. At lag 0, vLLM sampled with the weights the trainer holds, so the two agree on
-        #    the log-probs up to float error; if not, vLLM is not serving what was pushed: stop before training
-        #    on it. At lag N the gap measures how far the policy moved from the sampler: how off-policy we are.
-        dist.all_reduce(gap)
-        logprob_gap = (gap[0] / gap[1]).item()  # NaN when every pair tied
-        if batch["version"] == step:
-            check_weight_sync(logprob_gap, tolerance, step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()  # with every pair tied there are no gradients, and AdamW leaves the weights be
-        scheduler.step()
-        optimizer.zero_grad()
+            # 5. The weight-sync check, before the first update. At lag 0, vLLM sampled with the weights the trainer
+            #    holds, so the two agree on the log-probs up to float error; if not, vLLM is not serving what was
+            #    pushed: stop before training on it. At lag > 0 the gap measures how off-policy the batch is.
+            if update == 0:
+                dist.all_reduce(gap)
+                logprob_gap = (gap[0] / gap[1]).item()  # NaN when no token was compared (DPO, every pair tied)
+                if batch["version"] == step:
+                    check_weight_sync(logprob_gap, tolerance, step)
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item())
+            optimizer.step()  # with every pair tied there are no gradients, and AdamW leaves the weights be
+            scheduler.step()
+            optimizer.zero_grad()
         t2 = time.time()
 
-        # 6. Push the new weights; the generator loads them for batch step + 1 + N.
+        # 6. Push the new weights; the generator loads them for the round they start, or to evaluate them.
         t_push = push_weights(args, rank, step + 1, policy, batch, device, link)
         t3 = time.time()
 
         # 7. Log one dict and one line per step, over all ranks' shares; save a checkpoint now and then.
-        mine = {"scores": scores, "gold": gold, "has_eos": has_eos.float(), "valid": valid.float()}
-        stats = dict(zip(PAIR_STATS, torch.cat(pair_stats, 1) if pair_stats else torch.zeros(len(PAIR_STATS), 0)))
-        log_step(args, run, step, batch, mine | stats, grad_norm, lr, logprob_gap, (t0, t1, t2, t_push, t3))
+        completions = {"scores": scores, "rewards": rewards, "has_eos": has_eos.float(), "kl": kl}
+        completions |= {"valid": select_pairs(scores)[2].float(), "advantages": advantages}
+        terms_logged = {name: torch.cat(values) for name, values in term_stats.items()}
+        grad_norm = sum(grad_norms) / len(grad_norms)
+        log_step(
+            args, run, step, batch, completions, terms_logged, grad_norm, lr, logprob_gap, (t0, t1, t2, t_push, t3)
+        )
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args, rank, step + 1, policy, optimizer, scheduler, run, link)
 
     final_weights = full_weights(args, rank, policy)  # under FSDP every rank helps gather them
+    last = [link.receive() if link else None]  # the generator's evaluation of the final policy
+    dist.broadcast_object_list(last, src=0)  # every rank helps measure its KL (under FSDP the reference is sharded)
+    measure_kl(args, ref_policy, last[0]["evals"], device)
     if run:
-        last = link.receive()  # the generator's evaluation of the final policy
-        check_reloads(last["checks"], tolerance)
-        run.log_generator(last)
+        check_reloads(last[0]["checks"], tolerance)
+        run.log_generator(last[0])
         policy.save_pretrained(os.path.join(run.dir, "model"), state_dict=final_weights)
         tokenizer.save_pretrained(os.path.join(run.dir, "model"))
 
 
+def measure_kl(args: Args, ref_policy, evals: list[dict], device):
+    """KL(π_v || π_ref) of each evaluated version v, as the paper's code estimates it: the mean over held-out prompts
+    of Σ_t log π_v - log π_ref of one completion π_v sampled. Every rank computes it whole, as FSDP needs them all."""
+    for e in evals:
+        ref = summed_logprobs(ref_policy, e["prompt_ids"], e["sampled_ids"], args, device)
+        e["kl"] = (torch.tensor([sum(row) for row in e["sampled_logprobs"]]) - ref).mean().item()
+
+
 def push_weights(args: Args, rank: int, version: int, policy, batch: dict, device, link) -> float:
-    """Send the policy to the generator as one packed snapshot, with a probe to check its load by. One snapshot at
-    a time: the next is made only once the generator is done with the last (rank 0's link keeps the last alive
-    until then, as torch requires of a CUDA tensor's sender). Returns the time the wait for that ended."""
+    """Send the policy to the generator as one packed snapshot with a probe to check its load by, if the generator
+    will load it (to start a round, or to evaluate it). One snapshot at a time: the next is made once the generator
+    is done with the last. Returns the time that wait ended."""
+    if version % args.batches_per_round and not evaluated(args, version):
+        return time.time()
     if link:
         link.wait_for_snapshot_slot()
     t_push = time.time()
@@ -537,9 +630,7 @@ def main(args: Args):
     train_prompts, eval_prompts, references = load_prompts(args)
     max_model_len = check_lengths(args, base_model, tokenizer, train_prompts, eval_prompts)
     run = RunFolder(args, checkpoint, tokenizer, references, t_start)  # on resume, logs are cut back to the checkpoint
-    mode = f"async, generator {args.async_steps} batch(es) ahead" if args.async_steps else "synchronous"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"run {run.dir}: {mode}; {args.trainer_ranks} trainer rank(s) on {device}, policy from {model_path}")
+    print(f"run {run.dir}: {describe(args)}, policy from {model_path}")
 
     # Start the generator. It loads the policy from disk once; after that, weights arrive by queue.
     generator_cores, trainer_cores = split_cpu_cores(args.cpu_share_cores)  # used on a CPU only
@@ -553,15 +644,8 @@ def main(args: Args):
     process.start()
     link = GeneratorLink(process, pending=run.pending, **queues)
 
-    # Start trainer ranks 1..R-1; this process is rank 0. torch.distributed finds it at MASTER_ADDR:MASTER_PORT.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    ranks = []
-    for r in range(1, args.trainer_ranks):
-        ranks.append(
-            ctx.Process(target=trainer_process, args=(args, r, base_model, checkpoint, trainer_cores), daemon=True)
-        )
-        ranks[-1].start()
-    threading.Thread(target=watch_ranks, args=(ranks, link), daemon=True).start()  # NCCL hangs on a dead rank
+    # Start trainer ranks 1..R-1, watched from here; this process is rank 0.
+    ranks = start_other_ranks(ctx, args, base_model, checkpoint, trainer_cores, link)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops every process, as Ctrl-C does
     try:
         train(args, 0, base_model, checkpoint, trainer_cores, run, link)
@@ -617,22 +701,33 @@ def builtin_reward(prompts: list[str], completions: list[str]) -> list[float]:
     return rewards
 
 
+# The built-in policy's sizes (--model_size): Llamas of 3.0 M, 10.6 M and 30.2 M parameters, 64 dimensions a head.
+BUILTIN_SIZES = {
+    "3m": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4),
+    "10m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6),
+    "30m": dict(hidden_size=512, intermediate_size=1280, num_hidden_layers=10, num_attention_heads=8),
+}
+
+
 def warm_start(args: Args) -> str:
-    """With no --model_name_or_path we build a ~10 M parameter Llama and a character tokenizer here, and teach
-    it the task briefly with supervised learning, to an imperfect SFT policy. save_pretrained makes it an
-    ordinary model folder that vLLM and transformers both load."""
-    path = os.path.join(args.cache_dir, f"builtin-sort-sft{args.sft_steps}")
+    """With no --model_name_or_path we build a Llama of --model_size and a character tokenizer here, and teach it
+    the task briefly with supervised learning, to an imperfect SFT policy; every size gets the same recipe.
+    save_pretrained makes it an ordinary model folder that vLLM and transformers both load."""
+    path = os.path.join(args.cache_dir, f"builtin-sort-{args.model_size}-sft{args.sft_steps}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     from tokenizers import Tokenizer, decoders, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    print(f"warm start: building the built-in model and training it for {args.sft_steps} SFT steps (once, then cached)")
+    print(
+        f"warm start: building the built-in {args.model_size} model and training it for {args.sft_steps} SFT steps "
+        "(once, then cached)"
+    )
     vocab = {"<pad>": 0, "</s>": 1} | {c: i + 2 for i, c in enumerate(LETTERS + "=")}
     char_level = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per character
     char_level.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=char_level, pad_token="<pad>", eos_token="</s>")
-    size = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6)
+    size = BUILTIN_SIZES[args.model_size]
     special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1)
     config = LlamaConfig(
         vocab_size=len(vocab), max_position_embeddings=64, tie_word_embeddings=False, **size, **special
@@ -777,6 +872,27 @@ def load_reward(args: Args, model_path: str, device, tokenizer, eos_ids: set[int
 
 # ----------------------------------------------------------------------------------------------------
 # The trainer's models.
+def set_up_rank(args: Args, rank: int, cores: list[int], link):
+    """Placement: rank r trains on GPU r + 1, as GPU 0 is the generator's (on a one-GPU machine they share it). On a
+    CPU each rank is pinned to its own share of the trainer's cores, apart from the generator's. Then the process
+    group of the trainer ranks."""
+    world = args.trainer_ranks
+    cuda = torch.cuda.is_available()
+    if cuda:
+        device = torch.device(f"cuda:{rank + 1 if torch.cuda.device_count() > 1 else 0}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        pin_to_cores(cores[rank::world] or cores)
+    # On one GPU, vLLM sizes its KV cache from the memory that is free while it starts, so whatever the trainer
+    # allocated meanwhile would be taken from vLLM, or trip its check. The generator says when it is ready.
+    if link and cuda and torch.cuda.device_count() == 1:
+        link.wait_until_ready()
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
+    return device
+
+
 def load_policy(path: str, device, gradient_checkpointing: bool):
     """The policy, ready to train. Train mode, since transformers recomputes activations under gradient
     checkpointing only in train mode; but every dropout probability is 0, as in the paper's code and TRL, so
@@ -793,6 +909,22 @@ def load_policy(path: str, device, gradient_checkpointing: bool):
     if gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy.train()
+
+
+def load_policies(args: Args, base_model: str, checkpoint: str | None, device):
+    """The policy to train (float32; from the checkpoint on resume), the model its forward passes go through (DDP,
+    which averages gradients over ranks in backward, or the FSDP2-sharded policy itself), and the frozen reference
+    in vLLM's dtype."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    policy = load_policy(
+        os.path.join(checkpoint, "model") if checkpoint else base_model, device, args.gradient_checkpointing
+    )
+    ref_policy = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device).eval().requires_grad_(False)
+    if not args.fsdp:
+        return policy, DistributedDataParallel(policy), ref_policy
+    shard(policy)  # FSDP2: a rank keeps 1/R of every weight, gradient and Adam moment
+    shard(ref_policy)
+    return policy, policy, ref_policy
 
 
 def shard(model):
@@ -822,17 +954,43 @@ def resumed_args(args: Args) -> Args:
     return Args(**{**known, "resume": args.resume})
 
 
+def describe(args: Args) -> str:
+    """The run in words, for its first printed line."""
+    N, A = args.batches_per_round, args.async_steps
+    lags = f"lag {N * A}" if N == 1 else f"lags {N * A}..{N * A + N - 1}"
+    mode = f"async, {A} round(s) of {N} batch(es) ahead" if A else f"synchronous, rounds of {N} batch(es)"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return (
+        f"{mode} ({lags}), {args.loss_type} loss, {args.updates_per_batch} update(s) a batch; "
+        f"{args.trainer_ranks} trainer rank(s) on {device}"
+    )
+
+
 def check_args(args: Args):
     gpus, cores = torch.cuda.device_count(), len(split_cpu_cores(share=True)[0])
     sizes = ["num_steps", "batch_size", "micro_batch_size", "response_length", "eval_every", "eval_prompts"]
-    sizes += ["trainer_ranks", "dist_timeout"] + ["eval_response_length"] * (args.eval_response_length is not None)
+    sizes += ["updates_per_batch", "batches_per_round", "trainer_ranks", "dist_timeout"]
+    sizes += ["eval_response_length"] * (args.eval_response_length is not None)
     for size in sizes:
         if getattr(args, size) < 1:
             fail(f"--{size} is {getattr(args, size)}; it must be at least 1.")
-    R = args.trainer_ranks
+    R, N = args.trainer_ranks, args.batches_per_round
+    needs_two = {
+        "sigmoid": "online DPO compares at least 2 per prompt",
+        "ipo": "IPO compares at least 2 per prompt",
+        "rloo": "RLOO's leave-one-out baseline needs at least 2 per prompt",
+        "best_of_k": "best-of-k picks the best of at least 2 per prompt",
+    }
     for wrong, message in [
-        (args.num_samples < 2, f"--num_samples is {args.num_samples}, but online DPO compares at least 2 per prompt."),
+        (args.num_samples < 2, f"--num_samples is {args.num_samples}, but {needs_two[args.loss_type]}."),
         (args.beta <= 0, f"--beta is {args.beta}; it must be positive (the paper uses 0.1 on TL;DR)."),
+        (args.kl_coef < 0, f"--kl_coef is {args.kl_coef}; it must be at least 0 (the paper's RLOO uses 0.05)."),
+        (args.clip_range <= 0, f"--clip_range is {args.clip_range}; it must be positive (the paper's RLOO uses 0.2)."),
+        (
+            args.num_steps % N,
+            f"--num_steps {args.num_steps} is not a whole number of rounds of --batches_per_round {N}; make it a "
+            f"multiple of {N}.",
+        ),
         (args.temperature <= 0, "--temperature must be positive (the paper uses 0.7)."),
         (
             min(args.async_steps, args.save_every) < 0,
@@ -943,9 +1101,6 @@ def check_lengths(args: Args, model_path: str, tokenizer, train_prompts, eval_pr
 # timeline the benchmark plots), samples.jsonl (a few evaluation completions), TensorBoard events, W&B when
 # --track, checkpoint-*/ and, at the end, model/ and summary.json. A resumed run cuts its logs back to the
 # checkpoint and carries on as if it had never stopped.
-PAIR_STATS = ("loss", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
-
-
 class RunFolder:
     def __init__(self, args: Args, checkpoint: str | None, tokenizer, references, t_start: float):
         self.args = args
@@ -1002,12 +1157,12 @@ class RunFolder:
         self.log_generator(batch)
 
     def log_generator(self, message: dict):
-        """The generator's evaluations, scored here with the gold reward; the KL beside each is from version v's
-        training batch. Then the seconds its loads took, for the summary."""
+        """The generator's evaluations, scored here with the gold reward, with the KL the trainer measured of each
+        version (measure_kl). Then the seconds its loads took, for the summary."""
         for e in message["evals"]:
             completions = self.tokenizer.batch_decode(e["response_ids"], skip_special_tokens=True)
             rewards = self.gold_fn(e["prompts"], e["prompt_ids"], e["response_ids"])
-            kl = self.step_log[min(e["version"], len(self.step_log) - 1)]["objective/kl"] if self.step_log else 0.0
+            kl = e["kl"]
             row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl}
             row["eval/wall_time"] = self.version_time[e["version"]]
             if self.references:  # the paper's win-rate: how often the gold reward prefers ours to the reference
@@ -1080,7 +1235,7 @@ class RunFolder:
             "speedup_ideal": (G + T) / max(G, T),
             "eval_gold_reward_start": self.eval_log[0]["eval/gold_reward"],
             "eval_gold_reward_end": self.eval_log[-1]["eval/gold_reward"],
-            "kl_end": self.step_log[-1]["objective/kl"],
+            "kl_end": self.eval_log[-1]["eval/kl"],
             "lags": [m["async/lag"] for m in self.step_log],
         }
         with open(os.path.join(self.dir, "summary.json"), "w") as f:
@@ -1097,36 +1252,50 @@ class RunFolder:
         )
 
 
-def log_step(args: Args, run, step: int, batch, mine: dict, grad_norm, lr, logprob_gap, clock: tuple):
-    """Gather every rank's share of the step's statistics; rank 0 (which holds `run`) logs them."""
+def log_step(args: Args, run, step: int, batch, completions: dict, terms: dict, grad_norm, lr, logprob_gap, clock):
+    """Gather every rank's share of the step's statistics; rank 0 (which holds `run`) logs them. completions: a value
+    per completion (per prompt for scores and valid); terms: a value per term of the loss, in each of the E updates."""
     gathered = [None] * args.trainer_ranks
-    dist.all_gather_object(gathered, mine)
+    dist.all_gather_object(gathered, (completions, terms))
     if run is None:
         return
-    s = {name: torch.cat([g[name] for g in gathered]) for name in mine}
+    c = {name: torch.cat([g[0][name] for g in gathered]) for name in completions}
+    s = {name: torch.cat([g[1][name] for g in gathered]) for name in terms}
+
+    def mean(name: str) -> float:  # NaN where there was nothing to average: DPO with every pair tied
+        return s[name].mean().item() if name in s else float("nan")
+
     t0, t1, t2, t_push, t3 = clock
-    chosen_ratio = s["chosen_logps"] - s["ref_chosen_logps"]
-    rejected_ratio = s["rejected_logps"] - s["ref_rejected_logps"]
     metrics = {
         "async/learner_version": step,
         "async/batch_version": batch["version"],
         "async/lag": step - batch["version"],
         "async/logprob_gap": logprob_gap,
         "async/reload_gap": max((gap for _, gap in batch["checks"]), default=float("nan")),
-        "objective/loss": s["loss"].mean().item(),
-        "objective/kl": torch.cat([chosen_ratio, rejected_ratio]).mean().item(),
+        "objective/loss": mean("loss"),
+        "objective/kl": c["kl"].mean().item(),
         "objective/grad_norm": grad_norm,
         "objective/lr": lr,
-        "rewards/score": s["scores"].mean().item(),
-        "rewards/gold": s["gold"].mean().item(),
-        "rewards/chosen_score": s["scores"].max(1).values.mean().item(),
-        "rewards/rejected_score": s["scores"].min(1).values.mean().item(),
-        "rewards/missing_eos_frac": 1 - s["has_eos"].mean().item(),
-        "rewards/tie_frac": 1 - s["valid"].mean().item(),
-        "rewards/dpo_margin": (args.beta * (chosen_ratio - rejected_ratio)).mean().item(),
-        "rewards/dpo_accuracy": (chosen_ratio > rejected_ratio).float().mean().item(),
-        "logps/chosen": s["chosen_logps"].mean().item(),
-        "logps/rejected": s["rejected_logps"].mean().item(),
+        "rewards/score": c["scores"].mean().item(),
+        "rewards/gold": c["rewards"].mean().item(),
+        "rewards/chosen_score": c["scores"].max(1).values.mean().item(),
+        "rewards/rejected_score": c["scores"].min(1).values.mean().item(),
+        "rewards/missing_eos_frac": 1 - c["has_eos"].mean().item(),
+        "rewards/tie_frac": 1 - c["valid"].mean().item(),
+    }
+    if args.loss_type in ("sigmoid", "ipo"):
+        metrics["rewards/dpo_margin"] = mean("margin")
+        metrics["rewards/dpo_accuracy"] = (s["margin"] > 0).float().mean().item() if s else float("nan")
+        metrics["logps/chosen"] = mean("chosen_logps")
+        metrics["logps/rejected"] = mean("rejected_logps")
+    elif args.loss_type == "rloo":
+        metrics["rloo/reward"] = (c["scores"].flatten() - args.kl_coef * c["kl"]).mean().item()
+        metrics["rloo/advantage_std"] = c["advantages"].std().item()
+        metrics["rloo/ratio"] = mean("ratio")
+        metrics["rloo/clipped_frac"] = mean("clipped")
+    else:
+        metrics["logps/chosen"] = mean("chosen_logps")
+    metrics |= {
         "time/wait_samples": t1 - t0,
         "time/train": t2 - t1,
         "time/wait_push": t_push - t2,
@@ -1172,8 +1341,9 @@ def save_checkpoint(args: Args, rank: int, version: int, policy, optimizer, sche
         return
     state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
     state["rng"] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    # Batches sampled by older versions: a resumed generator could not sample them again.
-    state["pending"] = link.batches_ahead(min(args.async_steps, args.num_steps - version))
+    # The next batches that older versions sample: a resumed generator, which starts from this one, could not.
+    ahead = range(version, args.num_steps)
+    state["pending"] = link.batches_ahead(sum(sampling_version(args, i) < version for i in ahead))
     run.write_checkpoint(version, policy, weights, state)
 
 
@@ -1458,6 +1628,18 @@ def collective_failure(args: Args, error: Exception) -> str:
         f"a trainer rank failed, or waited longer than --dist_timeout {args.dist_timeout}s for the others in a "
         f"collective ({type(error).__name__}: {str(error).splitlines()[0]})"
     )
+
+
+def start_other_ranks(ctx, args: Args, base_model: str, checkpoint: str | None, cores: list[int], link) -> list:
+    """Trainer ranks 1..R-1, each its own process; torch.distributed finds rank 0 at MASTER_ADDR:MASTER_PORT. A
+    watchdog thread in rank 0 stops the run if one dies, since NCCL would keep the others waiting."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    ranks = []
+    for r in range(1, args.trainer_ranks):
+        ranks.append(ctx.Process(target=trainer_process, args=(args, r, base_model, checkpoint, cores), daemon=True))
+        ranks[-1].start()
+    threading.Thread(target=watch_ranks, args=(ranks, link), daemon=True).start()
+    return ranks
 
 
 def trainer_process(args: Args, rank: int, base_model: str, checkpoint: str | None, cores: list[int]):

@@ -93,7 +93,7 @@ def read_runs(results_dir: str) -> dict:
             "trainer_wait": per_step(steady, "wait_samples"),
             "generator_wait": per_step(steady, "wait_weights"),
             "reward": evals[-1]["eval/gold_reward"],
-            "kl": steps[-1]["objective/kl"],
+            "kl": evals[-1]["eval/kl"],
             "lag": statistics.fmean(r["async/lag"] for r in steady),
             "gap": statistics.fmean(g for r in steady if not math.isnan(g := r["async/logprob_gap"])),
         }
@@ -273,7 +273,7 @@ def test_report_is_rebuilt_from_raw_alone(results_dir, tmp_path):
 
 
 def test_a_failed_run_stops_the_benchmark_loudly(tmp_path):
-    broken = tmp_path / "cache" / "builtin-sort-sft30"
+    broken = tmp_path / "cache" / "builtin-sort-10m-sft30"
     broken.mkdir(parents=True)
     (broken / "config.json").write_text("not json")  # a cached model that cannot be loaded
     result = benchmark(

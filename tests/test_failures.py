@@ -59,6 +59,7 @@ def processes_with(marker):
         (["--model_name_or_path", "/no/such/model"], "--model_name_or_path"),
         (["--reward_fn", "no_such_module:score"], "--reward_fn"),
         (["--response_length", "100"], "context"),
+        (["--batches_per_round", "3"], "--num_steps 128 is not a whole number of rounds of --batches_per_round 3"),
     ],
 )
 def test_bad_input_gives_one_sentence_before_spawning(cache_dir, tmp_path, flags, message):
@@ -70,6 +71,32 @@ def test_bad_input_gives_one_sentence_before_spawning(cache_dir, tmp_path, flags
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert "Traceback" not in err and "run " not in out  # nothing started
     assert not os.listdir(tmp_path)  # no run folder either
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            dict(loss_type="rloo", num_samples=1),
+            "--num_samples is 1, but RLOO's leave-one-out baseline needs at least 2",
+        ),
+        (dict(loss_type="best_of_k", num_samples=1), "--num_samples is 1, but best-of-k picks the best of at least 2"),
+        (dict(loss_type="ipo", num_samples=1), "--num_samples is 1, but IPO compares at least 2"),
+        (dict(updates_per_batch=0), "--updates_per_batch is 0; it must be at least 1."),
+        (dict(batches_per_round=0), "--batches_per_round is 0; it must be at least 1."),
+        (
+            dict(num_steps=6, batches_per_round=4),
+            "--num_steps 6 is not a whole number of rounds of --batches_per_round 4",
+        ),
+        (dict(kl_coef=-0.1), "--kl_coef is -0.1; it must be at least 0"),
+        (dict(clip_range=0.0), "--clip_range is 0.0; it must be positive"),
+    ],
+)
+def test_bad_settings_of_the_off_policy_study_give_one_sentence(capsys, fields, message):
+    """The same check as above, in-process: check_args ends the run with one sentence, before main spawns anything."""
+    with pytest.raises(SystemExit) as stopped:
+        A.check_args(A.Args(**fields))
+    assert str(stopped.value).startswith(f"error: {message}") and "\n" not in str(stopped.value)
 
 
 def test_a_dataset_held_out_whole_gives_one_sentence(cache_dir, tmp_path):
@@ -95,6 +122,16 @@ def test_unknown_flag_is_rejected(cache_dir, tmp_path):
     p = start("async_online_dpo.py", cache_dir, tmp_path, "--num_stepz", "3")
     _, err = p.communicate(timeout=60)
     assert p.returncode != 0 and "--num_stepz" in err
+
+
+@pytest.mark.parametrize("flag, value", [("--model_size", "5m"), ("--loss_type", "ppo")])
+def test_an_unknown_choice_names_the_choices_before_spawning(cache_dir, tmp_path, flag, value):
+    p = start("async_online_dpo.py", cache_dir, tmp_path, flag, value)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and f"invalid choice '{value}' for argument '{flag}'" in err
+    choices = {"--model_size": "'3m', '10m', '30m'", "--loss_type": "'sigmoid', 'ipo', 'rloo', 'best_of_k'"}[flag]
+    assert choices in " ".join(err.replace("│", " ").split())  # tyro wraps its message in a box
+    assert "run " not in out and not os.listdir(tmp_path)
 
 
 def test_sync_baseline_refuses_async_steps(cache_dir, tmp_path):

@@ -132,3 +132,109 @@ def test_pad_batch_pads_prompts_left_and_responses_right():
     assert ids.tolist() == [[5, 6, 8, 0, 0], [0, 7, 9, 10, 11]]
     assert mask.tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
     assert A.position_ids(mask).tolist() == [[0, 1, 2, 2, 2], [0, 0, 1, 2, 3]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's other losses, against its code's form (mnoukhov/async_rlhf, src/rloo_trainer.py and
+# src/online_bok_trainer.py), written out here for one batch.
+def test_rloo_matches_the_papers_computation():
+    """The paper's RLOO: its code lays the k samples out as k blocks of P prompts (queries.repeat(k, 1)); we lay out
+    the k samples of a prompt side by side. Same numbers either way."""
+    P, k, kl_coef, clip = 3, 3, 0.05, 0.2
+    torch.manual_seed(0)
+    scores = torch.randn(P, k)  # one score per completion, the penalty already applied
+    old_logps, ref_logps = -torch.rand(P, k) * 10, -torch.rand(P, k) * 10  # Σ_t log π_old, Σ_t log π_ref
+    new_logps = old_logps + torch.tensor([[0.5, -0.5, 0.0], [0.1, -0.1, 0.3], [-0.3, 0.2, 0.0]])  # some clip, some not
+
+    # The paper's code, transcribed, in its (k, P) layout.
+    kl = (old_logps - ref_logps).T.flatten()
+    rlhf_reward = (scores.T.flatten() - kl_coef * kl).reshape(k, -1)
+    baseline = (rlhf_reward.sum(0) - rlhf_reward) / (k - 1)
+    advantages = (rlhf_reward - baseline).flatten()
+    ratio = torch.exp(new_logps.T.flatten() - old_logps.T.flatten())
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    expected = torch.max(pg_losses, pg_losses2).reshape(k, P).T  # back to (P, k)
+
+    ours_advantages = A.rloo_advantages(scores - kl_coef * (old_logps - ref_logps))
+    losses, ours_ratio, clipped = A.rloo_loss(new_logps, old_logps, ours_advantages, clip)
+    assert torch.allclose(ours_advantages.T.flatten(), advantages, atol=1e-6)
+    assert torch.allclose(losses, expected, atol=1e-6)
+    assert torch.allclose(ours_ratio.T.flatten(), ratio, atol=1e-6)
+    assert torch.equal(clipped.T.flatten(), pg_losses2 > pg_losses)
+    assert 0 < clipped.sum() < clipped.numel()  # the example exercises both branches
+    # A baseline that leaves a completion out: the advantages of a prompt sum to 0.
+    assert torch.allclose(ours_advantages.sum(1), torch.zeros(P), atol=1e-5)
+
+
+def test_rloo_gradient_flows_only_where_the_ratio_is_not_clipped():
+    old = torch.zeros(4)
+    new = torch.tensor([0.5, 0.5, -0.5, 0.0], requires_grad=True)  # ρ = e^0.5 > 1.2, e^0.5, e^-0.5 < 0.8, 1
+    advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    losses, _, clipped = A.rloo_loss(new, old, advantages, 0.2)
+    losses.sum().backward()
+    # A > 0 and ρ > 1 + ε: clipped, no push further. A < 0 and ρ > 1: not clipped (pessimistic bound). A < 0 and
+    # ρ < 1 - ε: clipped. Inside the range: -A ρ, gradient -A ρ.
+    assert clipped.tolist() == [True, False, True, False]
+    assert new.grad[0] == 0 and new.grad[2] == 0
+    assert new.grad[1].item() == pytest.approx(math.exp(0.5)) and new.grad[3].item() == pytest.approx(-1.0)
+
+
+def test_best_of_k_loss_is_the_negative_log_likelihood_of_the_chosen():
+    model = tiny_model()
+    prompts, responses = [[3, 4], [5]], [[6, 7, 1], [8, 1]]
+    ids, mask = A.pad_batch(prompts, responses)
+    token_logps = A.token_logprobs(model, ids, mask, 3, 1.0)
+    logps = (token_logps * mask[:, -3:]).sum(1)
+    expected = []
+    for p, r in zip(prompts, responses):  # -log p(y|x), token by token
+        total = 0.0
+        for t in range(len(r)):
+            logits = model(input_ids=torch.tensor([p + r[:t]])).logits[0, -1].double()
+            total += (logits[r[t]] - torch.logsumexp(logits, 0)).item()
+        expected.append(-total)
+    assert A.best_of_k_loss(logps).tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_each_loss_trains_on_its_own_completions():
+    scores = torch.tensor([[0.2, 0.9], [0.5, 0.5], [1.0, 0.0]])  # prompt 1 ties
+    assert A.trained_completions("sigmoid", scores) == [(1, 0), (4, 5)]  # (chosen, rejected), the tie left out
+    assert A.trained_completions("ipo", scores) == [(1, 0), (4, 5)]
+    assert A.trained_completions("best_of_k", scores) == [(1,), (2,), (4,)]  # the best, tie or not (first of a tie)
+    assert A.trained_completions("rloo", scores) == [(j,) for j in range(6)]  # all k of every prompt
+    four = torch.tensor([[0.1, 0.7, 0.3, 0.0]])
+    assert A.trained_completions("sigmoid", four) == [(1, 3)]  # best and worst of k = 4
+
+
+def test_loss_terms_dispatch_to_the_losses():
+    logps, ref, old = torch.tensor([-1.0, -2.0, -4.0, -3.0]), torch.tensor([-1.5, -2.5, -3.5, -3.0]), -torch.ones(4)
+    args = A.Args(beta=0.1)
+    losses, stats = A.loss_terms(args, logps, ref, old, torch.zeros(4))  # DPO: the chosen rows, then the rejected
+    assert torch.allclose(losses, A.dpo_loss(logps[:2], logps[2:], ref[:2], ref[2:], 0.1))
+    assert torch.allclose(stats["margin"], 0.1 * ((logps[:2] - ref[:2]) - (logps[2:] - ref[2:])))
+    advantages = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    losses, stats = A.loss_terms(A.Args(loss_type="rloo"), logps, ref, old, advantages)
+    assert torch.allclose(losses, A.rloo_loss(logps, old, advantages, 0.2)[0])
+    losses, _ = A.loss_terms(A.Args(loss_type="best_of_k"), logps, ref, old, advantages)
+    assert torch.equal(losses, -logps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The staleness rule.
+@pytest.mark.parametrize("N", [1, 2, 4])
+def test_the_papers_n_gives_lags_0_to_n_minus_1_in_every_round(N):
+    args = A.Args(batches_per_round=N, async_steps=0, num_steps=16)
+    lags = [i - A.sampling_version(args, i) for i in range(16)]
+    assert lags == [i % N for i in range(16)]  # N = 1: on-policy
+
+
+@pytest.mark.parametrize("N, ahead", [(1, 1), (1, 3), (2, 1), (4, 2)])
+def test_running_rounds_ahead_adds_n_updates_of_lag_per_round(N, ahead):
+    args = A.Args(batches_per_round=N, async_steps=ahead, num_steps=32)
+    versions = [A.sampling_version(args, i) for i in range(32)]
+    assert versions == [max(0, N * (i // N - ahead)) for i in range(32)]
+    assert all(v % N == 0 for v in versions)  # a round starts at a version the trainer pushes
+    lags = [i - v for i, v in enumerate(versions)]
+    assert lags[N * ahead :] == [N * ahead + i % N for i in range(N * ahead, 32)]
+    if N == 1:  # --async_steps A alone: every batch exactly A updates old, once there are A of them
+        assert versions == [max(0, i - ahead) for i in range(32)]

@@ -2,6 +2,7 @@
 
 from contextlib import contextmanager
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -101,12 +102,22 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
         assert process.exitcode == 0
 
 
-def test_generator_samples_batch_i_with_version_i_minus_n_and_evaluates_every_due_version(cache_dir, model_path):
-    """Four snapshots wait on the queue before vLLM has even started. With N = 2, batch i must still be
-    sampled by exactly version max(0, i - 2), and versions 2 and 4 (--eval_every 2) evaluated on the way."""
-    args = A.Args(
-        cache_dir=cache_dir, num_steps=4, batch_size=4, eval_prompts=8, eval_every=2, async_steps=2, response_length=16
-    )
+@pytest.mark.parametrize(
+    "rounds, ahead, versions, evals, final_evals, loaded",
+    [
+        (1, 2, [0, 0, 0, 1], [[0], [], [], []], [2, 4], [1, 2, 4]),
+        (2, 0, [0, 0, 2, 2], [[0], [], [2], []], [4], [2, 4]),
+    ],
+    ids=["A=2", "N=2"],
+)
+def test_generator_samples_batch_i_with_the_version_the_rule_gives_and_evaluates_every_due_version(
+    cache_dir, model_path, rounds, ahead, versions, evals, final_evals, loaded
+):
+    """Four snapshots wait on the queue before vLLM has even started. Batch i must still be sampled by exactly
+    version max(0, N (i // N - A)): with A = 2, version max(0, i - 2); with the paper's N = 2, versions 0, 0, 2, 2.
+    Versions 2 and 4 (--eval_every 2) are evaluated on the way; the others are skipped."""
+    args = A.Args(cache_dir=cache_dir, num_steps=4, batch_size=4, eval_prompts=8, eval_every=2, response_length=16)
+    args.batches_per_round, args.async_steps = rounds, ahead
     policy = AutoModelForCausalLM.from_pretrained(model_path)
     with generator_process(args, model_path) as (process, weights_queue, samples_queue):
         for version in range(1, 5):
@@ -114,9 +125,11 @@ def test_generator_samples_batch_i_with_version_i_minus_n_and_evaluates_every_du
         process.start()
         assert A.receive(samples_queue, process) == {"ready": True}
         batches = [A.receive(samples_queue, process) for _ in range(4)]
-        assert [b["version"] for b in batches] == [0, 0, 0, 1]
-        assert [[e["version"] for e in b["evals"]] for b in batches] == [[0], [], [], []]
+        assert [b["version"] for b in batches] == versions
+        assert [[e["version"] for e in b["evals"]] for b in batches] == evals
         final = A.receive(samples_queue, process)  # the generator ends by reading up to version num_steps
-        assert [e["version"] for e in final["evals"]] == [2, 4]
+        assert [e["version"] for e in final["evals"]] == final_evals
+        # It loads only the versions it samples with or evaluates, and checks each against its probe.
+        assert [version for b in [*batches, final] for version, _ in b["checks"]] == loaded
         process.join(timeout=30)
         assert process.exitcode == 0

@@ -1,0 +1,79 @@
+"""The paper's off-policy study, end to end with real vLLM: its losses, its N, several updates per batch and the
+built-in policy's sizes."""
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import async_online_dpo as A
+from test_end_to_end import check_reloads, check_run_folder, read_run, run_script
+
+
+def check_kl(steps, evals):
+    """The KL is the sampling policy's to the reference: version 0 is the reference, so float error; later, not."""
+    assert abs(evals[0]["eval/kl"]) < 1e-4 and abs(steps[0]["objective/kl"]) < 1e-4, (evals[0], steps[0])
+    assert evals[-1]["eval/kl"] > 1e-3
+
+
+def test_rloo_in_the_papers_off_policy_setting(cache_dir, model_path, tmp_path):
+    """RLOO with the paper's N = 2, synchronous: one version samples two batches, trained at lags 0 and 1."""
+    flags = "--loss_type rloo --batches_per_round 2 --async_steps 0".split()
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir, steps, evals = read_run(tmp_path)
+    check_run_folder(run_dir, steps, evals, model_path)
+    assert [s["async/lag"] for s in steps] == [0, 1, 0, 1]
+    assert [s["async/batch_version"] for s in steps] == [0, 0, 2, 2]
+    for s in steps:
+        if s["async/lag"] == 0:  # π_θ is π_old: the ratio is 1 up to float error, and nothing is clipped
+            assert abs(s["rloo/ratio"] - 1) < 1e-4 and s["rloo/clipped_frac"] == 0 and s["async/logprob_gap"] < 1e-4
+        else:  # one update later the policy has moved: the ratio is off 1
+            assert abs(s["rloo/ratio"] - 1) > 1e-4 and s["async/logprob_gap"] > 1e-3
+        assert s["rloo/advantage_std"] > 0
+        assert "rewards/dpo_margin" not in s
+    check_reloads(steps)
+    check_kl(steps, evals)
+    assert "rloo loss" in result.stdout
+
+
+def test_best_of_k_with_two_updates_per_batch(cache_dir, model_path, tmp_path):
+    """E = 2 optimizer updates on every batch; the learning rate decays to 0 over all of them; the weights are pushed
+    once per batch, so the staleness rule still counts batches."""
+    flags = "--loss_type best_of_k --updates_per_batch 2 --save_every 4".split()
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir, steps, evals = read_run(tmp_path)
+    check_run_folder(run_dir, steps, evals, model_path)
+    assert [s["async/lag"] for s in steps] == [0, 1, 1, 1]
+    lr = A.Args().learning_rate
+    assert [s["objective/lr"] for s in steps] == pytest.approx([lr * (1 - 2 * step / 8) for step in range(4)])
+    for s in steps:  # the loss is the chosen completions' negative log-likelihood
+        assert s["objective/loss"] == pytest.approx(-s["logps/chosen"], rel=1e-5)
+    state = torch.load(os.path.join(run_dir, "checkpoint-000004", "trainer.pt"), weights_only=False)
+    assert state["scheduler"]["last_epoch"] == 8  # 4 batches x 2 updates
+    assert all(s["step"] == 8 for s in state["optimizer"]["state"].values())  # AdamW's step count, per weight
+    check_reloads(steps)
+    check_kl(steps, evals)
+
+
+def test_ipo_rounds_of_two_batches_one_round_ahead(cache_dir, model_path, tmp_path):
+    """The general rule, batch i sampled by version max(0, N (i // N - A)), with N = 2 and A = 1: lags 2 and 3."""
+    flags = "--loss_type ipo --batches_per_round 2 --async_steps 1 --num_steps 6 --eval_every 3".split()
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, steps, evals = read_run(tmp_path)
+    assert [s["async/batch_version"] for s in steps] == [0, 0, 0, 0, 2, 2]
+    assert [s["async/lag"] for s in steps] == [0, 1, 2, 3, 2, 3]
+    assert [e["eval/version"] for e in evals] == [0, 3, 6]  # 3 starts no round: pushed to be evaluated
+    check_reloads(steps)
+    assert all(0 < s["objective/loss"] < 1e3 for s in steps)
+
+
+def test_the_builtin_sizes_have_the_parameters_they_are_named_for():
+    counts = {}
+    for name, size in A.BUILTIN_SIZES.items():
+        config = LlamaConfig(vocab_size=29, max_position_embeddings=64, tie_word_embeddings=False, **size)
+        counts[name] = sum(p.numel() for p in LlamaForCausalLM(config).parameters()) / 1e6
+    assert counts == pytest.approx({"3m": 3.0, "10m": 10.6, "30m": 30.2}, abs=0.1)
