@@ -701,11 +701,13 @@ def builtin_reward(prompts: list[str], completions: list[str]) -> list[float]:
     return rewards
 
 
-# The built-in policy's sizes (--model_size): Llamas of 3.0 M, 10.6 M and 30.2 M parameters, 64 dimensions a head.
+# The built-in policy's sizes (--model_size): Llamas of 2.7 M, 10.6 M and 29.0 M parameters that differ in width
+# alone (6 layers, 64 dimensions a head), so that one warm-start recipe trains the larger ones further, as a scale
+# should: deeper models learn more slowly in 30 steps.
 BUILTIN_SIZES = {
-    "3m": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4),
+    "3m": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=3),
     "10m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6),
-    "30m": dict(hidden_size=512, intermediate_size=1280, num_hidden_layers=10, num_attention_heads=8),
+    "30m": dict(hidden_size=640, intermediate_size=1664, num_hidden_layers=6, num_attention_heads=10),
 }
 
 

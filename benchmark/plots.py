@@ -136,3 +136,70 @@ def timeline(path: str, panels: list, num_steps: int = 6):
             text.set(y=lane + 0.33, va="bottom", color="black", fontsize=7)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def frontier(path: str, panels: list, title: str):
+    """The paper's presentation of its off-policy study: final gold reward against final KL, one marker per N, one
+    panel per loss or per policy size. panels: [(panel title, {N: runs}, SFT gold reward)]; a marker is the mean over
+    seeds with its std as error bars, the small dots the seeds, the star the SFT policy (KL 0)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharex=True, sharey=True, squeeze=False)
+    every_n = sorted({n for _, by_n, _ in panels for n in by_n})
+    colors = dict(zip(every_n, plt.cm.viridis(np.linspace(0, 0.9, len(every_n))), strict=True))
+    for ax, (panel_title, by_n, start) in zip(axes[0], panels, strict=True):
+        ax.scatter([0], [start], marker="*", s=160, color="tab:red", zorder=4, label="SFT policy")
+        for n, runs in by_n.items():
+            kls = [r["summary"]["kl_end"] for r in runs]
+            golds = [r["summary"]["eval_gold_reward_end"] for r in runs]
+            ax.scatter(kls, golds, s=12, color=colors[n], alpha=0.5, zorder=2)
+            spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (kls, golds)]
+            ax.errorbar(
+                statistics.fmean(kls),
+                statistics.fmean(golds),
+                xerr=spread[0],
+                yerr=spread[1],
+                fmt="o",
+                markersize=8,
+                color=colors[n],
+                capsize=3,
+                zorder=3,
+                label=f"N = {n}",
+            )
+        ax.set_title(panel_title)
+        ax.set_xlabel("final KL to the SFT policy")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("final held-out gold reward")
+    axes[0, -1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def tradeoff(path: str, groups: dict, title: str):
+    """A compute optimization against its baseline: gold reward against updates and against wall time, and the
+    final gold reward against the final KL. groups: {label: (runs, colour)}; bands and error bars are seed std."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    for label, (runs, color) in groups.items():
+        for ax, x_key in zip(axes[:2], ("eval/version", "eval/wall_time"), strict=True):
+            xs, means, stds = mean_curve(runs, x_key)
+            ax.plot(xs, means, marker="o", markersize=3, color=color, label=label)
+            if len(runs) > 1:
+                ax.fill_between(xs, means - stds, means + stds, color=color, alpha=0.2)
+        kls = [r["summary"]["kl_end"] for r in runs]
+        golds = [r["summary"]["eval_gold_reward_end"] for r in runs]
+        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (kls, golds)]
+        axes[2].errorbar(
+            statistics.fmean(kls), statistics.fmean(golds), xerr=spread[0], yerr=spread[1], fmt="o", color=color
+        )
+        axes[2].scatter(kls, golds, s=12, color=color, alpha=0.5)
+    axes[0].set_xlabel("policy version (batches of prompts trained on)")
+    axes[1].set_xlabel("wall-clock seconds since the run started")
+    axes[2].set_xlabel("final KL to the SFT policy")
+    for ax in axes:
+        ax.set_ylabel("held-out gold reward")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

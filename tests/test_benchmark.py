@@ -21,8 +21,8 @@ RUN_PY = os.path.join(ROOT, "benchmark", "run.py")
 PLOTS = ["speed_reward.png", "timeline.png", "staleness.png", "num_samples.png"]
 
 
-def benchmark(*flags, timeout=600):
-    return subprocess.run([sys.executable, RUN_PY, *flags], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def benchmark(*flags, script=RUN_PY, timeout=600):
+    return subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
