@@ -327,7 +327,7 @@ def load_weights_into_vllm(llm, weights: list):
 # ----------------------------------------------------------------------------------------------------
 # The generator process. It owns vLLM. Two queues, a snapshot slot and one stop signal connect it to the trainer:
 #   samples_queue  generator -> trainer  "ready" once vLLM is up, then one batch per step, tagged with the
-#                                        version that sampled it
+#                                        version that sampled it, each evaluation once made, and "done"
 #   weights_queue  trainer -> generator  {"version", "snapshot", "probe"}: the policy after an update, packed
 #   snapshot_free  released by the generator when it is done with a snapshot; the trainer takes it before
 #                  making the next, so one snapshot at most is in memory
@@ -402,8 +402,8 @@ def generator(
     train_prompts, eval_prompts, _ = load_prompts(args)
     eval_prompt_ids = tokenize(tokenizer, eval_prompts)
     version = start_version
-    # Sent with the next batch: (what, start, end) in seconds since the epoch, evaluations, weight-sync checks.
-    spans, evals, checks = [], [], []
+    # Sent with the next batch: (what, start, end) in seconds since the epoch, and the weight-sync checks.
+    spans, checks = [], []
 
     def generate(prompt_ids, temperature, n, seed, max_tokens, with_logprobs):
         # One seed per prompt: what a prompt samples depends only on the weights and its seed. The prompts go
@@ -424,8 +424,9 @@ def generator(
         response_ids, _ = generate(eval_prompt_ids, 0.0, 1, 0, length, with_logprobs=False)  # greedy, for the gold
         # One sample per prompt as training samples, for the trainer's KL of this version to the reference.
         sampled_ids, sampled_logps = generate(eval_prompt_ids, args.temperature, 1, 0, args.response_length, True)
-        evals.append({"version": version, "prompts": eval_prompts, "prompt_ids": eval_prompt_ids})
-        evals[-1] |= {"response_ids": response_ids, "sampled_ids": sampled_ids, "sampled_logprobs": sampled_logps}
+        e = {"version": version, "prompts": eval_prompts, "prompt_ids": eval_prompt_ids, "response_ids": response_ids}
+        e |= {"sampled_ids": sampled_ids, "sampled_logprobs": sampled_logps}
+        samples_queue.put({"evals": [e]})  # at once, not with the next batch: a checkpoint may need it first
         spans.append(("eval", t, time.time()))
 
     def take_weights(target: int):
@@ -462,10 +463,10 @@ def generator(
         )
         spans.append(("generate", t, time.time()))
         batch = {"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids}
-        samples_queue.put(batch | {"logprobs": logprobs, "evals": evals, "spans": spans, "checks": checks})
-        spans, evals, checks = [], [], []  # new lists: the queue pickles the old ones in the background
+        samples_queue.put(batch | {"logprobs": logprobs, "spans": spans, "checks": checks})
+        spans, checks = [], []  # new lists: the queue pickles the old ones in the background
     take_weights(args.num_steps)  # the final policy, for the last evaluation
-    samples_queue.put({"evals": evals, "spans": spans, "checks": checks})
+    samples_queue.put({"done": True, "spans": spans, "checks": checks})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -581,7 +582,7 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
             save_checkpoint(args, rank, step + 1, policy, optimizer, scheduler, run, link)
 
     final_weights = full_weights(args, rank, policy)  # under FSDP every rank helps gather them
-    last = [link.receive() if link else None]  # the generator's evaluation of the final policy
+    last = [link.finish() if link else None]  # the generator's evaluation of the final policy
     dist.broadcast_object_list(last, src=0)  # every rank helps measure its KL (under FSDP the reference is sharded)
     measure_kl(args, ref_policy, last[0]["evals"], device)
     if run:
@@ -642,7 +643,7 @@ def main(args: Args):
     settings |= dict(max_model_len=max_model_len, cpu_cores=generator_cores)
     process = ctx.Process(target=generator_process, kwargs=settings | queues, daemon=True)
     process.start()
-    link = GeneratorLink(process, pending=run.pending, **queues)
+    link = GeneratorLink(process, pending=run.pending, evals=run.pending_evals, **queues)
 
     # Start trainer ranks 1..R-1, watched from here; this process is rank 0.
     ranks = start_other_ranks(ctx, args, base_model, checkpoint, trainer_cores, link)
@@ -1118,6 +1119,7 @@ class RunFolder:
         state = read_checkpoint(checkpoint) if checkpoint else {}
         self.start = state.get("version", 0)  # the policy version we start from; batch `start` is trained next
         self.pending = state.get("pending", [])  # batches sampled before the checkpoint, not yet trained on
+        self.pending_evals = state.get("pending_evals", [])  # evaluations of older versions, not yet logged
         self.version_time = state.get("version_time", {0: 0.0})  # seconds from the start until version v existed
         self.t_start = t_start - state.get("elapsed", 0.0)
         for name in ("metrics.jsonl", "samples.jsonl") if checkpoint else ():
@@ -1343,9 +1345,11 @@ def save_checkpoint(args: Args, rank: int, version: int, policy, optimizer, sche
         return
     state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
     state["rng"] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    # The next batches that older versions sample: a resumed generator, which starts from this one, could not.
-    ahead = range(version, args.num_steps)
-    state["pending"] = link.batches_ahead(sum(sampling_version(args, i) < version for i in ahead))
+    # What older versions sample and evaluate, not yet logged: a resumed generator, which starts from this version,
+    # could not make it again.
+    sampled_before = sum(sampling_version(args, i) < version for i in range(version, args.num_steps))
+    due = {v for v in range(version) if evaluated(args, v)} - {row["eval/version"] for row in run.eval_log}
+    state["pending"], state["pending_evals"] = link.ahead(sampled_before, due)
     run.write_checkpoint(version, policy, weights, state)
 
 
@@ -1572,13 +1576,14 @@ def wait_for_snapshot_slot(snapshot_free, samples_queue, process) -> float:
 class GeneratorLink:
     """Rank 0's end of the generator's queues (see the generator), and the generator process itself."""
 
-    def __init__(self, process, weights_queue, samples_queue, snapshot_free, stop, pending: list):
+    def __init__(self, process, weights_queue, samples_queue, snapshot_free, stop, pending: list, evals: list):
         self.process = process
         self.weights_queue = weights_queue
         self.samples_queue = samples_queue
         self.snapshot_free = snapshot_free
         self.stop_event = stop
-        self.pending = deque(pending)  # batches sampled before a checkpoint, restored from it: trained on first
+        self.pending = deque(pending)  # batches received, or restored from a checkpoint, not yet trained on
+        self.evals = list(evals)  # evaluations received, or restored, not yet logged: they go with the next batch
         self.ready = False
         self.snapshot = None  # the last snapshot pushed; its sender must keep a CUDA tensor alive while it is used
         self.snapshot_gb = 0.0
@@ -1593,14 +1598,39 @@ class GeneratorLink:
                 raise GeneratorError(f"the generator's first message was not 'ready' but {list(message)}")
             self.ready = True
 
-    def next_batch(self) -> dict:
-        return self.pending.popleft() if self.pending else self.receive()
+    def read(self):
+        """The next message; an evaluation is kept for the next batch (and None returned)."""
+        message = self.receive()
+        if "evals" in message:
+            self.evals += message["evals"]
+            return None
+        return message
 
-    def batches_ahead(self, n: int) -> list:
-        """The next n batches, received now if need be; next_batch returns them still."""
-        while len(self.pending) < n:
-            self.pending.append(self.receive())
-        return list(self.pending)
+    def next_batch(self) -> dict:
+        """The next batch to train on, with the evaluations received before it (an older run's batch has its own)."""
+        batch = self.pending.popleft() if self.pending else None
+        while batch is None:
+            batch = self.read()
+        evals, self.evals = self.evals, []
+        return batch | {"evals": batch.get("evals", []) + evals}
+
+    def ahead(self, n: int, due: set) -> tuple[list, list]:
+        """For a checkpoint: the next n batches and the evaluations of the versions in `due`, received now if need be
+        (the generator makes them without waiting for the trainer); next_batch returns them still. The generator sends
+        both before anything from a newer version, so no batch that a resumed generator samples again is kept."""
+        while len(self.pending) < n or due - {e["version"] for e in self.evals}:
+            message = self.read()
+            if message is not None:
+                self.pending.append(message)
+        return list(self.pending), [e for e in self.evals if e["version"] in due]
+
+    def finish(self) -> dict:
+        """The generator's last message, with the evaluations still to log (the final policy's among them)."""
+        message = None
+        while message is None:
+            message = self.read()
+        evals, self.evals = self.evals, []
+        return message | {"evals": evals}
 
     def wait_for_snapshot_slot(self):
         wait_for_snapshot_slot(self.snapshot_free, self.samples_queue, self.process)

@@ -1,5 +1,5 @@
-"""The paper's off-policy study, end to end with real vLLM: its losses, its N, several updates per batch and the
-built-in policy's sizes."""
+"""The paper's off-policy study with real vLLM: several updates per batch and the built-in policy's sizes. RLOO and
+the paper's N run end to end in tests/test_study.py, IPO in rounds of two batches in tests/test_scale.py."""
 
 import os
 
@@ -15,27 +15,6 @@ def check_kl(steps, evals):
     """The KL is the sampling policy's to the reference: version 0 is the reference, so float error; later, not."""
     assert abs(evals[0]["eval/kl"]) < 1e-4 and abs(steps[0]["objective/kl"]) < 1e-4, (evals[0], steps[0])
     assert evals[-1]["eval/kl"] > 1e-3
-
-
-def test_rloo_in_the_papers_off_policy_setting(cache_dir, model_path, tmp_path):
-    """RLOO with the paper's N = 2, synchronous: one version samples two batches, trained at lags 0 and 1."""
-    flags = "--loss_type rloo --batches_per_round 2 --async_steps 0".split()
-    result = run_script("async_online_dpo.py", cache_dir, tmp_path, *flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir, steps, evals = read_run(tmp_path)
-    check_run_folder(run_dir, steps, evals, model_path)
-    assert [s["async/lag"] for s in steps] == [0, 1, 0, 1]
-    assert [s["async/batch_version"] for s in steps] == [0, 0, 2, 2]
-    for s in steps:
-        if s["async/lag"] == 0:  # π_θ is π_old: the ratio is 1 up to float error, and nothing is clipped
-            assert abs(s["rloo/ratio"] - 1) < 1e-4 and s["rloo/clipped_frac"] == 0 and s["async/logprob_gap"] < 1e-4
-        else:  # one update later the policy has moved: the ratio is off 1
-            assert abs(s["rloo/ratio"] - 1) > 1e-4 and s["async/logprob_gap"] > 1e-3
-        assert s["rloo/advantage_std"] > 0
-        assert "rewards/dpo_margin" not in s
-    check_reloads(steps)
-    check_kl(steps, evals)
-    assert "rloo loss" in result.stdout
 
 
 def test_best_of_k_with_two_updates_per_batch(cache_dir, model_path, tmp_path):
@@ -56,19 +35,6 @@ def test_best_of_k_with_two_updates_per_batch(cache_dir, model_path, tmp_path):
     assert all(s["step"] == 8 for s in state["optimizer"]["state"].values())  # AdamW's step count, per weight
     check_reloads(steps)
     check_kl(steps, evals)
-
-
-def test_ipo_rounds_of_two_batches_one_round_ahead(cache_dir, model_path, tmp_path):
-    """The general rule, batch i sampled by version max(0, N (i // N - A)), with N = 2 and A = 1: lags 2 and 3."""
-    flags = "--loss_type ipo --batches_per_round 2 --async_steps 1 --num_steps 6 --eval_every 3".split()
-    result = run_script("async_online_dpo.py", cache_dir, tmp_path, *flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _, steps, evals = read_run(tmp_path)
-    assert [s["async/batch_version"] for s in steps] == [0, 0, 0, 0, 2, 2]
-    assert [s["async/lag"] for s in steps] == [0, 1, 2, 3, 2, 3]
-    assert [e["eval/version"] for e in evals] == [0, 3, 6]  # 3 starts no round: pushed to be evaluated
-    check_reloads(steps)
-    assert all(0 < s["objective/loss"] < 1e3 for s in steps)
 
 
 def test_the_builtin_sizes_have_the_parameters_they_are_named_for():

@@ -65,9 +65,10 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
             weights_queue.put(snapshot(policy, version))
 
         assert A.receive(samples_queue, process) == {"ready": True}  # vLLM is up: the first message says so
-        # Version 0, loaded from disk: the generator's greedy output is transformers' from the same weights.
+        # Version 0, loaded from disk: the generator's greedy output is transformers' from the same weights. Each
+        # evaluation comes as it is made, before the batch sampled next.
+        (eval0,) = A.receive(samples_queue, process)["evals"]
         batch = A.receive(samples_queue, process)
-        (eval0,) = batch["evals"]
         assert batch["version"] == 0 and eval0["version"] == 0
         old = transformers_greedy(policy, tokenizer, eval0["prompts"], args.response_length)
         assert eval0["response_ids"] == old
@@ -86,8 +87,8 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
             optimizer.zero_grad()
         policy.eval()
         push(1)
+        (eval1,) = A.receive(samples_queue, process)["evals"]
         batch = A.receive(samples_queue, process)
-        (eval1,) = batch["evals"]
         assert batch["version"] == 1 and eval1["version"] == 1
         ((version, gap),) = batch["checks"]  # the generator checked the load against the probe
         assert version == 1 and gap < 1e-4
@@ -96,22 +97,22 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
         assert sum(a != b for a, b in zip(new, old)) >= len(old) // 2  # ...which really changed the output
 
         push(2)  # the generator evaluates the final version, then exits
-        final = A.receive(samples_queue, process)
-        assert [e["version"] for e in final["evals"]] == [2]
+        assert [e["version"] for e in A.receive(samples_queue, process)["evals"]] == [2]
+        assert A.receive(samples_queue, process)["done"]
         process.join(timeout=30)
         assert process.exitcode == 0
 
 
 @pytest.mark.parametrize(
-    "rounds, ahead, versions, evals, final_evals, loaded",
+    "rounds, ahead, messages, loaded",
     [
-        (1, 2, [0, 0, 0, 1], [[0], [], [], []], [2, 4], [1, 2, 4]),
-        (2, 0, [0, 0, 2, 2], [[0], [], [2], []], [4], [2, 4]),
+        (1, 2, ["eval 0", "batch 0", "batch 0", "batch 0", "batch 1", "eval 2", "eval 4", "done"], [1, 2, 4]),
+        (2, 0, ["eval 0", "batch 0", "batch 0", "eval 2", "batch 2", "batch 2", "eval 4", "done"], [2, 4]),
     ],
     ids=["A=2", "N=2"],
 )
 def test_generator_samples_batch_i_with_the_version_the_rule_gives_and_evaluates_every_due_version(
-    cache_dir, model_path, rounds, ahead, versions, evals, final_evals, loaded
+    cache_dir, model_path, rounds, ahead, messages, loaded
 ):
     """Four snapshots wait on the queue before vLLM has even started. Batch i must still be sampled by exactly
     version max(0, N (i // N - A)): with A = 2, version max(0, i - 2); with the paper's N = 2, versions 0, 0, 2, 2.
@@ -124,12 +125,21 @@ def test_generator_samples_batch_i_with_the_version_the_rule_gives_and_evaluates
             weights_queue.put(snapshot(policy, version))
         process.start()
         assert A.receive(samples_queue, process) == {"ready": True}
-        batches = [A.receive(samples_queue, process) for _ in range(4)]
-        assert [b["version"] for b in batches] == versions
-        assert [[e["version"] for e in b["evals"]] for b in batches] == evals
-        final = A.receive(samples_queue, process)  # the generator ends by reading up to version num_steps
-        assert [e["version"] for e in final["evals"]] == final_evals
+        received = [A.receive(samples_queue, process)]
+        while "done" not in received[-1]:  # the generator ends by reading up to version num_steps
+            received.append(A.receive(samples_queue, process))
+
+        def label(m):
+            return (
+                f"eval {m['evals'][0]['version']}"
+                if "evals" in m
+                else f"batch {m['version']}"
+                if "version" in m
+                else "done"
+            )
+
+        assert [label(m) for m in received] == messages
         # It loads only the versions it samples with or evaluates, and checks each against its probe.
-        assert [version for b in [*batches, final] for version, _ in b["checks"]] == loaded
+        assert [version for m in received for version, _ in m.get("checks", [])] == loaded
         process.join(timeout=30)
         assert process.exitcode == 0
