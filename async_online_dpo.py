@@ -1,12 +1,11 @@
 """Asynchronous online DPO with a vLLM generator in its own process.
 
 Reference implementation of "Asynchronous RLHF: Faster and More Efficient Off-Policy RL for Language Models"
-(Noukhovitch et al., ICLR 2025, arXiv 2410.18252). A vLLM generator samples completions with a policy N updates
-old while the trainer learns from earlier batches with online DPO, so generation and training overlap.
+(Noukhovitch et al., ICLR 2025, arXiv 2410.18252). A vLLM generator samples completions with an older policy
+while the trainer learns from earlier batches with online DPO, so generation and training overlap.
 `sync_baseline.py` runs the same code in lockstep for comparison.
 
-    python async_online_dpo.py                      # CPU: generator and trainer on separate cores (5-7 min)
-    python async_online_dpo.py                      # 1 GPU: both share GPU 0 (--vllm_gpu_memory_utilization)
+    python async_online_dpo.py     # CPU: generator, trainer on separate cores (5-7 min); 1 GPU: both share GPU 0
     CUDA_VISIBLE_DEVICES=0,1 python async_online_dpo.py   # 2 GPUs: generator on GPU 0, trainer on GPU 1
     python async_online_dpo.py --trainer_ranks 4 --fsdp --bf16   # 5 GPUs: generator + 4 FSDP2 trainer ranks
     python async_online_dpo.py --async_steps 4      # let the generator run 4 batches ahead
@@ -16,9 +15,8 @@ old while the trainer learns from earlier batches with online DPO, so generation
     python async_online_dpo.py --save_every 16      # then, after a crash: --resume runs/RUN_FOLDER
     python sync_baseline.py                         # the same run, generation and training in turn
 
-Part I, the method, reads top to bottom in the order things happen: the flags, the math, the generator
-process, the trainer and `main`. Part II, below the divider, is support code a first reading can skip.
-See README.md for the GPU recipes (Pythia on TL;DR, Llama 3.1 8B) and what every logged metric means.
+Part I, the method, reads top to bottom in the order things happen: the flags, the math, the generator process,
+the trainer and `main`. README.md has the GPU recipes, the off-policy study and what every logged metric means.
 """
 
 import datetime
@@ -125,12 +123,12 @@ class Args:
 
     # --- asynchrony
     batches_per_round: int = 1
-    """N, the paper's off-policy N: one policy version samples N batches in a row, trained at lags 0 .. N-1"""
+    """N, the paper's off-policy N: one policy version samples N batches in a row (lags 0 .. N-1 when A = 0)"""
     async_steps: int = 1
     """A, rounds the generator runs ahead: batch i is sampled by version max(0, N·(i // N - A)); 0 = synchronous"""
     logprob_gap_tolerance: float | None = None
     """stop when vLLM's and the trainer's log-probs differ by more, per token, where they should agree; None = 1e-3
-    in float32, 0.1 with --bf16 (a CPU measures 3e-7 and 4e-3)"""
+    in float32, 0.1 with --bf16"""
 
     # --- evaluation
     eval_every: int = 16
@@ -168,7 +166,7 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The math: log-probs, scores, pairs and the DPO loss. Pure functions, checked in tests/.
+# The math: log-probs, scores, what each loss trains on, and the losses. Pure functions, checked in tests/.
 def token_logprobs(model, input_ids, attention_mask, response_width: int, temperature: float):
     """log π(y_t | x, y_<t) of the last `response_width` tokens of each row, (B, R), logits divided by the sampling
     temperature as in the paper's code. Only those columns get logits: all of them would take GBs at a 128k vocab."""
@@ -196,8 +194,8 @@ def apply_missing_eos_penalty(rewards, has_eos, penalty: float | None):
 
 
 def select_pairs(scores):
-    """Chosen = highest score, rejected = lowest, per prompt (ties to the first, as in the paper's code).
-    scores: (P, k). valid: whether the scores differ, so that the pair says which completion is better."""
+    """Chosen = highest score, rejected = lowest, per prompt (the first of equal scores). scores: (P, k). valid:
+    whether the scores differ, so that the pair says which completion is better."""
     chosen, rejected = scores.argmax(1), scores.argmin(1)  # (P,)
     valid = scores.max(1).values > scores.min(1).values
     return chosen, rejected, valid
@@ -305,9 +303,8 @@ def summed_logprobs(model, prompt_ids, response_ids, args: Args, device):
     chunk = 2 * args.micro_batch_size
     sums = []
     for begin in range(0, len(response_ids), chunk):
-        logps, _, _ = completion_logprobs(
-            model, prompt_ids[begin : begin + chunk], response_ids[begin : begin + chunk], args, device
-        )
+        rows = slice(begin, begin + chunk)
+        logps, _, _ = completion_logprobs(model, prompt_ids[rows], response_ids[rows], args, device)
         sums.append(logps.float().cpu())
     return torch.cat(sums)
 
@@ -350,8 +347,7 @@ def load_weights_into_vllm(llm, weights: list):
 #                                                          ^ push v4
 #
 # The version is exact, not "at least": with per-prompt sampling seeds, a run is then reproducible, and a resumed
-# run samples what the uninterrupted one would have. The trainer pushes only the versions the generator will load:
-# those that start a round, and those that are evaluated.
+# run samples what the uninterrupted one would have.
 def sampling_version(args: Args, index: int) -> int:
     """The staleness rule: the policy version that samples batch `index`."""
     N = args.batches_per_round
@@ -363,27 +359,11 @@ def evaluated(args: Args, version: int) -> bool:
     return version % args.eval_every == 0 or version == args.num_steps
 
 
-# Prompt j of batch i samples with seed (--seed * MAX_BATCHES + i) * --batch_size + j, so that no two prompts share
-# a sampling seed, in one run or across seeds, while runs stay under MAX_BATCHES batches.
-MAX_BATCHES = 10**6
-
-
 def generator(
-    *,
-    args: Args,
-    model_path: str,
-    start_version: int,
-    first_batch: int,
-    max_model_len: int,
-    cpu_cores: list[int],
-    weights_queue,
-    snapshot_free,
-    samples_queue,
-    stop,
+    *, args, model_path, start_version, first_batch, max_model_len, weights_queue, snapshot_free, samples_queue, stop
 ):
-    """Sample batches first_batch, first_batch + 1, ... with vLLM, starting from the policy version saved at
-    model_path (0 for a new run; a checkpoint's version when resuming). Runs in its own process."""
-    set_up_generator_process(args, cpu_cores)  # vLLM's environment, and on a CPU our own cores
+    """Sample batches first_batch, first_batch + 1, ... with vLLM in its own process, starting from the policy
+    version saved at model_path (0, or a checkpoint's when resuming), as generator_process sets it up."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -458,12 +438,10 @@ def generator(
         prompts = batch_prompts(args, train_prompts, index)
         prompt_ids = tokenize(tokenizer, prompts)
         seed = (args.seed * MAX_BATCHES + index) * args.batch_size
-        response_ids, logprobs = generate(
-            prompt_ids, args.temperature, args.num_samples, seed, args.response_length, True
-        )
+        response_ids, logps = generate(prompt_ids, args.temperature, args.num_samples, seed, args.response_length, True)
         spans.append(("generate", t, time.time()))
         batch = {"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids}
-        samples_queue.put(batch | {"logprobs": logprobs, "spans": spans, "checks": checks})
+        samples_queue.put(batch | {"logprobs": logps, "spans": spans, "checks": checks})
         spans, checks = [], []  # new lists: the queue pickles the old ones in the background
     take_weights(args.num_steps)  # the final policy, for the last evaluation
     samples_queue.put({"done": True, "spans": spans, "checks": checks})
@@ -500,9 +478,7 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
         # 1. Get a batch: rank 0 takes it from the generator (it was sampled by version sampling_version(step)) and
         #    hands it to the other ranks. Each keeps its share: P prompts and their k completions each.
         t0 = time.time()
-        batch = [link.next_batch() if link else None]
-        dist.broadcast_object_list(batch, src=0)
-        batch = batch[0]
+        batch = from_rank_0(link.next_batch() if link else None)
         t1 = time.time()
         check_reloads(batch["checks"], tolerance)  # the weights that sampled it, as vLLM loaded them
         own, own_k = slice(rank * P, (rank + 1) * P), slice(rank * P * k, (rank + 1) * P * k)
@@ -535,7 +511,8 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
         # 4. The loss on summed response log-probs, E updates on this batch. DDP and FSDP average gradients over
         #    ranks, so each rank scales its summed loss by R / (terms in the whole batch): the update is the mean
         #    over all terms, whatever the micro-batch size or R.
-        term_stats, grad_norms, lr = defaultdict(list), [], scheduler.get_last_lr()[0]
+        lr = scheduler.get_last_lr()[0]  # that of the first update
+        term_stats, grad_norms = defaultdict(list), []
         for update in range(args.updates_per_batch):
             gap = torch.zeros(2, device=device)  # see the weight-sync check below
             for begin in range(0, len(terms), args.micro_batch_size):
@@ -549,8 +526,9 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
                 ((losses * w).sum() * world / sum(counts)).backward()
                 for name, value in {"loss": losses, **stats}.items():  # the real terms, for the log
                     term_stats[name].append(value.detach()[w > 0].float().cpu())
-                row_weights = w.repeat(len(mb[0]))
-                gap += sampler_gap(token_logps, mask, [sampler_logps[j] for j in rows], row_weights)
+                if update == 0:  # the batch as it arrived; later updates see a policy that has learned from it
+                    row_weights = w.repeat(len(mb[0]))
+                    gap += sampler_gap(token_logps, mask, [sampler_logps[j] for j in rows], row_weights)
 
             # 5. The weight-sync check, before the first update. At lag 0, vLLM sampled with the weights the trainer
             #    holds, so the two agree on the log-probs up to float error; if not, vLLM is not serving what was
@@ -582,28 +560,27 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
             save_checkpoint(args, rank, step + 1, policy, optimizer, scheduler, run, link)
 
     final_weights = full_weights(args, rank, policy)  # under FSDP every rank helps gather them
-    last = [link.finish() if link else None]  # the generator's evaluation of the final policy
-    dist.broadcast_object_list(last, src=0)  # every rank helps measure its KL (under FSDP the reference is sharded)
-    measure_kl(args, ref_policy, last[0]["evals"], device)
+    last = from_rank_0(link.finish() if link else None)  # the generator's evaluation of the final policy
+    measure_kl(args, ref_policy, last["evals"], device)
     if run:
-        check_reloads(last[0]["checks"], tolerance)
-        run.log_generator(last[0])
+        check_reloads(last["checks"], tolerance)
+        run.log_generator(last)
         policy.save_pretrained(os.path.join(run.dir, "model"), state_dict=final_weights)
         tokenizer.save_pretrained(os.path.join(run.dir, "model"))
 
 
 def measure_kl(args: Args, ref_policy, evals: list[dict], device):
-    """KL(π_v || π_ref) of each evaluated version v, as the paper's code estimates it: the mean over held-out prompts
-    of Σ_t log π_v - log π_ref of one completion π_v sampled. Every rank computes it whole, as FSDP needs them all."""
-    for e in evals:
+    """KL(π_v || π_ref) of each evaluated version v, by the estimator of the paper's training KL: the mean over held-out
+    prompts of Σ_t log π_v - log π_ref of a completion π_v sampled. Every rank computes it whole (FSDP needs all of
+    them in each forward pass). An evaluation restored from an older version's checkpoint has no samples."""
+    for e in (e for e in evals if "sampled_ids" in e):
         ref = summed_logprobs(ref_policy, e["prompt_ids"], e["sampled_ids"], args, device)
         e["kl"] = (torch.tensor([sum(row) for row in e["sampled_logprobs"]]) - ref).mean().item()
 
 
 def push_weights(args: Args, rank: int, version: int, policy, batch: dict, device, link) -> float:
     """Send the policy to the generator as one packed snapshot with a probe to check its load by, if the generator
-    will load it (to start a round, or to evaluate it). One snapshot at a time: the next is made once the generator
-    is done with the last. Returns the time that wait ended."""
+    will load it (to start a round, or to evaluate it). Returns the time the wait for the snapshot slot ended."""
     if version % args.batches_per_round and not evaluated(args, version):
         return time.time()
     if link:
@@ -786,6 +763,11 @@ def load_prompts(args: Args):
     return list(train[args.prompt_column]), list(held_out[args.prompt_column]), references
 
 
+# Prompt j of batch i samples with seed (--seed * MAX_BATCHES + i) * --batch_size + j (see the generator), so that no
+# two prompts share a sampling seed, in one run or across seeds, while runs stay under MAX_BATCHES batches.
+MAX_BATCHES = 10**6
+
+
 def batch_prompts(args: Args, train_prompts, index: int) -> list[str]:
     """The prompts of batch `index`, a function of seed and index alone: a resumed run sees the same data."""
     if train_prompts is None:
@@ -875,6 +857,13 @@ def load_reward(args: Args, model_path: str, device, tokenizer, eos_ids: set[int
 
 # ----------------------------------------------------------------------------------------------------
 # The trainer's models.
+def from_rank_0(obj):
+    """obj as rank 0 has it, on every trainer rank."""
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def set_up_rank(args: Args, rank: int, cores: list[int], link):
     """Placement: rank r trains on GPU r + 1, as GPU 0 is the generator's (on a one-GPU machine they share it). On a
     CPU each rank is pinned to its own share of the trainer's cores, apart from the generator's. Then the process
@@ -1166,7 +1155,7 @@ class RunFolder:
         for e in message["evals"]:
             completions = self.tokenizer.batch_decode(e["response_ids"], skip_special_tokens=True)
             rewards = self.gold_fn(e["prompts"], e["prompt_ids"], e["response_ids"])
-            kl = e["kl"]
+            kl = e.get("kl", float("nan"))  # unknown for an evaluation an older version's checkpoint kept
             row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl}
             row["eval/wall_time"] = self.version_time[e["version"]]
             if self.references:  # the paper's win-rate: how often the gold reward prefers ours to the reference
@@ -1256,15 +1245,15 @@ class RunFolder:
         )
 
 
-def log_step(args: Args, run, step: int, batch, completions: dict, terms: dict, grad_norm, lr, logprob_gap, clock):
+def log_step(args: Args, run, step: int, batch, completions: dict, term_stats: dict, grad_norm, lr, logprob_gap, clock):
     """Gather every rank's share of the step's statistics; rank 0 (which holds `run`) logs them. completions: a value
-    per completion (per prompt for scores and valid); terms: a value per term of the loss, in each of the E updates."""
+    per completion (per prompt for scores and valid); term_stats: a value per term of the loss, in each update."""
     gathered = [None] * args.trainer_ranks
-    dist.all_gather_object(gathered, (completions, terms))
+    dist.all_gather_object(gathered, (completions, term_stats))
     if run is None:
         return
     c = {name: torch.cat([g[0][name] for g in gathered]) for name in completions}
-    s = {name: torch.cat([g[1][name] for g in gathered]) for name in terms}
+    s = {name: torch.cat([g[1][name] for g in gathered]) for name in term_stats}
 
     def mean(name: str) -> float:  # NaN where there was nothing to average: DPO with every pair tied
         return s[name].mean().item() if name in s else float("nan")
@@ -1514,10 +1503,12 @@ def set_up_generator_process(args: Args, cpu_cores: list[int]):
         pin_to_cores(cpu_cores)  # our own cores, so the trainer never slows us down
 
 
-def generator_process(**settings):
-    """The generator process runs this: `generator`, with its crash's traceback handed to the trainer."""
+def generator_process(cpu_cores: list[int], **settings):
+    """The generator process runs this: vLLM's settings, made before it is imported, and on a CPU our own cores;
+    then `generator`, with its crash's traceback handed to the trainer."""
     samples_queue = settings["samples_queue"]
     try:
+        set_up_generator_process(settings["args"], cpu_cores)
         generator(**settings)
     except (KeyboardInterrupt, Stopped):
         samples_queue.cancel_join_thread()  # Ctrl-C or the trainer stopped: exit without flushing

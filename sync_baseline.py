@@ -15,8 +15,8 @@ every batch is on-policy (lag 0), and the trainer waits while it samples:
 Each step therefore costs generation plus training, G + T, where the asynchronous run pays about
 max(G, T). With the same seed and flags both scripts sample the same prompts and make the same number
 of updates. With --batches_per_round N (the paper's N) one policy version samples N batches in a row,
-and the trainer takes N updates on them before the generator samples again: the synchronous but
-off-policy setting of the paper's study, where the batches of a round are 0, 1, ..., N - 1 updates stale.
+and the trainer trains on them in turn before the generator samples again: the synchronous but
+off-policy setting of the paper's study, where the batches of a round are 0, 1, ..., N - 1 versions stale.
 """
 
 import sys

@@ -46,8 +46,8 @@ def reward_curves(path: str, groups: dict, title: str):
 
 
 def staleness(path: str, by_n: dict, gap):
-    """Final gold reward, final KL and the log-prob gap against N; N = 0 is the sync run. Dots are seeds, the line
-    their mean. gap(run) is the run's mean per-token log-prob gap between trainer and sampler."""
+    """Final gold reward, final KL and the log-prob gap against A = --async_steps; A = 0 is the sync run. Dots are
+    seeds, the line their mean. gap(run) is the run's mean per-token log-prob gap between trainer and sampler."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     positions = list(range(len(by_n)))  # evenly spaced: N = 1, 2, 4, 8, 16 would crowd a linear axis
     labels = ["0\n(sync)" if n == 0 else str(n) for n in by_n]
@@ -63,7 +63,7 @@ def staleness(path: str, by_n: dict, gap):
         ax.plot(positions, [statistics.fmean(v) for v in values], marker="o", color="tab:blue", label="mean over seeds")
         ax.axhline(statistics.fmean(values[0]), color="tab:gray", linestyle="--", linewidth=1, label="sync (mean)")
         ax.set_xticks(positions, labels)
-        ax.set_xlabel("N = --async_steps (most updates a batch may lag)")
+        ax.set_xlabel("A = --async_steps (updates every batch lags)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -1,7 +1,7 @@
 """The benchmark: asynchronous against synchronous online DPO on the built-in task, on this machine.
 
     python benchmark/run.py                  # full: 3 seeds, 64 updates a run (~48 min on 2 CPU cores)
-    python benchmark/run.py --quick          # 1 seed, 24 updates, N in {1, 4, 16} (under 10 min)
+    python benchmark/run.py --quick          # 1 seed, 24 updates, --async_steps A in {1, 4, 16} (under 10 min)
     python benchmark/run.py --tiny           # seconds a run, for CI (tests/test_benchmark.py)
     python benchmark/run.py --report_only    # rebuild results.md, results.json and the plots from raw/
 
@@ -44,11 +44,11 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------
-# What to run: a mode's seeds, the N of experiment 2, the flags of every run and those of throughput.py.
+# What to run: a mode's seeds, the --async_steps A of experiment 2, the flags of every run and those of throughput.py.
 # Every run uses the scripts' defaults (the built-in task and model, 64 prompts a batch, k = 2) except
 # for these flags and its own.
 def mode(seeds: list[int], staleness: list[int], flags: str, throughput_flags: str) -> dict:
-    assert 1 in staleness, "N = 1 is also the async run of experiment 1"
+    assert 1 in staleness, "A = 1 is also the async run of experiment 1"
     return dict(seeds=seeds, staleness=staleness, flags=flags.split(), throughput_flags=throughput_flags.split())
 
 
@@ -65,9 +65,9 @@ def plan(mode: dict) -> list[dict]:
     is its --exp_name and its group in the report; a run that serves several experiments runs once."""
     runs = []
     for seed in mode["seeds"]:
-        runs += [("sync", seed, ""), ("async_N1", seed, "--async_steps 1"), ("sync_shared", seed, "--cpu_share_cores")]
-    runs += [(f"async_N{n}", mode["seeds"][0], f"--async_steps {n}") for n in mode["staleness"] if n != 1]
-    runs.append(("async_N1_k4", mode["seeds"][0], "--async_steps 1 --num_samples 4"))
+        runs += [("sync", seed, ""), ("async_A1", seed, "--async_steps 1"), ("sync_shared", seed, "--cpu_share_cores")]
+    runs += [(f"async_A{n}", mode["seeds"][0], f"--async_steps {n}") for n in mode["staleness"] if n != 1]
+    runs.append(("async_A1_k4", mode["seeds"][0], "--async_steps 1 --num_samples 4"))
     script = {"sync": "sync_baseline.py", "async": "async_online_dpo.py"}
     return [dict(name=n, script=script[n.split("_")[0]], seed=s, flags=f.split()) for n, s, f in runs]
 
@@ -270,11 +270,11 @@ def table(title: str, columns: list[str], rows: list[tuple]) -> dict:
 
 def make_tables(groups: dict, staleness: list[int], throughput: dict) -> list[dict]:
     """The five tables, one experiment after the other; throughput: {engine: (its file, its measurement)}."""
-    sync, shared, async_, four = groups["sync"], groups["sync_shared"], groups["async_N1"], groups["async_N1_k4"]
+    sync, shared, async_, four = groups["sync"], groups["sync_shared"], groups["async_A1"], groups["async_A1_k4"]
     two = same_seeds(four, async_)  # k = 2 on the seeds k = 4 ran
     # Each setting's row holds what any table may show of it; below, the few entries that only one setting has.
     rows = {name: entries(runs, None if name == "sync" else sync) for name, runs in groups.items()}
-    rows["async_N1_k2"] = entries(two, sync)
+    rows["async_A1_k2"] = entries(two, sync)
 
     # 1. Speed at equal quality. The best overlap can do: a sync step costs G + T, async at least max(G, T).
     paired = same_seeds(async_, sync)
@@ -282,13 +282,13 @@ def make_tables(groups: dict, staleness: list[int], throughput: dict) -> list[di
     ideal = [(g + t) / max(g, t) for g, t in ideal]
     how = "(G + T) / max(G, T) of the sync run of each seed"
     source = "summary.json: generate_per_step, train_per_step"
-    rows["async_N1"]["ideal (G+T)/max(G,T) from sync (×)"] = per_run(paired, ideal, source, 2, how)
-    rows["async_N1"]["beats sync, split cores?"] = rows["async_N1"]["beats sync?"]
-    rows["async_N1"]["beats sync, shared cores?"] = beats(async_, shared)
+    rows["async_A1"]["ideal (G+T)/max(G,T) from sync (×)"] = per_run(paired, ideal, source, 2, how)
+    rows["async_A1"]["beats sync, split cores?"] = rows["async_A1"]["beats sync?"]
+    rows["async_A1"]["beats sync, shared cores?"] = beats(async_, shared)
     settings = [
-        ("sync, split cores (N = 0)", rows["sync"]),
-        ("sync, shared cores (N = 0, --cpu_share_cores)", rows["sync_shared"]),
-        ("async, split cores (N = 1)", rows["async_N1"]),
+        ("sync, split cores (A = 0)", rows["sync"]),
+        ("sync, shared cores (A = 0, --cpu_share_cores)", rows["sync_shared"]),
+        ("async, split cores (A = 1)", rows["async_A1"]),
     ]
     speed = ["setting", "seeds", "speedup over sync, per step (×)", "speedup over sync, wall time (×)"]
     speed += ["ideal (G+T)/max(G,T) from sync (×)", "final gold reward", "final KL"]
@@ -298,22 +298,22 @@ def make_tables(groups: dict, staleness: list[int], throughput: dict) -> list[di
         table("Table 1b. Speed and quality against sync", speed, settings),
     ]
 
-    # 2. Staleness: async with N = 1, 2, ... against sync (N = 0).
-    columns = ["N", "seeds", "final gold reward", "final KL", "mean lag (updates)", "log-prob gap (per token)"]
+    # 2. Staleness: async with A = 1, 2, ... against sync (A = 0).
+    columns = ["A", "seeds", "final gold reward", "final KL", "mean lag (updates)", "log-prob gap (per token)"]
     columns += ["s/step", "wall time (s)", "beats sync?"]
-    by_n = [("0 (sync)", rows["sync"])] + [(str(n), rows[f"async_N{n}"]) for n in staleness]
-    tables.append(table("Table 2. Staleness: async with the generator up to N updates ahead", columns, by_n))
+    by_n = [("0 (sync)", rows["sync"])] + [(str(n), rows[f"async_A{n}"]) for n in staleness]
+    tables.append(table("Table 2. Staleness: async with every batch A = --async_steps updates old", columns, by_n))
 
-    # 3. Four samples per prompt against two (async, N = 1): a higher reward counts beyond the seed noise.
+    # 3. Four samples per prompt against two (async, A = 1): a higher reward counts beyond the seed noise.
     reward, ref_reward, noise = means(four, two, "eval_gold_reward_end")
     how = "k = 4 wall time / k = 2 wall time"
-    rows["async_N1_k4"]["wall time against k = 2 (×)"] = ratio(four, two, "wall_time", how)
-    rows["async_N1_k4"]["higher reward than k = 2?"] = "yes" if reward > ref_reward + noise else "**NO**"
+    rows["async_A1_k4"]["wall time against k = 2 (×)"] = ratio(four, two, "wall_time", how)
+    rows["async_A1_k4"]["higher reward than k = 2?"] = "yes" if reward > ref_reward + noise else "**NO**"
     columns = ["k (--num_samples)", "seeds", "G: generator busy (s/step)", "T: trainer busy (s/step)", "s/step"]
     columns += ["wall time (s)", "final gold reward", "final KL"]
     columns += ["wall time against k = 2 (×)", "higher reward than k = 2?"]
-    by_k = [("2", rows["async_N1_k2"]), ("4", rows["async_N1_k4"])]
-    tables.append(table("Table 3. Four samples per prompt against two (async, N = 1)", columns, by_k))
+    by_k = [("2", rows["async_A1_k2"]), ("4", rows["async_A1_k4"])]
+    tables.append(table("Table 3. Four samples per prompt against two (async, A = 1)", columns, by_k))
 
     # 4. Generator throughput: one measurement an engine.
     base_file, base = throughput["transformers"]
@@ -349,8 +349,8 @@ def make_report(results_dir: str):
     with open(os.path.join(results_dir, "raw", "benchmark.json")) as f:
         record = json.load(f)
     groups = load_runs(results_dir, record)
-    sync, shared, async_, four = groups["sync"], groups["sync_shared"], groups["async_N1"], groups["async_N1_k4"]
-    by_n = {n: groups["sync" if n == 0 else f"async_N{n}"] for n in [0, *record["mode_config"]["staleness"]]}
+    sync, shared, async_, four = groups["sync"], groups["sync_shared"], groups["async_A1"], groups["async_A1_k4"]
+    by_n = {n: groups["sync" if n == 0 else f"async_A{n}"] for n in [0, *record["mode_config"]["staleness"]]}
     throughput = {}
     for engine, entry in record["throughput"].items():
         with open(os.path.join(results_dir, entry["file"])) as f:
@@ -358,13 +358,13 @@ def make_report(results_dir: str):
     tables = make_tables(groups, record["mode_config"]["staleness"], throughput)
 
     curves = {"sync, split cores": (sync, "tab:orange", "-"), "sync, shared cores": (shared, "tab:brown", "--")}
-    curves["async N = 1, split cores"] = (async_, "tab:blue", "-")
+    curves["async A = 1, split cores"] = (async_, "tab:blue", "-")
     plots.reward_curves(f"{results_dir}/speed_reward.png", curves, "Gold reward of sync and async online DPO")
     curves = {"k = 2": (same_seeds(four, async_), "tab:blue", "-"), "k = 4": (four, "tab:green", "-")}
-    plots.reward_curves(f"{results_dir}/num_samples.png", curves, "Async (N = 1) with 2 or 4 samples per prompt")
+    plots.reward_curves(f"{results_dir}/num_samples.png", curves, "Async (A = 1) with 2 or 4 samples per prompt")
     plots.staleness(f"{results_dir}/staleness.png", by_n, logprob_gap)
     first = [min(runs, key=lambda r: r["seed"]) for runs in (sync, async_)]
-    plots.timeline(f"{results_dir}/timeline.png", [("sync (N = 0)", first[0]), ("async (N = 1)", first[1])])
+    plots.timeline(f"{results_dir}/timeline.png", [("sync (A = 0)", first[0]), ("async (A = 1)", first[1])])
 
     # The README says what the experiments, settings and columns mean; this file gives the machine, the
     # verdicts and the numbers, and how busy other processes kept the machine (timings need it idle).
@@ -374,8 +374,8 @@ def make_report(results_dir: str):
     speed = tables[1]["rows"][-1]  # the async row
     took = f" (took {record['seconds'] / 60:.1f} min)" if "seconds" in record else ""
     other = [r["other_cores"] for r in record["runs"]] + [e["other_cores"] for e in record["throughput"].values()]
-    better = ", ".join(r["N"] for r in tables[2]["rows"][1:] if r["beats sync?"] == "yes") or "none"
-    worse = ", ".join(r["N"] for r in tables[2]["rows"][1:] if r["beats sync?"] != "yes") or "none"
+    better = ", ".join(r["A"] for r in tables[2]["rows"][1:] if r["beats sync?"] == "yes") or "none"
+    worse = ", ".join(r["A"] for r in tables[2]["rows"][1:] if r["beats sync?"] != "yes") or "none"
     text = f"""# Benchmark: asynchronous against synchronous online DPO
 
 `{record["command"]}`, run {record["date"]}{took} on {machine["cores"]} cores ({machine["cpu"]}), \
@@ -392,11 +392,11 @@ experiment, setting and column means.
 "Beats" means less wall time, and a final gold reward no lower than the reference's beyond the seed noise (the \
 larger standard deviation over seeds of the two; with one seed, any drop counts), on the seeds both have.
 
-- Async (N = 1) against sync in the split-core setting, which stands in for the paper's separate GPUs: \
+- Async (A = 1) against sync in the split-core setting, which stands in for the paper's separate GPUs: \
 {speed["beats sync, split cores?"]}. Speedup {render(speed["speedup over sync, per step (×)"])}× per step, against \
 the ideal {render(speed["ideal (G+T)/max(G,T) from sync (×)"])}× from the sync run's G and T.
-- Async (N = 1) against sync on shared cores: {speed["beats sync, shared cores?"]}.
-- Staleness: async beats sync at N = {better}; it does **NOT** at N = {worse}.
+- Async (A = 1) against sync on shared cores: {speed["beats sync, shared cores?"]}.
+- Staleness: async beats sync at A = {better}; it does **NOT** at A = {worse}.
 - k = 4 reaches a higher final gold reward than k = 2: {tables[3]["rows"][1]["higher reward than k = 2?"]}.
 - vLLM generates {render(tables[4]["rows"][0]["against transformers (×)"])}× the tokens per second of transformers' \
 generate.
@@ -411,7 +411,7 @@ generate.
 
 {markdown(tables[2])}
 
-![final gold reward, KL and log-prob gap against N](staleness.png)
+![final gold reward, KL and log-prob gap against A](staleness.png)
 
 {markdown(tables[3])}
 

@@ -51,7 +51,9 @@ SIZES = {"3m": "2.7 M", "10m": "10.6 M", "30m": "29.0 M"}
 BASE_SIZE = "10m"
 MODES = {
     "full": dict(seeds=[1, 2], steps=64, n=[1, 4, 16], sizes=["3m", "10m", "30m"], batch_size=32, flags=""),
-    "quick": dict(seeds=[1], steps=24, n=[1, 8], sizes=["3m", "10m"], batch_size=32, flags="--eval_every 8"),
+    "quick": dict(
+        seeds=[1], steps=24, n=[1, 8], sizes=["3m", "10m"], batch_size=32, flags="--eval_every 8 --eval_prompts 128"
+    ),
     "tiny": dict(
         seeds=[1],
         steps=4,

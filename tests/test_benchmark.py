@@ -100,7 +100,7 @@ def read_runs(results_dir: str) -> dict:
         if args["async_steps"] == 0:
             key = "sync_shared" if args["cpu_share_cores"] else "sync"
         else:
-            key = f"async_N{args['async_steps']}" + ("_k4" if args["num_samples"] == 4 else "")
+            key = f"async_A{args['async_steps']}" + ("_k4" if args["num_samples"] == 4 else "")
         groups.setdefault(key, []).append(run)
     return groups
 
@@ -127,13 +127,13 @@ def expected_verdict(runs, reference):
 def check_report(results_dir: str):
     tables = parse_tables(open(os.path.join(results_dir, "results.md")).read())
     runs = read_runs(results_dir)
-    sync, shared, async_ = runs["sync"], runs["sync_shared"], runs["async_N1"]
+    sync, shared, async_ = runs["sync"], runs["sync_shared"], runs["async_A1"]
 
     where = table(tables, "Table 1a")
     for label, group in [
-        ("sync, split cores (N = 0)", sync),
-        ("sync, shared cores (N = 0, --cpu_share_cores)", shared),
-        ("async, split cores (N = 1)", async_),
+        ("sync, split cores (A = 0)", sync),
+        ("sync, shared cores (A = 0, --cpu_share_cores)", shared),
+        ("async, split cores (A = 1)", async_),
     ]:
         row = where[label]
         for col, key in [
@@ -149,7 +149,7 @@ def check_report(results_dir: str):
             assert_shows(row[col], column(group, key))
 
     speed = table(tables, "Table 1b")
-    row = speed["async, split cores (N = 1)"]
+    row = speed["async, split cores (A = 1)"]
     assert_shows(row["speedup over sync, per step (×)"], paired(async_, sync, lambda a, s: s["step"] / a["step"]))
     assert_shows(row["speedup over sync, wall time (×)"], paired(async_, sync, lambda a, s: s["wall"] / a["wall"]))
     assert_shows(
@@ -161,17 +161,17 @@ def check_report(results_dir: str):
     assert row["beats sync, split cores?"].startswith("yes" if expected_verdict(async_, sync) else "**NO**")
     assert row["beats sync, shared cores?"].startswith("yes" if expected_verdict(async_, shared) else "**NO**")
     assert_shows(
-        speed["sync, shared cores (N = 0, --cpu_share_cores)"]["speedup over sync, wall time (×)"],
+        speed["sync, shared cores (A = 0, --cpu_share_cores)"]["speedup over sync, wall time (×)"],
         paired(shared, sync, lambda a, s: s["wall"] / a["wall"]),
     )
 
     staleness = table(tables, "Table 2")
     n_values = sorted(
-        int(key.removeprefix("async_N")) for key in runs if key.startswith("async_N") and not key.endswith("_k4")
+        int(key.removeprefix("async_A")) for key in runs if key.startswith("async_A") and not key.endswith("_k4")
     )
     assert list(staleness) == ["0 (sync)", *map(str, n_values)]
     for n in n_values:
-        row, group = staleness[str(n)], runs[f"async_N{n}"]
+        row, group = staleness[str(n)], runs[f"async_A{n}"]
         for col, key in [
             ("final gold reward", "reward"),
             ("final KL", "kl"),
@@ -186,7 +186,7 @@ def check_report(results_dir: str):
     assert_shows(staleness["0 (sync)"]["log-prob gap (per token)"], column(sync, "gap"))
 
     num_samples = table(tables, "Table 3")
-    four = runs["async_N1_k4"]
+    four = runs["async_A1_k4"]
     two = [r for r in async_ if r["seed"] in {x["seed"] for x in four}]
     for k, group in (("2", two), ("4", four)):
         for col, key in [
@@ -240,7 +240,7 @@ def test_report_is_rebuilt_from_raw_alone(results_dir, tmp_path):
     # A second seed for sync and async, made from the first with other times and rewards.
     record_file = os.path.join(copy, "raw", "benchmark.json")
     record = json.load(open(record_file))
-    for run in [r for r in record["runs"] if r["name"] in ("sync", "async_N1")]:
+    for run in [r for r in record["runs"] if r["name"] in ("sync", "async_A1")]:
         folder = os.path.join(copy, run["folder"])
         new_folder = folder.replace("__1__", "__2__")
         shutil.copytree(folder, new_folder)
@@ -268,8 +268,8 @@ def test_report_is_rebuilt_from_raw_alone(results_dir, tmp_path):
     result = benchmark("--report_only", "--results_dir", copy)
     assert result.returncode == 0, result.stderr[-3000:]
     tables = check_report(copy)
-    assert table(tables, "Table 1a")["sync, split cores (N = 0)"]["seeds"] == "1, 2"
-    assert " ± " in table(tables, "Table 1a")["sync, split cores (N = 0)"]["wall time (s)"]
+    assert table(tables, "Table 1a")["sync, split cores (A = 0)"]["seeds"] == "1, 2"
+    assert " ± " in table(tables, "Table 1a")["sync, split cores (A = 0)"]["wall time (s)"]
 
 
 def test_a_failed_run_stops_the_benchmark_loudly(tmp_path):

@@ -43,3 +43,33 @@ def test_the_builtin_sizes_have_the_parameters_they_are_named_for():
         config = LlamaConfig(vocab_size=29, max_position_embeddings=64, tie_word_embeddings=False, **size)
         counts[name] = sum(p.numel() for p in LlamaForCausalLM(config).parameters()) / 1e6
     assert counts == pytest.approx({"3m": 2.7, "10m": 10.6, "30m": 29.0}, abs=0.05)
+
+
+def test_the_kl_of_an_evaluation_is_the_sampling_policys_log_ratio_to_the_reference():
+    """measure_kl: mean over prompts of Σ_t log π_v - log π_ref of the sampled completion. A policy that is the
+    reference gives 0; one whose log-probs are higher by 0.1 per token gives 0.1 per token, averaged over prompts.
+    An evaluation kept by an older version's checkpoint has no samples: its KL is left unknown."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    ref = LlamaForCausalLM(config).eval()
+    args = A.Args(temperature=0.7, micro_batch_size=1)  # two completions a forward pass: more than one chunk
+    prompts, sampled = [[3, 4], [5], [6, 7, 8]], [[9, 1], [2, 3, 4], [5]]
+    ids, mask = A.pad_batch(prompts, sampled)
+    ref_token_logps = A.token_logprobs(ref, ids, mask, 3, 0.7)
+    own = [ref_token_logps[i, : len(r)].tolist() for i, r in enumerate(sampled)]
+    evals = [
+        {"version": 0, "prompt_ids": prompts, "sampled_ids": sampled, "sampled_logprobs": own},
+        {
+            "version": 1,
+            "prompt_ids": prompts,
+            "sampled_ids": sampled,
+            "sampled_logprobs": [[x + 0.1 for x in r] for r in own],
+        },
+        {"version": 2, "prompt_ids": prompts, "response_ids": sampled},  # an older version's: greedy completions only
+    ]
+    A.measure_kl(args, ref, evals, torch.device("cpu"))
+    assert abs(evals[0]["kl"]) < 1e-5
+    assert evals[1]["kl"] == pytest.approx(0.1 * (2 + 3 + 1) / 3, abs=1e-5)
+    assert "kl" not in evals[2]
