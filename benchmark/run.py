@@ -115,16 +115,27 @@ def write_json(path: str, data: dict):
         json.dump(data, f, indent=2)
 
 
-def run_benchmark(args: Args, mode_name: str):
-    mode = MODES[mode_name]
-    cache_dir = os.path.abspath(args.cache_dir)
-    raw = os.path.join(args.results_dir, "raw")
-    logs = os.path.join(args.results_dir, "logs")
+def new_record(results_dir: str, mode_name: str, mode: dict, record_name: str, resume=False, **more) -> dict:
+    """Make results_dir/raw and results_dir/logs, refusing a folder that holds runs already, and start the record of
+    what runs: the command, date, machine, packages and mode, and each run once it has run. With resume, go on with
+    the record found there instead: run_in_turn then skips the runs it lists."""
+    raw = os.path.join(results_dir, "raw")
+    path = os.path.join(raw, record_name)
+    if resume:
+        if not os.path.exists(path):
+            sys.exit(f"error: --resume found no {path}; leave --resume out to start a new study there.")
+        with open(path) as f:
+            record = json.load(f)
+        if record["mode"] != mode_name:
+            sys.exit(f"error: {path} is a {record['mode']} study; give the same mode flag as it was started with.")
+        record.setdefault("resumed", []).append(time.strftime("%Y-%m-%d %H:%M %Z"))
+        return record
     if os.path.exists(raw) and os.listdir(raw):
-        sys.exit(f"error: {raw} already holds runs; give a new --results_dir, delete it, or add --report_only.")
+        sys.exit(
+            f"error: {raw} already holds runs; give a new --results_dir, delete it, add --resume, or --report_only."
+        )
     os.makedirs(raw, exist_ok=True)
-    os.makedirs(logs, exist_ok=True)
-    start = time.time()
+    os.makedirs(os.path.join(results_dir, "logs"), exist_ok=True)
     record = {
         "command": shlex.join(["python", *sys.argv]),
         "mode": mode_name,
@@ -132,9 +143,42 @@ def run_benchmark(args: Args, mode_name: str):
         "machine": describe_machine(),
         "packages": versions("torch", "vllm", "transformers"),
         "mode_config": mode,
-        "throughput": {},
-        "runs": [],
     }
+    return record | more | {"runs": []}
+
+
+def run_in_turn(runs: list[dict], base_cmd, results_dir: str, record: dict, record_name: str):
+    """Run each training run that the record does not list yet, one at a time: base_cmd(run) is its command line, to
+    which the seed, the name and the folders are added. Its folder (less the trained model) and timing go into the
+    record, saved after each run."""
+    raw, logs = os.path.join(results_dir, "raw"), os.path.join(results_dir, "logs")
+    start = time.time() - record.get("seconds", 0.0)
+    done = {(r["name"], r["seed"]) for r in record["runs"]}
+    for i, run in enumerate(runs, 1):
+        name = f"{run['name']}__{run['seed']}"
+        if (run["name"], run["seed"]) in done:
+            continue
+        for partial in glob.glob(os.path.join(raw, f"{name}__*")):  # left by an interrupted run
+            shutil.rmtree(partial)
+        cmd = [*base_cmd(run), "--seed", str(run["seed"]), "--exp_name", run["name"], "--output_dir", raw]
+        print(f"[{i}/{len(runs)}] {run['name']} seed {run['seed']}: {shlex.join(cmd[1:])}", flush=True)
+        timing = execute(cmd, f"{logs}/{name}.log")
+        (folder,) = glob.glob(os.path.join(raw, f"{name}__*"))
+        shutil.rmtree(os.path.join(folder, "model"), ignore_errors=True)  # the trained weights: ~40 MB a run, unused
+        record["runs"].append(run | {"folder": os.path.relpath(folder, results_dir)} | timing)
+        record["seconds"] = time.time() - start
+        write_json(os.path.join(raw, record_name), record)
+        print(f"    done in {timing['seconds']:.0f}s; {record['seconds'] / 60:.1f} min so far", flush=True)
+        if timing["other_cores"] > 0.1:
+            busy = f"other processes kept {timing['other_cores']:.2f} cores busy during this run"
+            print(f"    warning: {busy}; its timings are off", flush=True)
+
+
+def run_benchmark(args: Args, mode_name: str):
+    mode = MODES[mode_name]
+    cache_dir = os.path.abspath(args.cache_dir)
+    record = new_record(args.results_dir, mode_name, mode, "benchmark.json", throughput={})
+    raw, logs = os.path.join(args.results_dir, "raw"), os.path.join(args.results_dir, "logs")
 
     # Throughput first: it also builds the warm-started model and vLLM's caches, so that no timed run
     # pays for them. Each engine runs in its own process.
@@ -146,22 +190,17 @@ def run_benchmark(args: Args, mode_name: str):
         record["throughput"][engine] = {"file": os.path.relpath(out, args.results_dir), **timing}
     write_json(os.path.join(raw, "benchmark.json"), record)
 
-    runs = plan(mode)
-    for i, run in enumerate(runs, 1):
-        name = f"{run['name']}__{run['seed']}"
-        cmd = [sys.executable, os.path.join(ROOT, run["script"]), *mode["flags"], *run["flags"]]
-        cmd += ["--seed", str(run["seed"]), "--exp_name", run["name"], "--output_dir", raw, "--cache_dir", cache_dir]
-        print(f"[{i}/{len(runs)}] {run['name']} seed {run['seed']}: {shlex.join(cmd[1:])}", flush=True)
-        timing = execute(cmd, f"{logs}/{name}.log")
-        (folder,) = glob.glob(os.path.join(raw, f"{name}__*"))
-        shutil.rmtree(os.path.join(folder, "model"), ignore_errors=True)  # the trained weights: ~40 MB a run, unused
-        record["runs"].append(run | {"folder": os.path.relpath(folder, args.results_dir)} | timing)
-        record["seconds"] = time.time() - start
-        write_json(os.path.join(raw, "benchmark.json"), record)
-        print(f"    done in {timing['seconds']:.0f}s; {record['seconds'] / 60:.1f} min so far", flush=True)
-        if timing["other_cores"] > 0.1:
-            busy = f"other processes kept {timing['other_cores']:.2f} cores busy during this run"
-            print(f"    warning: {busy}; its timings are off", flush=True)
+    def base_cmd(run: dict) -> list[str]:
+        return [
+            sys.executable,
+            os.path.join(ROOT, run["script"]),
+            *mode["flags"],
+            *run["flags"],
+            "--cache_dir",
+            cache_dir,
+        ]
+
+    run_in_turn(plan(mode), base_cmd, args.results_dir, record, "benchmark.json")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ policy sizes, and what its two compute optimizations cost.
     python benchmark/study.py                # full: 2 seeds, 64 updates a run, 34 runs (about 90 min on 2 CPU cores)
     python benchmark/study.py --quick        # 1 seed, 24 updates, N in {1, 8}, sizes 3m and 10m (under 15 min)
     python benchmark/study.py --tiny         # seconds a run, for CI (tests/test_study.py)
+    python benchmark/study.py --resume       # go on with an interrupted study: its finished runs are kept
     python benchmark/study.py --report_only  # rebuild results.md, results.json and the plots from raw/
 
 Every run is sync_baseline.py with the paper's N (--batches_per_round N): one policy version samples N batches,
@@ -12,21 +13,17 @@ time, the machine and versions recorded, every number kept with the file it came
 the run folders alone. README.md, section "The off-policy study", says what each experiment tests.
 """
 
-import glob
 import json
 import math
 import os
-import shlex
-import shutil
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 
 import tyro
 
 import plots
-from run import ROOT, cell, describe_machine, execute, load_runs, markdown, per_run, render, table, versions, write_json
+from run import ROOT, cell, load_runs, markdown, new_record, per_run, render, run_in_turn, table, write_json
 
 
 @dataclass
@@ -39,6 +36,8 @@ class Args:
     """a smaller study that finishes in under 15 minutes on 2 cores"""
     tiny: bool = False
     """seconds a run: checks that everything works (CI), measures nothing"""
+    resume: bool = False
+    """go on with an interrupted study in --results_dir: the runs its raw/study.json lists are kept, the others run"""
     report_only: bool = False
     """run nothing: rebuild results.md, results.json and the plots from the runs in --results_dir/raw"""
 
@@ -85,37 +84,13 @@ def plan(mode: dict) -> list[dict]:
 def run_study(args: Args, mode_name: str):
     mode = MODES[mode_name]
     cache_dir = os.path.abspath(args.cache_dir)
-    raw, logs = os.path.join(args.results_dir, "raw"), os.path.join(args.results_dir, "logs")
-    if os.path.exists(raw) and os.listdir(raw):
-        sys.exit(f"error: {raw} already holds runs; give a new --results_dir, delete it, or add --report_only.")
-    os.makedirs(raw, exist_ok=True)
-    os.makedirs(logs, exist_ok=True)
-    start = time.time()
-    record = {
-        "command": shlex.join(["python", *sys.argv]),
-        "mode": mode_name,
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": describe_machine(),
-        "packages": versions("torch", "vllm", "transformers"),
-        "mode_config": mode,
-        "runs": [],
-    }
-    runs = plan(mode)
-    for i, run in enumerate(runs, 1):
-        name = f"{run['name']}__{run['seed']}"
+    record = new_record(args.results_dir, mode_name, mode, "study.json", resume=args.resume)
+
+    def base_cmd(run: dict) -> list[str]:
         cmd = [sys.executable, os.path.join(ROOT, "sync_baseline.py"), "--batch_size", str(mode["batch_size"])]
-        cmd += [*mode["flags"].split(), *run["flags"]]
-        cmd += ["--seed", str(run["seed"]), "--exp_name", run["name"], "--output_dir", raw, "--cache_dir", cache_dir]
-        print(f"[{i}/{len(runs)}] {run['name']} seed {run['seed']}", flush=True)
-        timing = execute(cmd, f"{logs}/{name}.log")
-        (folder,) = glob.glob(os.path.join(raw, f"{name}__*"))
-        shutil.rmtree(os.path.join(folder, "model"), ignore_errors=True)  # the trained weights: unused here
-        record["runs"].append(run | {"folder": os.path.relpath(folder, args.results_dir)} | timing)
-        record["seconds"] = time.time() - start
-        write_json(os.path.join(raw, "study.json"), record)
-        print(f"    done in {timing['seconds']:.0f}s; {record['seconds'] / 60:.1f} min so far", flush=True)
-        if timing["other_cores"] > 0.1:
-            print(f"    warning: other processes kept {timing['other_cores']:.2f} cores busy; its timings are off")
+        return [*cmd, *mode["flags"].split(), *run["flags"], "--cache_dir", cache_dir]
+
+    run_in_turn(plan(mode), base_cmd, args.results_dir, record, "study.json")
 
 
 # ----------------------------------------------------------------------------------------------------
