@@ -45,11 +45,12 @@ class Args:
 
 # ----------------------------------------------------------------------------------------------------
 # What to run: a mode's seeds, the --async_steps A of experiment 2, the flags of every run and those of throughput.py.
-# Every run uses the scripts' defaults (the built-in task and model, 64 prompts a batch, k = 2) except
-# for these flags and its own.
+# Every run uses the scripts' defaults (the built-in task and model, 64 prompts a batch) with k = 2 samples per
+# prompt, named so that experiment 3's k = 4 run differs from the others in k alone, plus these flags and its own.
 def mode(seeds: list[int], staleness: list[int], flags: str, throughput_flags: str) -> dict:
     assert 1 in staleness, "A = 1 is also the async run of experiment 1"
-    return dict(seeds=seeds, staleness=staleness, flags=flags.split(), throughput_flags=throughput_flags.split())
+    flags = ["--num_samples", "2", *flags.split()]
+    return dict(seeds=seeds, staleness=staleness, flags=flags, throughput_flags=throughput_flags.split())
 
 
 TINY = "--num_steps 4 --batch_size 8 --micro_batch_size 4 --eval_every 2 --eval_prompts 16 --sft_steps 30"

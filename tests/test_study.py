@@ -209,3 +209,30 @@ def test_rloo_off_policy_has_a_ratio_away_from_1_and_on_policy_does_not(results_
     # The KL is the sampling policy's to the reference: version 0 is the reference, so float error; later, not.
     assert abs(evals[0]["eval/kl"]) < 1e-4 and abs(steps[0]["objective/kl"]) < 1e-4
     assert max(e["eval/kl"] for e in evals) > 1e-3
+
+
+def test_an_interrupted_study_resumes_with_only_its_missing_run(results_dir, cache_dir, tmp_path):
+    """A full study takes over an hour: --resume keeps the runs study.json lists, deletes what an interrupted run
+    left, and runs only the missing ones."""
+    copy = str(tmp_path / "results")
+    shutil.copytree(results_dir, copy)
+    record_path = os.path.join(copy, "raw", "study.json")
+    record = json.load(open(record_path))
+    *kept_runs, last = record["runs"]
+    os.remove(os.path.join(copy, last["folder"], "summary.json"))  # as if killed before its end
+    json.dump(record | {"runs": kept_runs}, open(record_path, "w"))
+    before = {r["folder"]: os.path.getmtime(os.path.join(copy, r["folder"], "metrics.jsonl")) for r in kept_runs}
+    result = benchmark("--tiny", "--resume", "--results_dir", copy, "--cache_dir", cache_dir, script=STUDY_PY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("done in") == 1 and last["name"] in result.stdout
+    resumed = json.load(open(record_path))
+    assert [(r["name"], r["seed"]) for r in resumed["runs"]] == [(r["name"], r["seed"]) for r in record["runs"]]
+    assert len(resumed["resumed"]) == 1
+    for folder, mtime in before.items():
+        assert os.path.getmtime(os.path.join(copy, folder, "metrics.jsonl")) == mtime
+    assert len(glob.glob(os.path.join(copy, "raw", f"{last['name']}__{last['seed']}__*"))) == 1
+    check_report(copy)
+
+    empty = str(tmp_path / "empty")
+    result = benchmark("--tiny", "--resume", "--results_dir", empty, script=STUDY_PY, timeout=60)
+    assert result.returncode != 0 and "--resume found no" in result.stderr
