@@ -145,7 +145,9 @@ def new_record(results_dir: str, mode_name: str, mode: dict, record_name: str, r
         "packages": versions("torch", "vllm", "transformers"),
         "mode_config": mode,
     }
-    return record | more | {"runs": []}
+    record |= more | {"runs": []}
+    write_json(path, record)  # at once: a study interrupted in its first run can then be resumed
+    return record
 
 
 def run_in_turn(runs: list[dict], base_cmd, results_dir: str, record: dict, record_name: str):

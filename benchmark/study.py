@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import tyro
 
 import plots
-from run import ROOT, cell, load_runs, markdown, new_record, per_run, render, run_in_turn, table, write_json
+from run import ROOT, cell, execute, load_runs, markdown, new_record, per_run, render, run_in_turn, table, write_json
 
 
 @dataclass
@@ -85,6 +85,13 @@ def run_study(args: Args, mode_name: str):
     mode = MODES[mode_name]
     cache_dir = os.path.abspath(args.cache_dir)
     record = new_record(args.results_dir, mode_name, mode, "study.json", resume=args.resume)
+
+    # Each size's warm-started model is built (or found in the cache) first, so that no run's wall time includes it.
+    for size in mode["sizes"]:
+        code = "import sys, tyro, async_online_dpo as A; A.warm_start(tyro.cli(A.Args, args=sys.argv[1:]))"
+        flags = [*mode["flags"].split(), "--model_size", size, "--cache_dir", cache_dir]
+        print(f"warm start: {size} ...", flush=True)
+        execute([sys.executable, "-c", code, *flags], os.path.join(args.results_dir, "logs", f"warm_start_{size}.log"))
 
     def base_cmd(run: dict) -> list[str]:
         cmd = [sys.executable, os.path.join(ROOT, "sync_baseline.py"), "--batch_size", str(mode["batch_size"])]
@@ -291,6 +298,8 @@ def make_report(results_dir: str):
 
     machine, packages = record["machine"], record["packages"]
     took = f" (took {record['seconds'] / 60:.1f} min)" if "seconds" in record else ""
+    if record.get("resumed"):
+        took += f", interrupted and resumed with `--resume` on {', '.join(record['resumed'])}"
     other = [r["other_cores"] for r in record["runs"]]
     claim_lines = "\n".join(f"{i}. {claim}: {v}." for i, (claim, v) in enumerate(claims, 1))
     text = f"""# The off-policy study
