@@ -1,7 +1,7 @@
 """The paper's off-policy study on the built-in task: how much off-policy data each loss tolerates, at three
 policy sizes, and what its two compute optimizations cost.
 
-    python benchmark/study.py                # full: 2 seeds, 64 updates a run, 34 runs (about 90 min on 2 CPU cores)
+    python benchmark/study.py                # full: 2 seeds, 64 updates a run, 34 runs (about 100 min on 2 CPU cores)
     python benchmark/study.py --quick        # 1 seed, 24 updates, N in {1, 8}, sizes 3m and 10m (under 15 min)
     python benchmark/study.py --tiny         # seconds a run, for CI (tests/test_study.py)
     python benchmark/study.py --resume       # go on with an interrupted study: its finished runs are kept
