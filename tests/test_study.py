@@ -168,7 +168,9 @@ def test_tiny_study_tables_and_verdicts_match_raw_metrics(results_dir):
     assert "study.py --tiny" in text and "GiB RAM" in text and "vllm 0.32" in text
     results = json.load(open(os.path.join(results_dir, "results.json")))
     assert len(results["claims"]) == 3 and all(row for t in results["tables"] for row in t["rows"])
-    assert len(glob.glob(os.path.join(results_dir, "logs", "*.log"))) == len(results["study"]["runs"])
+    logs = {os.path.basename(path) for path in glob.glob(os.path.join(results_dir, "logs", "*.log"))}
+    runs, sizes = results["study"]["runs"], results["study"]["mode_config"]["sizes"]
+    assert logs == {f"{r['name']}__{r['seed']}.log" for r in runs} | {f"warm_start_{size}.log" for size in sizes}
     for name in PLOTS:
         assert f"({name})" in text
         pixels = matplotlib.image.imread(os.path.join(results_dir, name))
