@@ -133,7 +133,8 @@ def new_record(results_dir: str, mode_name: str, mode: dict, record_name: str, r
         return record
     if os.path.exists(raw) and os.listdir(raw):
         sys.exit(
-            f"error: {raw} already holds runs; give a new --results_dir, delete it, add --resume, or --report_only."
+            f"error: {raw} already holds runs; give a new --results_dir, delete it, or add --report_only"
+            + (" or --resume." if record_name == "study.json" else ".")
         )
     os.makedirs(raw, exist_ok=True)
     os.makedirs(os.path.join(results_dir, "logs"), exist_ok=True)
