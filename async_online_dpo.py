@@ -29,14 +29,12 @@ import queue
 import random
 import shutil
 import signal
-import socket
 import sys
-import threading
 import time
 import traceback
 import warnings
 from collections import defaultdict, deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from typing import Literal
 
@@ -148,7 +146,8 @@ class Args:
 
     # --- hardware
     trainer_ranks: int = 1
-    """R, data-parallel trainer processes: on GPUs 1..R (GPU 0 is the generator's), or on CPU cores"""
+    """R, data-parallel trainer ranks on this machine, on GPUs 1..R (GPU 0 is the generator's) or CPU cores; under
+    torchrun, the ranks it started (README: several machines)"""
     fsdp: bool = False
     """shard weights, gradients and Adam state over the ranks with FSDP2 (when they don't fit one GPU)"""
     bf16: bool = False
@@ -273,12 +272,12 @@ def sampler_gap(token_logps, response_mask, sampler_logps: list[list[float]], ro
 def pad_batch(prompts: list[list[int]], responses: list[list[int]]):
     """Token lists -> (B, P + R) ids and attention mask, prompts padded on the left and responses on the right, so
     every response starts in column P. Pad id 0 is masked out (a pad id past the vocabulary fails on GPUs)."""
-    P, R = max(map(len, prompts)), max(map(len, responses))
-    ids = torch.zeros(len(prompts), P + R, dtype=torch.long)
+    prompt_width, response_width = max(map(len, prompts)), max(map(len, responses))
+    ids = torch.zeros(len(prompts), prompt_width + response_width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        mask[i, P - len(p) : P + len(r)] = 1
+        ids[i, prompt_width - len(p) : prompt_width + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        mask[i, prompt_width - len(p) : prompt_width + len(r)] = 1
     return ids, mask
 
 
@@ -322,14 +321,67 @@ def load_weights_into_vllm(llm, weights: list):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The generator process. It owns vLLM. Two queues, a snapshot slot and one stop signal connect it to the trainer:
-#   samples_queue  generator -> trainer  "ready" once vLLM is up, then one batch per step, tagged with the
-#                                        version that sampled it, each evaluation once made, and "done"
-#   weights_queue  trainer -> generator  {"version", "snapshot", "probe"}: the policy after an update, packed
+# The generator process. It owns vLLM. Two queues, a snapshot slot and one stop signal connect it to rank 0:
+#   samples_queue  generator -> trainer  Ready once vLLM is up, then a Batch per step, each Evaluation once made,
+#                                        and Done; or GeneratorFailed, with its traceback
+#   weights_queue  trainer -> generator  a Snapshot: the policy after an update, packed, with a Probe to check it by
 #   snapshot_free  released by the generator when it is done with a snapshot; the trainer takes it before
 #                  making the next, so one snapshot at most is in memory
 #   stop           set by the trainer when it is done or has failed
-#
+@dataclass
+class Batch:
+    version: int  # the policy version that sampled it
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # the k completions of a prompt side by side
+    logprobs: list[list[float]]  # vLLM's log-prob of each sampled token
+    spans: list[tuple]  # (what, start, end) of the generator's work since the last batch, for the timeline
+    checks: list[tuple[int, float]]  # (version, probe gap) of each snapshot it loaded since
+    evals: list["Evaluation"] = field(default_factory=list)  # those received before it, logged with it
+
+
+@dataclass
+class Evaluation:
+    version: int
+    prompts: list[str]  # the held-out prompts
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # greedy, for the gold reward
+    sampled_ids: list[list[int]] | None = None  # one sample each, as in training, for the KL (an older
+    sampled_logprobs: list[list[float]] | None = None  # checkpoint's evaluation may have none)
+    kl: float = float("nan")  # measured by the trainer: measure_kl
+
+
+@dataclass
+class Probe:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]  # the trainer's, at temperature 1 (see make_probe)
+
+
+@dataclass
+class Snapshot:
+    version: int
+    weights: tuple  # (one flat tensor, [(name, shape, offset)]): see pack_weights
+    probe: Probe
+
+
+@dataclass
+class Ready:
+    """vLLM is up and has sized its KV cache: on a shared GPU, the trainer may now allocate."""
+
+
+@dataclass
+class Done:
+    spans: list[tuple]
+    checks: list[tuple[int, float]]
+    evals: list[Evaluation] = field(default_factory=list)  # the final policy's among them
+
+
+@dataclass
+class GeneratorFailed:
+    traceback: str
+
+
 # Sync, async and the paper's off-policy study differ in one rule: batch i is sampled by policy version
 # max(0, N·(i // N - A)). One version samples a round of N = --batches_per_round batches in a row (the paper's
 # N), and the generator may run A = --async_steps rounds ahead. With N = 1 and A = 1 (the defaults) it samples
@@ -360,7 +412,17 @@ def evaluated(args: Args, version: int) -> bool:
 
 
 def generator(
-    *, args, model_path, start_version, first_batch, max_model_len, weights_queue, snapshot_free, samples_queue, stop
+    *,
+    args,
+    model_path,
+    start_version,
+    first_batch,
+    prompts,
+    max_model_len,
+    weights_queue,
+    snapshot_free,
+    samples_queue,
+    stop,
 ):
     """Sample batches first_batch, first_batch + 1, ... with vLLM in its own process, starting from the policy
     version saved at model_path (0, or a checkpoint's when resuming), as generator_process sets it up."""
@@ -377,18 +439,17 @@ def generator(
         logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
     )
-    samples_queue.put({"ready": True})  # vLLM has sized its KV cache: the trainer may now use this GPU too
+    samples_queue.put(Ready())
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_prompts, eval_prompts, _ = load_prompts(args)
+    train_prompts, eval_prompts = prompts
     eval_prompt_ids = tokenize(tokenizer, eval_prompts)
     version = start_version
-    # Sent with the next batch: (what, start, end) in seconds since the epoch, and the weight-sync checks.
-    spans, checks = [], []
+    spans, checks = [], []  # sent with the next batch: see Batch
 
-    def generate(prompt_ids, temperature, n, seed, max_tokens, with_logprobs):
+    def generate(prompt_ids, *, temperature, n, seed, max_tokens, with_logprobs):
         # One seed per prompt: what a prompt samples depends only on the weights and its seed. The prompts go
         # in as token ids, the ones the trainer uses, so vLLM adds no special tokens of its own.
-        logprobs = 0 if with_logprobs else None  # 0: the log-prob of the sampled token alone
+        logprobs = SAMPLED_TOKEN_ONLY if with_logprobs else None
         params = [
             SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed + j, logprobs=logprobs)
             for j in range(len(prompt_ids))
@@ -401,12 +462,18 @@ def generator(
     def evaluate():
         t = time.time()
         length = args.eval_response_length or args.response_length
-        response_ids, _ = generate(eval_prompt_ids, 0.0, 1, 0, length, with_logprobs=False)  # greedy, for the gold
+        greedy, _ = generate(eval_prompt_ids, temperature=0.0, n=1, seed=0, max_tokens=length, with_logprobs=False)
         # One sample per prompt as training samples, for the trainer's KL of this version to the reference.
-        sampled_ids, sampled_logps = generate(eval_prompt_ids, args.temperature, 1, 0, args.response_length, True)
-        e = {"version": version, "prompts": eval_prompts, "prompt_ids": eval_prompt_ids, "response_ids": response_ids}
-        e |= {"sampled_ids": sampled_ids, "sampled_logprobs": sampled_logps}
-        samples_queue.put({"evals": [e]})  # at once, not with the next batch: a checkpoint may need it first
+        sampled_ids, sampled_logps = generate(
+            eval_prompt_ids,
+            temperature=args.temperature,
+            n=1,
+            seed=0,
+            max_tokens=args.response_length,
+            with_logprobs=True,
+        )
+        e = Evaluation(version, eval_prompts, eval_prompt_ids, greedy, sampled_ids, sampled_logps)
+        samples_queue.put(e)  # at once, not with the next batch: a checkpoint may need it first
         spans.append(("eval", t, time.time()))
 
     def take_weights(target: int):
@@ -417,12 +484,12 @@ def generator(
             t = time.time()
             snapshot = next_snapshot(weights_queue, stop)
             spans.append(("wait", t, time.time()))
-            version = snapshot["version"]
+            version = snapshot.version
             if version == target or evaluated(args, version):
                 t = time.time()
-                load_weights_into_vllm(llm, unpack_weights(*snapshot["snapshot"]))
-                if snapshot["probe"]["response_ids"]:  # empty when every completion was a lone EOS
-                    checks.append((version, probe_gap(llm, snapshot["probe"])))
+                load_weights_into_vllm(llm, unpack_weights(*snapshot.weights))
+                if snapshot.probe.response_ids:  # empty when every completion was a lone EOS
+                    checks.append((version, probe_gap(llm, snapshot.probe)))
                 spans.append(("load", t, time.time()))
             del snapshot  # the trainer's memory: let go of it before the trainer may make the next
             snapshot_free.release()
@@ -435,57 +502,117 @@ def generator(
         stop_if_trainer_stopped(stop)
         take_weights(sampling_version(args, index))
         t = time.time()
-        prompts = batch_prompts(args, train_prompts, index)
-        prompt_ids = tokenize(tokenizer, prompts)
+        batch_texts = batch_prompts(args, train_prompts, index)
+        prompt_ids = tokenize(tokenizer, batch_texts)
         seed = (args.seed * MAX_BATCHES + index) * args.batch_size
-        response_ids, logps = generate(prompt_ids, args.temperature, args.num_samples, seed, args.response_length, True)
+        response_ids, logps = generate(
+            prompt_ids,
+            temperature=args.temperature,
+            n=args.num_samples,
+            seed=seed,
+            max_tokens=args.response_length,
+            with_logprobs=True,
+        )
         spans.append(("generate", t, time.time()))
-        batch = {"version": version, "prompts": prompts, "prompt_ids": prompt_ids, "response_ids": response_ids}
-        samples_queue.put(batch | {"logprobs": logps, "spans": spans, "checks": checks})
+        samples_queue.put(Batch(version, batch_texts, prompt_ids, response_ids, logps, spans, checks))
         spans, checks = [], []  # new lists: the queue pickles the old ones in the background
     take_weights(args.num_steps)  # the final policy, for the last evaluation
-    samples_queue.put({"done": True, "spans": spans, "checks": checks})
+    samples_queue.put(Done(spans, checks))
+
+
+# vLLM's `logprobs` setting for the log-prob of the sampled token alone (n > 0 adds the n likeliest tokens too).
+SAMPLED_TOKEN_ONLY = 0
 
 
 # ----------------------------------------------------------------------------------------------------
-# The trainer. R ranks split every batch (data parallel). Rank 0 is the process you started: it also trades
-# batches and weights with the generator (`link`) and writes the run folder (`run`); the others get None.
-def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores: list[int], run=None, link=None):
-    world = args.trainer_ranks
+# The weight-sync check. Each time vLLM loads pushed weights it scores a probe completion, whose log-probs the
+# trainer computed with those weights; and at lag 0 the trainer's log-probs of a batch's tokens must be vLLM's.
+# Where they differ by more than float error, vLLM is not serving what was pushed, and training on its samples
+# would be wrong without a sign: the run stops.
+def make_probe(policy, batch: Batch, k: int, device, bf16: bool) -> Probe:
+    """The new policy's log-probs of the batch's longest completion, which the generator compares with vLLM's
+    once it has loaded these weights (at temperature 1: vLLM's prompt log-probs skip temperature). Its last
+    token is left out: vLLM needs room for one more in the context."""
+    j = max(range(len(batch.response_ids)), key=lambda j: len(batch.response_ids[j]))
+    prompt_ids, response_ids = batch.prompt_ids[j // k], batch.response_ids[j][:-1]
+    ids, mask = (t.to(device) for t in pad_batch([prompt_ids], [response_ids]))
+    width = len(response_ids)  # 0 when every completion was a lone EOS: nothing to probe
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logprobs = token_logprobs(policy, ids, mask, width, 1.0)[0].tolist() if width else []
+    return Probe(prompt_ids, response_ids, logprobs)
+
+
+def probe_gap(llm, probe: Probe) -> float:
+    """Mean |log π_trainer - log π_vLLM| over the probe completion's tokens, vLLM's from the weights just loaded."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=SAMPLED_TOKEN_ONLY)
+    (output,) = llm.generate(
+        [TokensPrompt(prompt_token_ids=probe.prompt_ids + probe.response_ids)], params, use_tqdm=False
+    )
+    logps = sampled_logprobs(probe.response_ids, output.prompt_logprobs[len(probe.prompt_ids) :])
+    return sum(abs(a - b) for a, b in zip(logps, probe.logprobs)) / len(probe.response_ids)
+
+
+def check_weight_sync(gap: float, tolerance: float, version: int, probe: bool = False):
+    """Stop the run where vLLM and the trainer should agree on log-probs up to float error, but don't: on a batch
+    sampled by the weights the trainer holds (lag 0), or on the probe after vLLM loaded pushed weights."""
+    what = f"batch {version} was sampled by policy version {version}, the very weights the trainer holds, yet "
+    what += "vLLM's log-probs of its tokens"
+    if probe:
+        what = f"after loading policy version {version}, vLLM's log-probs of the probe completion"
+    if gap > tolerance:
+        raise WeightSyncError(
+            f"the weight sync is broken: {what} differ from the trainer's by {gap:.3g} per token on average, more "
+            f"than --logprob_gap_tolerance {tolerance:g}; vLLM is not serving the pushed weights."
+        )
+
+
+def check_reloads(checks: list[tuple[int, float]], tolerance: float):
+    """The generator's (version, probe gap) of each snapshot it loaded. A sync run also checks each push at lag 0."""
+    for version, gap in checks:
+        check_weight_sync(gap, tolerance, version, probe=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer. R ranks split every batch (data parallel). Rank 0 also trades batches and weights with the
+# generator (`link`) and writes the run folder (`run`); the other ranks have neither.
+def train(args: Args, rank: int, device, base_model: str, policy_path: str, state: dict, run=None, link=None):
+    world, is_rank_0 = args.trainer_ranks, rank == 0
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = set_up_rank(args, rank, cores, link)  # its GPU or CPU cores, and the process group of the ranks
 
-    # The models: the policy, which is trained, and the frozen reference, where it started (each rank holds 1/R of
-    # both under FSDP2), and the reward; the policy starts from the checkpoint on resume.
+    # The models: the policy, which is trained (from the checkpoint on resume), and the frozen reference, where it
+    # started (each rank holds 1/R of both under FSDP2), and the reward.
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     eos_ids = stop_token_ids(base_model, tokenizer)
-    policy, forward, ref_policy = load_policies(args, base_model, checkpoint, device)  # forward: DDP's, or FSDP's
+    policy, distributed_policy, ref_policy = load_policies(args, base_model, policy_path, device)
     reward_fn = load_reward(args, args.reward_model_path, device, tokenizer, eos_ids)  # each rank scores its share
-    if run:  # rank 0 scores the generator's evaluations, with the gold reward model if there is one
+    if is_rank_0:  # rank 0 scores the generator's evaluations, with the gold reward model if there is one
         gold_path = args.gold_reward_model_path
         run.gold_fn = load_reward(args, gold_path, device, tokenizer, eos_ids) if gold_path else reward_fn
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
     updates = args.num_steps * args.updates_per_batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1 - update / updates)
-    start = restore_checkpoint(args, checkpoint, policy, optimizer, scheduler)  # the version to start from: 0 if new
-    if link:
-        link.wait_until_ready()  # vLLM started while we loaded the models
-    tolerance = args.logprob_gap_tolerance or (0.1 if args.bf16 else 1e-3)
-    P, k = args.batch_size // world, args.num_samples
+    start = restore_checkpoint(args, state, policy, optimizer, scheduler)  # the version to start from: 0 if new
+    tolerance = args.logprob_gap_tolerance
+    if tolerance is None:
+        tolerance = 0.1 if args.bf16 else 1e-3
+    P, k = args.batch_size // world, args.num_samples  # prompts per rank, completions per prompt
 
     for step in range(start, args.num_steps):
         # 1. Get a batch: rank 0 takes it from the generator (it was sampled by version sampling_version(step)) and
         #    hands it to the other ranks. Each keeps its share: P prompts and their k completions each.
-        t0 = time.time()
-        batch = from_rank_0(link.next_batch() if link else None)
-        t1 = time.time()
-        check_reloads(batch["checks"], tolerance)  # the weights that sampled it, as vLLM loaded them
+        t_start = time.time()
+        batch: Batch = from_rank_0(link.next_batch() if is_rank_0 else None)
+        t_batch = time.time()
+        check_reloads(batch.checks, tolerance)  # the weights that sampled it, as vLLM loaded them
         own, own_k = slice(rank * P, (rank + 1) * P), slice(rank * P * k, (rank + 1) * P * k)
-        prompts, prompt_ids = batch["prompts"][own], batch["prompt_ids"][own]
-        responses = batch["response_ids"][own_k]  # (P·k,) the k completions of a prompt side by side
-        sampler_logps = batch["logprobs"][own_k]  # vLLM's log-prob of each sampled token
-        measure_kl(args, ref_policy, batch["evals"], device)  # of the versions the generator evaluated meanwhile
+        prompts, prompt_ids = batch.prompts[own], batch.prompt_ids[own]
+        responses = batch.response_ids[own_k]  # (P·k,) the k completions of a prompt side by side
+        sampler_logps = batch.logprobs[own_k]  # vLLM's log-prob of each sampled token
+        measure_kl(args, ref_policy, batch.evals, device)  # of the versions the generator evaluated meanwhile
 
         # 2. Score every completion with the reward; a completion with no EOS gets the penalty instead. The
         #    reference's log-prob of every completion, once per batch, gives the KL of the policy that sampled it,
@@ -501,11 +628,11 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
         advantages = rloo_advantages(scores - args.kl_coef * kl.view(P, k)).flatten()  # used by RLOO alone
 
         # 3. What the loss learns from. Every rank must run as many micro-batches as the others (DDP and FSDP
-        #    exchange data in each), so a rank with fewer terms pads with copies that weigh 0.
+        #    exchange data in each), so a rank with fewer terms pads with copies that count for nothing.
         terms = trained_completions(args.loss_type, scores)
         counts = [None] * world
         dist.all_gather_object(counts, len(terms))
-        term_weights = torch.tensor([1.0] * len(terms) + [0.0] * (max(counts) - len(terms)))
+        is_real = torch.tensor([1.0] * len(terms) + [0.0] * (max(counts) - len(terms)))  # 0: a padding term
         terms += (terms[:1] or [(0, 0)]) * (max(counts) - len(terms))  # only DPO can have no terms: pad with a pair
 
         # 4. The loss on summed response log-probs, E updates on this batch. DDP and FSDP average gradients over
@@ -517,18 +644,19 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
             gap = torch.zeros(2, device=device)  # see the weight-sync check below
             for begin in range(0, len(terms), args.micro_batch_size):
                 mb = terms[begin : begin + args.micro_batch_size]
-                w = term_weights[begin : begin + args.micro_batch_size].to(device)
+                real = is_real[begin : begin + args.micro_batch_size].to(device)
                 rows = [term[n] for n in range(len(mb[0])) for term in mb]  # DPO: the chosen rows, then the rejected
                 prompt_rows, response_rows = [completion_prompt_ids[j] for j in rows], [responses[j] for j in rows]
-                logps, token_logps, mask = completion_logprobs(forward, prompt_rows, response_rows, args, device)
+                logps, token_logps, mask = completion_logprobs(
+                    distributed_policy, prompt_rows, response_rows, args, device
+                )
                 ref, old, adv = (t[rows].to(device) for t in (ref_logps, old_logps, advantages))
                 losses, stats = loss_terms(args, logps, ref, old, adv)
-                ((losses * w).sum() * world / sum(counts)).backward()
+                ((losses * real).sum() * world / sum(counts)).backward()
                 for name, value in {"loss": losses, **stats}.items():  # the real terms, for the log
-                    term_stats[name].append(value.detach()[w > 0].float().cpu())
+                    term_stats[name].append(value.detach()[real > 0].float().cpu())
                 if update == 0:  # the batch as it arrived; later updates see a policy that has learned from it
-                    row_weights = w.repeat(len(mb[0]))
-                    gap += sampler_gap(token_logps, mask, [sampler_logps[j] for j in rows], row_weights)
+                    gap += sampler_gap(token_logps, mask, [sampler_logps[j] for j in rows], real.repeat(len(mb[0])))
 
             # 5. The weight-sync check, before the first update. At lag 0, vLLM sampled with the weights the trainer
             #    holds, so the two agree on the log-probs up to float error; if not, vLLM is not serving what was
@@ -536,109 +664,171 @@ def train(args: Args, rank: int, base_model: str, checkpoint: str | None, cores:
             if update == 0:
                 dist.all_reduce(gap)
                 logprob_gap = (gap[0] / gap[1]).item()  # NaN when no token was compared (DPO, every pair tied)
-                if batch["version"] == step:
+                if batch.version == step:
                     check_weight_sync(logprob_gap, tolerance, step)
             grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item())
             optimizer.step()  # with every pair tied there are no gradients, and AdamW leaves the weights be
             scheduler.step()
             optimizer.zero_grad()
-        t2 = time.time()
+        t_trained = time.time()
 
         # 6. Push the new weights; the generator loads them for the round they start, or to evaluate them.
-        t_push = push_weights(args, rank, step + 1, policy, batch, device, link)
-        t3 = time.time()
+        t_push = push_weights(args, is_rank_0, step + 1, policy, batch, device, link)
 
-        # 7. Log one dict and one line per step, over all ranks' shares; save a checkpoint now and then.
-        completions = {"scores": scores, "rewards": rewards, "has_eos": has_eos.float(), "kl": kl}
-        completions |= {"valid": select_pairs(scores)[2].float(), "advantages": advantages}
-        terms_logged = {name: torch.cat(values) for name, values in term_stats.items()}
-        grad_norm = sum(grad_norms) / len(grad_norms)
-        log_step(
-            args, run, step, batch, completions, terms_logged, grad_norm, lr, logprob_gap, (t0, t1, t2, t_push, t3)
-        )
+        # 7. Log the step over all ranks' shares, in one dict and one line; save a checkpoint now and then.
+        per_completion = {"scores": scores, "rewards": rewards, "has_eos": has_eos.float(), "kl": kl}
+        per_completion |= {"valid": select_pairs(scores)[2].float(), "advantages": advantages}
+        per_term = {name: torch.cat(values) for name, values in term_stats.items()}
+        per_completion, per_term = gather_shares(world, per_completion, per_term)
+        if is_rank_0:
+            grad_norm = sum(grad_norms) / len(grad_norms)
+            metrics = step_metrics(args, step, batch, per_completion, per_term, grad_norm, lr, logprob_gap)
+            run.log_step(step, metrics, batch, StepTimes(t_start, t_batch, t_trained, t_push, time.time()))
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args, rank, step + 1, policy, optimizer, scheduler, run, link)
+            save_checkpoint(args, is_rank_0, step + 1, policy, optimizer, scheduler, run, link)
 
-    final_weights = full_weights(args, rank, policy)  # under FSDP every rank helps gather them
-    last = from_rank_0(link.finish() if link else None)  # the generator's evaluation of the final policy
-    measure_kl(args, ref_policy, last["evals"], device)
-    if run:
-        check_reloads(last["checks"], tolerance)
-        run.log_generator(last)
+    final_weights = full_weights(args, is_rank_0, policy)  # under FSDP every rank helps gather them
+    done: Done = from_rank_0(link.finish() if is_rank_0 else None)  # with the final policy's evaluation
+    measure_kl(args, ref_policy, done.evals, device)
+    if is_rank_0:
+        check_reloads(done.checks, tolerance)
+        run.log_generator(done)
         policy.save_pretrained(os.path.join(run.dir, "model"), state_dict=final_weights)
         tokenizer.save_pretrained(os.path.join(run.dir, "model"))
 
 
-def measure_kl(args: Args, ref_policy, evals: list[dict], device):
+def measure_kl(args: Args, ref_policy, evals: list[Evaluation], device):
     """KL(π_v || π_ref) of each evaluated version v, by the estimator of the paper's training KL: the mean over held-out
     prompts of Σ_t log π_v - log π_ref of a completion π_v sampled. Every rank computes it whole (FSDP needs all of
     them in each forward pass). An evaluation restored from an older version's checkpoint has no samples."""
-    for e in (e for e in evals if "sampled_ids" in e):
-        ref = summed_logprobs(ref_policy, e["prompt_ids"], e["sampled_ids"], args, device)
-        e["kl"] = (torch.tensor([sum(row) for row in e["sampled_logprobs"]]) - ref).mean().item()
+    for e in (e for e in evals if e.sampled_ids is not None):
+        ref = summed_logprobs(ref_policy, e.prompt_ids, e.sampled_ids, args, device)
+        e.kl = (torch.tensor([sum(row) for row in e.sampled_logprobs]) - ref).mean().item()
 
 
-def push_weights(args: Args, rank: int, version: int, policy, batch: dict, device, link) -> float:
+def step_metrics(args: Args, step: int, batch: Batch, c: dict, s: dict, grad_norm, lr, logprob_gap) -> dict:
+    """What is logged of a step (README: Metrics), over every rank's share. c: a value per completion (per prompt for
+    scores and valid); s: a value per term of the loss, in each update."""
+
+    def mean(name: str) -> float:  # NaN where there was nothing to average: DPO with every pair tied
+        return s[name].mean().item() if name in s else float("nan")
+
+    metrics = {
+        "async/learner_version": step,
+        "async/batch_version": batch.version,
+        "async/lag": step - batch.version,  # updates between the sampling policy and the one trained
+        "async/logprob_gap": logprob_gap,  # mean |log π_trainer - log π_vLLM| per sampled token
+        "async/reload_gap": max((gap for _, gap in batch.checks), default=float("nan")),  # of the probe, per load
+        "objective/loss": mean("loss"),
+        "objective/kl": c["kl"].mean().item(),  # Σ_t log π_old - log π_ref of the sampled completions
+        "objective/grad_norm": grad_norm,
+        "objective/lr": lr,
+        "rewards/score": c["scores"].mean().item(),  # the reward, with the missing-EOS penalty
+        "rewards/unpenalized": c["rewards"].mean().item(),  # the reward, without it
+        "rewards/chosen_score": c["scores"].max(1).values.mean().item(),
+        "rewards/rejected_score": c["scores"].min(1).values.mean().item(),
+        "rewards/missing_eos_frac": 1 - c["has_eos"].mean().item(),
+        "rewards/tie_frac": 1 - c["valid"].mean().item(),  # prompts whose k scores are all equal
+    }
+    if args.loss_type in ("sigmoid", "ipo"):
+        metrics["rewards/dpo_margin"] = mean("margin")  # β times the log-ratio difference: DPO's implicit reward
+        metrics["rewards/dpo_accuracy"] = (s["margin"] > 0).float().mean().item() if s else float("nan")
+        metrics["logps/chosen"] = mean("chosen_logps")
+        metrics["logps/rejected"] = mean("rejected_logps")
+    elif args.loss_type == "rloo":
+        metrics["rloo/reward"] = (c["scores"].flatten() - args.kl_coef * c["kl"]).mean().item()  # with its KL charge
+        metrics["rloo/advantage_std"] = c["advantages"].std().item()
+        metrics["rloo/ratio"] = mean("ratio")  # π_θ / π_old of the sampled completions, in the first update
+        metrics["rloo/clipped_frac"] = mean("clipped")
+    else:
+        metrics["logps/chosen"] = mean("chosen_logps")
+    return metrics
+
+
+def push_weights(args: Args, is_rank_0: bool, version: int, policy, batch: Batch, device, link) -> float:
     """Send the policy to the generator as one packed snapshot with a probe to check its load by, if the generator
     will load it (to start a round, or to evaluate it). Returns the time the wait for the snapshot slot ended."""
     if version % args.batches_per_round and not evaluated(args, version):
         return time.time()
-    if link:
+    if is_rank_0:
         link.wait_for_snapshot_slot()
     t_push = time.time()
     dtype = torch.bfloat16 if args.bf16 else torch.float32  # vLLM's
-    if args.fsdp or rank == 0:  # under FSDP every rank holds a shard of the weights, so every rank helps gather them
+    if args.fsdp or is_rank_0:  # under FSDP every rank holds a shard of the weights, so every rank helps gather them
         probe = make_probe(policy, batch, args.num_samples, device, args.bf16)
-        packed = pack_weights(policy, dtype, device, rank)  # None but on rank 0
-    if link:
-        link.push({"version": version, "snapshot": packed, "probe": probe})
+        packed = pack_weights(policy, dtype, device, is_rank_0)  # None but on rank 0
+    if is_rank_0:
+        link.push(Snapshot(version, packed, probe))
     return t_push
 
 
 # ----------------------------------------------------------------------------------------------------
-# main: check the input, start the generator and the trainer ranks, train as rank 0, stop everything, summarise.
+# main: check the input; on rank 0, start the generator; train; stop everything, however training ended.
+# `python async_online_dpo.py` is one trainer rank. `torchrun --nproc_per_node R async_online_dpo.py ...` runs R,
+# on one node or several: torchrun sets RANK and WORLD_SIZE, meets the ranks and stops them all when one fails.
+# --trainer_ranks R is the one-machine shortcut: torch's launcher starts this script R times, as torchrun would.
 def main(args: Args):
     args = resumed_args(args)  # with --resume, the flags the run was started with
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if under_torchrun:
+        args = replace(args, trainer_ranks=int(os.environ["WORLD_SIZE"]))
     check_args(args)  # one sentence naming the fix, before any process starts
+    if args.trainer_ranks > 1 and not under_torchrun:
+        return launch_ranks(args)
+    rank = int(os.environ.get("RANK", 0))
+    is_rank_0 = rank == 0
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, or torchrun stopping us, acts as Ctrl-C
     t_start = time.time()
-    base_model = args.model_name_or_path or warm_start(args)  # the reference policy, where training starts
-    checkpoint = latest_checkpoint(args.resume) if args.resume else None
-    model_path = os.path.join(checkpoint, "model") if checkpoint else base_model
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    train_prompts, eval_prompts, references = load_prompts(args)
-    max_model_len = check_lengths(args, base_model, tokenizer, train_prompts, eval_prompts)
-    run = RunFolder(args, checkpoint, tokenizer, references, t_start)  # on resume, logs are cut back to the checkpoint
-    print(f"run {run.dir}: {describe(args)}, policy from {model_path}")
-
-    # Start the generator. It loads the policy from disk once; after that, weights arrive by queue.
     generator_cores, trainer_cores = split_cpu_cores(args.cpu_share_cores)  # used on a CPU only
-    ctx = mp.get_context("spawn")
-    queues = dict(weights_queue=ctx.Queue(), samples_queue=ctx.Queue(), stop=ctx.Event())
-    queues["snapshot_free"] = ctx.Semaphore(1)  # one snapshot in memory at a time
-    first_batch = run.start + len(run.pending)  # batches sampled before a checkpoint come from the checkpoint
-    settings = dict(args=args, model_path=model_path, start_version=run.start, first_batch=first_batch)
-    settings |= dict(max_model_len=max_model_len, cpu_cores=generator_cores)
-    process = ctx.Process(target=generator_process, kwargs=settings | queues, daemon=True)
-    process.start()
-    link = GeneratorLink(process, pending=run.pending, evals=run.pending_evals, **queues)
-
-    # Start trainer ranks 1..R-1, watched from here; this process is rank 0.
-    ranks = start_other_ranks(ctx, args, base_model, checkpoint, trainer_cores, link)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops every process, as Ctrl-C does
+    run = link = None
     try:
-        train(args, 0, base_model, checkpoint, trainer_cores, run, link)
+        if is_rank_0:
+            base_model, checkpoint, state = starting_point(args)
+            policy_path = os.path.join(checkpoint, "model") if checkpoint else base_model
+            tokenizer = AutoTokenizer.from_pretrained(base_model)
+            train_prompts, eval_prompts, references = load_prompts(args)
+            max_model_len = check_lengths(args, base_model, tokenizer, train_prompts, eval_prompts)
+            run = RunFolder(args, checkpoint, state, tokenizer, references, t_start)  # logs cut back to the checkpoint
+            print(f"run {run.dir}: {describe(args)}, policy from {policy_path}")
+
+            # Start the generator. It loads the policy from disk once; after that, weights arrive by queue.
+            ctx = mp.get_context("spawn")
+            queues = dict(weights_queue=ctx.Queue(), samples_queue=ctx.Queue(), stop=ctx.Event())
+            queues["snapshot_free"] = ctx.Semaphore(1)  # one snapshot in memory at a time
+            first_batch = run.start + len(run.pending)  # batches sampled before a checkpoint come from the checkpoint
+            settings = dict(args=args, model_path=policy_path, start_version=run.start, first_batch=first_batch)
+            settings |= dict(
+                prompts=(train_prompts, eval_prompts), max_model_len=max_model_len, cpu_cores=generator_cores
+            )
+            process = ctx.Process(target=generator_process, kwargs=settings | queues, daemon=True)
+            process.start()
+            link = GeneratorLink(process, pending=run.pending, evals=run.pending_evals, **queues)
+            # vLLM sizes its KV cache from the memory free while it starts: on a GPU it shares, the trainer must not
+            # allocate before then.
+            link.wait_until_ready()
+        device = place_rank(trainer_cores)  # its GPU, or its share of this machine's trainer cores
+        join_process_group(args, rank)
+        dist.barrier()  # rank 0 has built the warm start: the others find it, or build the same on their machine
+        if not is_rank_0:
+            base_model, checkpoint, state = starting_point(args)
+            policy_path = os.path.join(checkpoint, "model") if checkpoint else base_model
+        train(args, rank, device, base_model, policy_path, state, run, link)
     except KeyboardInterrupt:
-        sys.exit("interrupted: stopped the trainer and the generator")
+        sys.exit(
+            "interrupted (Ctrl-C, or SIGTERM from kill or torchrun): stopped the trainer and the generator"
+            if is_rank_0
+            else 1
+        )
     except (GeneratorError, WeightSyncError) as error:
-        sys.exit(f"error: {error}")
-    except dist.DistError as error:
-        sys.exit(f"error: {collective_failure(args, error)}")
+        sys.exit(f"error: {error}" if is_rank_0 else 1)  # every rank stops at the same check; rank 0 says why
+    except RuntimeError as error:  # torch.distributed's, or gloo's inside DDP's backward pass
+        if not from_a_collective(error):
+            raise
+        sys.exit(f"error: {collective_failure(args, rank, error)}")
     finally:
-        link.stop(ranks)  # the generator and every other rank, however training ended
-        run.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    run.summarize(link.snapshot_gb)  # where the time went, printed and in summary.json
+        shut_down(run, link)  # the generator, the run folder and the process group, however training ended
+    if is_rank_0:
+        run.summarize(link.snapshot_gb)  # where the time went, printed and in summary.json
 
 
 # ====================================================================================================
@@ -864,25 +1054,40 @@ def from_rank_0(obj):
     return holder[0]
 
 
-def set_up_rank(args: Args, rank: int, cores: list[int], link):
-    """Placement: rank r trains on GPU r + 1, as GPU 0 is the generator's (on a one-GPU machine they share it). On a
-    CPU each rank is pinned to its own share of the trainer's cores, apart from the generator's. Then the process
-    group of the trainer ranks."""
-    world = args.trainer_ranks
-    cuda = torch.cuda.is_available()
-    if cuda:
-        device = torch.device(f"cuda:{rank + 1 if torch.cuda.device_count() > 1 else 0}")
+def starting_point(args: Args):
+    """The reference policy (the built-in one is warm-started once, then cached), the newest checkpoint when resuming,
+    and its trainer.pt (optimizer, scheduler, RNG, the batches sampled ahead), read once."""
+    base_model = args.model_name_or_path or warm_start(args)
+    checkpoint = latest_checkpoint(args.resume) if args.resume else None
+    return base_model, checkpoint, read_checkpoint(checkpoint) if checkpoint else {}
+
+
+def on_generator_node() -> bool:
+    """Whether this process runs on the machine of global rank 0, which hosts the generator: torchrun's node 0."""
+    return int(os.environ.get("GROUP_RANK", 0)) == 0
+
+
+def place_rank(trainer_cores: list[int]):
+    """Placement of this rank. GPUs: on the generator's machine, local rank r trains on GPU r + 1, as GPU 0 is the
+    generator's (on a one-GPU machine they share it); on the other machines, on GPU r. CPUs: each rank is pinned
+    to its own share of this machine's trainer cores, apart from the generator's."""
+    local_rank, local_ranks = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        first = 1 if on_generator_node() and torch.cuda.device_count() > 1 else 0
+        device = torch.device(f"cuda:{local_rank + first}")
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        pin_to_cores(cores[rank::world] or cores)
-    # On one GPU, vLLM sizes its KV cache from the memory that is free while it starts, so whatever the trainer
-    # allocated meanwhile would be taken from vLLM, or trip its check. The generator says when it is ready.
-    if link and cuda and torch.cuda.device_count() == 1:
-        link.wait_until_ready()
+        return device
+    pin_to_cores(trainer_cores[local_rank::local_ranks] or trainer_cores)
+    return torch.device("cpu")
+
+
+def join_process_group(args: Args, rank: int):
+    """The process group of the trainer ranks. Under torchrun, at the address it gives (MASTER_ADDR, MASTER_PORT);
+    a lone `python async_online_dpo.py` is a group of one, which needs no address."""
+    store = None if "WORLD_SIZE" in os.environ else dist.HashStore()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=args.dist_timeout)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
-    return device
+    dist.init_process_group(backend, store=store, rank=rank, world_size=args.trainer_ranks, timeout=timeout)
 
 
 def load_policy(path: str, device, gradient_checkpointing: bool):
@@ -903,14 +1108,12 @@ def load_policy(path: str, device, gradient_checkpointing: bool):
     return policy.train()
 
 
-def load_policies(args: Args, base_model: str, checkpoint: str | None, device):
+def load_policies(args: Args, base_model: str, policy_path: str, device):
     """The policy to train (float32; from the checkpoint on resume), the model its forward passes go through (DDP,
     which averages gradients over ranks in backward, or the FSDP2-sharded policy itself), and the frozen reference
     in vLLM's dtype."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    policy = load_policy(
-        os.path.join(checkpoint, "model") if checkpoint else base_model, device, args.gradient_checkpointing
-    )
+    policy = load_policy(policy_path, device, args.gradient_checkpointing)
     ref_policy = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device).eval().requires_grad_(False)
     if not args.fsdp:
         return policy, DistributedDataParallel(policy), ref_policy
@@ -967,6 +1170,7 @@ def check_args(args: Args):
         if getattr(args, size) < 1:
             fail(f"--{size} is {getattr(args, size)}; it must be at least 1.")
     R, N = args.trainer_ranks, args.batches_per_round
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", R))  # the ranks on this machine
     needs_two = {
         "sigmoid": "online DPO compares at least 2 per prompt",
         "ipo": "IPO compares at least 2 per prompt",
@@ -988,16 +1192,28 @@ def check_args(args: Args):
             min(args.async_steps, args.save_every) < 0,
             "--async_steps (0 = synchronous) and --save_every must be at least 0.",
         ),
-        ((args.logprob_gap_tolerance or 1) <= 0, "--logprob_gap_tolerance must be positive (or None: the default)."),
+        (
+            args.logprob_gap_tolerance is not None and args.logprob_gap_tolerance <= 0,
+            "--logprob_gap_tolerance must be positive (or None: the default).",
+        ),
         (
             args.batch_size % R,
             f"--batch_size {args.batch_size} does not split over --trainer_ranks {R}; make it a multiple of {R}.",
         ),
         (
-            gpus and R > max(1, gpus - 1),
-            f"--trainer_ranks {R} needs {R + 1} GPUs (GPU 0 is the generator's), but there are {gpus}; lower it.",
+            gpus and on_generator_node() and here > max(1, gpus - 1),
+            f"{here} trainer ranks here need {here + 1} GPUs (GPU 0 is the generator's), but there are {gpus}; run "
+            "fewer ranks on this machine (--trainer_ranks, or torchrun's --nproc_per_node).",
         ),
-        (not gpus and R > cores, f"--trainer_ranks {R} is more than the {cores} CPU cores here; lower it."),
+        (
+            gpus and not on_generator_node() and here > gpus,
+            f"{here} trainer ranks here need {here} GPUs, but there are {gpus}; lower torchrun's --nproc_per_node.",
+        ),
+        (
+            not gpus and here > cores,
+            f"{here} trainer ranks are more than the {cores} CPU cores here; run fewer on this machine "
+            "(--trainer_ranks, or torchrun's --nproc_per_node).",
+        ),
         (args.eval_split and not args.dataset, "--eval_split names a split of --dataset; give --dataset too."),
     ]:
         if wrong:
@@ -1094,7 +1310,7 @@ def check_lengths(args: Args, model_path: str, tokenizer, train_prompts, eval_pr
 # --track, checkpoint-*/ and, at the end, model/ and summary.json. A resumed run cuts its logs back to the
 # checkpoint and carries on as if it had never stopped.
 class RunFolder:
-    def __init__(self, args: Args, checkpoint: str | None, tokenizer, references, t_start: float):
+    def __init__(self, args: Args, checkpoint: str | None, state: dict, tokenizer, references, t_start: float):
         self.args = args
         self.tokenizer = tokenizer
         self.references = references
@@ -1105,10 +1321,11 @@ class RunFolder:
         os.makedirs(self.dir, exist_ok=bool(checkpoint))
         with open(os.path.join(self.dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
-        state = read_checkpoint(checkpoint) if checkpoint else {}
         self.start = state.get("version", 0)  # the policy version we start from; batch `start` is trained next
-        self.pending = state.get("pending", [])  # batches sampled before the checkpoint, not yet trained on
-        self.pending_evals = state.get("pending_evals", [])  # evaluations of older versions, not yet logged
+        # Batches sampled before the checkpoint, not yet trained on, and evaluations of older versions, not yet
+        # logged; kept as dicts, which any version of this file can read.
+        self.pending = [batch_from_dict(b) for b in state.get("pending", [])]
+        self.pending_evals = [Evaluation(**e) for e in state.get("pending_evals", [])]
         self.version_time = state.get("version_time", {0: 0.0})  # seconds from the start until version v existed
         self.t_start = t_start - state.get("elapsed", 0.0)
         for name in ("metrics.jsonl", "samples.jsonl") if checkpoint else ():
@@ -1123,18 +1340,25 @@ class RunFolder:
         if args.track:
             import wandb
 
-            wandb.init(name=os.path.basename(self.dir), config=asdict(args), sync_tensorboard=True)
+            wandb.init(**wandb_settings(args, self.dir))
         self.writer = SummaryWriter(self.dir, purge_step=self.start if checkpoint else None)
 
-    def log_step(self, step: int, metrics: dict, batch: dict, clock: tuple):
+    def log_step(self, step: int, metrics: dict, batch: Batch, times: "StepTimes"):
         """One dict to TensorBoard and metrics.jsonl, and one printed line; then what the generator sent."""
+        metrics = metrics | {
+            "time/wait_samples": times.got_batch - times.start,
+            "time/train": times.trained - times.got_batch,
+            "time/wait_push": times.push_began - times.trained,
+            "time/push_weights": times.pushed - times.push_began,
+            "time/step": times.pushed - times.start,
+        }
+        for span, name in GENERATOR_SPANS.items():  # seconds the generator spent on each kind of work
+            metrics[f"time/{name}"] = sum(b - a for what, a, b in batch.spans if what == span)
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
-        t0, t1, t2, _, t3 = (t - self.t_start for t in clock)
+        t0, t1, t2, t3 = (t - self.t_start for t in (times.start, times.got_batch, times.trained, times.pushed))
         timeline = {  # who did what when, in seconds since the start, for the benchmark's timeline plot
-            "generator": [
-                (what, a - self.t_start, b - self.t_start, batch["version"]) for what, a, b in batch["spans"]
-            ],
+            "generator": [(what, a - self.t_start, b - self.t_start, batch.version) for what, a, b in batch.spans],
             "trainer": [(what, a, b, step) for what, a, b in [("wait", t0, t1), ("train", t1, t2), ("push", t2, t3)]],
         }
         self.version_time[step + 1] = t3
@@ -1142,42 +1366,42 @@ class RunFolder:
         self.metrics_file.write(json.dumps({"step": step, **metrics, "timeline": timeline}) + "\n")
         m = metrics
         print(
-            f"step {step + 1:3d}/{self.args.num_steps}  policy v{step:<3d} on batch v{batch['version']:<3d} "
+            f"step {step + 1:3d}/{self.args.num_steps}  policy v{step:<3d} on batch v{batch.version:<3d} "
             f"(lag {m['async/lag']})  loss {m['objective/loss']:.3f}  kl {m['objective/kl']:5.2f}  score "
             f"{m['rewards/score']:.3f}  gen {m['time/generate'] + m['time/load_weights']:.2f}s  train "
             f"{m['time/train'] + m['time/push_weights']:.2f}s  wait {m['time/wait_samples']:.2f}s"
         )
         self.log_generator(batch)
 
-    def log_generator(self, message: dict):
+    def log_generator(self, message: "Batch | Done"):
         """The generator's evaluations, scored here with the gold reward, with the KL the trainer measured of each
         version (measure_kl). Then the seconds its loads took, for the summary."""
-        for e in message["evals"]:
-            completions = self.tokenizer.batch_decode(e["response_ids"], skip_special_tokens=True)
-            rewards = self.gold_fn(e["prompts"], e["prompt_ids"], e["response_ids"])
-            kl = e.get("kl", float("nan"))  # unknown for an evaluation an older version's checkpoint kept
-            row = {"eval/version": e["version"], "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl}
-            row["eval/wall_time"] = self.version_time[e["version"]]
+        for e in message.evals:
+            completions = self.tokenizer.batch_decode(e.response_ids, skip_special_tokens=True)
+            rewards = self.gold_fn(e.prompts, e.prompt_ids, e.response_ids)
+            kl = e.kl  # unknown (NaN) for an evaluation an older version's checkpoint kept
+            row = {"eval/version": e.version, "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl}
+            row["eval/wall_time"] = self.version_time[e.version]
             if self.references:  # the paper's win-rate: how often the gold reward prefers ours to the reference
                 if self.ref_gold is None:  # whole answers, so with EOS
                     ids = [r + [self.tokenizer.eos_token_id] for r in tokenize(self.tokenizer, self.references)]
-                    self.ref_gold = self.gold_fn(e["prompts"], e["prompt_ids"], ids)
+                    self.ref_gold = self.gold_fn(e.prompts, e.prompt_ids, ids)
                 wins = [(r > g) + 0.5 * (r == g) for r, g in zip(rewards, self.ref_gold)]
                 row["eval/win_rate"] = sum(wins) / len(rewards)
             self.eval_log.append(row)
             for name, value in row.items():
-                self.writer.add_scalar(name, value, e["version"])
+                self.writer.add_scalar(name, value, e.version)
             self.metrics_file.write(json.dumps(row) + "\n")
-            shown = list(zip(e["prompts"], completions, ended(e["response_ids"], self.eos_ids), rewards))[:4]
+            shown = list(zip(e.prompts, completions, ended(e.response_ids, self.eos_ids), rewards))[:4]
             for p, c, eos, r in shown:
-                sample = {"version": e["version"], "prompt": p, "completion": c, "eos": eos, "gold": r}
+                sample = {"version": e.version, "prompt": p, "completion": c, "eos": eos, "gold": r}
                 self.samples_file.write(json.dumps(sample) + "\n")
             examples = "  ".join((p + c)[-40:] for p, c, _, _ in shown)
             print(
-                f"eval  policy v{e['version']:<4d} gold reward {row['eval/gold_reward']:.3f}  kl {kl:5.2f}  "
+                f"eval  policy v{e.version:<4d} gold reward {row['eval/gold_reward']:.3f}  kl {kl:5.2f}  "
                 f"e.g. {examples}"
             )
-        self.load_times += [b - a for what, a, b in message["spans"] if what == "load"]
+        self.load_times += [b - a for what, a, b in message.spans if what == "load"]
 
     def write_checkpoint(self, version: int, policy, weights, trainer_state: dict):
         """Everything a resumed run needs, written under a temporary name and renamed in one step when complete:
@@ -1245,59 +1469,28 @@ class RunFolder:
         )
 
 
-def log_step(args: Args, run, step: int, batch, completions: dict, term_stats: dict, grad_norm, lr, logprob_gap, clock):
-    """Gather every rank's share of the step's statistics; rank 0 (which holds `run`) logs them. completions: a value
-    per completion (per prompt for scores and valid); term_stats: a value per term of the loss, in each update."""
-    gathered = [None] * args.trainer_ranks
-    dist.all_gather_object(gathered, (completions, term_stats))
-    if run is None:
-        return
-    c = {name: torch.cat([g[0][name] for g in gathered]) for name in completions}
-    s = {name: torch.cat([g[1][name] for g in gathered]) for name in term_stats}
+def gather_shares(world: int, *shares: dict) -> list[dict]:
+    """Each dict of tensors with every rank's share of each tensor concatenated in rank order, on every rank."""
+    gathered = [None] * world
+    dist.all_gather_object(gathered, shares)
+    return [{name: torch.cat([g[i][name] for g in gathered]) for name in share} for i, share in enumerate(shares)]
 
-    def mean(name: str) -> float:  # NaN where there was nothing to average: DPO with every pair tied
-        return s[name].mean().item() if name in s else float("nan")
 
-    t0, t1, t2, t_push, t3 = clock
-    metrics = {
-        "async/learner_version": step,
-        "async/batch_version": batch["version"],
-        "async/lag": step - batch["version"],
-        "async/logprob_gap": logprob_gap,
-        "async/reload_gap": max((gap for _, gap in batch["checks"]), default=float("nan")),
-        "objective/loss": mean("loss"),
-        "objective/kl": c["kl"].mean().item(),
-        "objective/grad_norm": grad_norm,
-        "objective/lr": lr,
-        "rewards/score": c["scores"].mean().item(),
-        "rewards/gold": c["rewards"].mean().item(),
-        "rewards/chosen_score": c["scores"].max(1).values.mean().item(),
-        "rewards/rejected_score": c["scores"].min(1).values.mean().item(),
-        "rewards/missing_eos_frac": 1 - c["has_eos"].mean().item(),
-        "rewards/tie_frac": 1 - c["valid"].mean().item(),
-    }
-    if args.loss_type in ("sigmoid", "ipo"):
-        metrics["rewards/dpo_margin"] = mean("margin")
-        metrics["rewards/dpo_accuracy"] = (s["margin"] > 0).float().mean().item() if s else float("nan")
-        metrics["logps/chosen"] = mean("chosen_logps")
-        metrics["logps/rejected"] = mean("rejected_logps")
-    elif args.loss_type == "rloo":
-        metrics["rloo/reward"] = (c["scores"].flatten() - args.kl_coef * c["kl"]).mean().item()
-        metrics["rloo/advantage_std"] = c["advantages"].std().item()
-        metrics["rloo/ratio"] = mean("ratio")
-        metrics["rloo/clipped_frac"] = mean("clipped")
-    else:
-        metrics["logps/chosen"] = mean("chosen_logps")
-    metrics |= {
-        "time/wait_samples": t1 - t0,
-        "time/train": t2 - t1,
-        "time/wait_push": t_push - t2,
-        "time/push_weights": t3 - t_push,
-        "time/step": t3 - t0,
-    }
-    for span, name in GENERATOR_SPANS.items():  # seconds the generator spent on each kind of work
-        metrics[f"time/{name}"] = sum(b - a for what, a, b in batch["spans"] if what == span)
-    run.log_step(step, metrics, batch, clock)
+@dataclass
+class StepTimes:
+    """When the trainer started a step, had its batch, had trained on it, got the snapshot slot and had pushed."""
+
+    start: float
+    got_batch: float
+    trained: float
+    push_began: float
+    pushed: float
+
+
+def wandb_settings(args: Args, run_dir: str) -> dict:
+    """A W&B run per run folder, whose id is the folder's name: --resume continues the same W&B run."""
+    name = os.path.basename(run_dir)
+    return dict(name=name, id=name, resume="allow", config=asdict(args), sync_tensorboard=True)
 
 
 # What the generator reports it did in a batch's "spans", and the name of each in the metrics.
@@ -1318,19 +1511,19 @@ def read_checkpoint(checkpoint: str) -> dict:
     return torch.load(os.path.join(checkpoint, "trainer.pt"), map_location="cpu", weights_only=False, mmap=True)
 
 
-def full_weights(args: Args, rank: int, policy) -> dict:
+def full_weights(args: Args, is_rank_0: bool, policy) -> dict:
     """The whole float32 policy on rank 0, to save. Under FSDP every rank helps gather it into CPU memory."""
     if args.fsdp:
         return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {name: w.detach().clone() for name, w in policy.state_dict().items()} if rank == 0 else {}
+    return {name: w.detach().clone() for name, w in policy.state_dict().items()} if is_rank_0 else {}
 
 
-def save_checkpoint(args: Args, rank: int, version: int, policy, optimizer, scheduler, run, link):
+def save_checkpoint(args: Args, is_rank_0: bool, version: int, policy, optimizer, scheduler, run, link):
     """Every rank helps gather the weights and optimizer state (under FSDP); rank 0 writes them."""
-    weights = full_weights(args, rank, policy)
+    weights = full_weights(args, is_rank_0, policy)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optimizer_state = get_optimizer_state_dict(policy, optimizer, options=full) if args.fsdp else optimizer.state_dict()
-    if run is None:
+    if not is_rank_0:
         return
     state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
     state["rng"] = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -1338,16 +1531,17 @@ def save_checkpoint(args: Args, rank: int, version: int, policy, optimizer, sche
     # could not make it again.
     sampled_before = sum(sampling_version(args, i) < version for i in range(version, args.num_steps))
     due = {v for v in range(version) if evaluated(args, v)} - {row["eval/version"] for row in run.eval_log}
-    state["pending"], state["pending_evals"] = link.ahead(sampled_before, due)
+    pending, pending_evals = link.ahead(sampled_before, due)
+    state["pending"], state["pending_evals"] = [asdict(b) for b in pending], [asdict(e) for e in pending_evals]
     run.write_checkpoint(version, policy, weights, state)
 
 
-def restore_checkpoint(args: Args, checkpoint: str | None, policy, optimizer, scheduler) -> int:
-    """Restore optimizer, scheduler and RNG from the checkpoint; returns the policy version it holds (0 if None).
-    Each part is dropped once restored, so no second copy of the Adam state stays alive for the whole run."""
-    if checkpoint is None:
+def restore_checkpoint(args: Args, state: dict, policy, optimizer, scheduler) -> int:
+    """Restore optimizer, scheduler and RNG from a checkpoint's trainer.pt; returns the policy version it holds (0 for
+    a new run, whose state is empty). Each part is dropped once restored, so no second copy of the Adam state stays
+    alive for the whole run."""
+    if not state:
         return 0
-    state = read_checkpoint(checkpoint)
     if args.fsdp:
         full = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(policy, optimizer, state.pop("optimizer"), options=full)
@@ -1360,6 +1554,10 @@ def restore_checkpoint(args: Args, checkpoint: str | None, policy, optimizer, sc
     return state["version"]
 
 
+def batch_from_dict(saved: dict) -> Batch:
+    return Batch(**saved | {"evals": [Evaluation(**e) for e in saved.get("evals", [])]})
+
+
 # ----------------------------------------------------------------------------------------------------
 # Weights across processes: the policy packed into one flat tensor, which the generator reads as views, and
 # the probe it checks them with once loaded.
@@ -1370,7 +1568,7 @@ def snapshot_weights(model) -> dict:
     return {name: w for name, w in model.state_dict().items() if w.is_floating_point() and name not in tied}
 
 
-def pack_weights(model, dtype, device, rank: int):
+def pack_weights(model, dtype, device, is_rank_0: bool):
     """The whole policy as one flat `dtype` tensor plus (name, shape, offset) per weight, on rank 0: one tensor
     crosses to the generator, not hundreds (one CUDA IPC handle, or one shared-memory file). Under FSDP2 each
     weight is cast, then gathered from the ranks' shards, one at a time, so every rank must call this; a full
@@ -1381,45 +1579,19 @@ def pack_weights(model, dtype, device, rank: int):
         layout.append((name, tuple(w.shape), size))
         size += w.numel()
     # On a CPU, in shared memory from the start: the queue then sends it without copying it first.
-    buffer = torch.empty(size, dtype=dtype, device=device).share_memory_() if rank == 0 else None
+    buffer = torch.empty(size, dtype=dtype, device=device).share_memory_() if is_rank_0 else None
     for (_, _, offset), w in zip(layout, weights.values()):
         w = w.detach().to(dtype)
         if isinstance(w, DTensor):
             w = w.full_tensor()
-        if rank == 0:
+        if is_rank_0:
             buffer[offset : offset + w.numel()] = w.flatten()
-    return (buffer, layout) if rank == 0 else None
+    return (buffer, layout) if is_rank_0 else None
 
 
 def unpack_weights(buffer, layout) -> list:
     """(name, tensor) pairs that are views into the one buffer: nothing is copied."""
     return [(name, buffer[offset : offset + math.prod(shape)].view(shape)) for name, shape, offset in layout]
-
-
-def make_probe(policy, batch, k: int, device, bf16: bool) -> dict:
-    """The new policy's log-probs of the batch's longest completion, which the generator compares with vLLM's
-    once it has loaded these weights (at temperature 1: vLLM's prompt log-probs skip temperature). Its last
-    token is left out: vLLM needs room for one more in the context."""
-    j = max(range(len(batch["response_ids"])), key=lambda j: len(batch["response_ids"][j]))
-    probe = {"prompt_ids": batch["prompt_ids"][j // k], "response_ids": batch["response_ids"][j][:-1]}
-    ids, mask = (t.to(device) for t in pad_batch([probe["prompt_ids"]], [probe["response_ids"]]))
-    width = len(probe["response_ids"])  # 0 when every completion was a lone EOS: nothing to probe
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        probe["logprobs"] = token_logprobs(policy, ids, mask, width, 1.0)[0].tolist() if width else []
-    return probe
-
-
-def probe_gap(llm, probe) -> float:
-    """Mean |log π_trainer - log π_vLLM| over the probe completion's tokens, vLLM's from the weights just
-    loaded. Prompt log-probs skip temperature in vLLM, so the trainer computed the probe's at temperature 1."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    prompt, response = probe["prompt_ids"], probe["response_ids"]
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-    (output,) = llm.generate([TokensPrompt(prompt_token_ids=prompt + response)], params, use_tqdm=False)
-    logps = sampled_logprobs(response, output.prompt_logprobs[len(prompt) :])
-    return sum(abs(a - b) for a, b in zip(logps, probe["logprobs"])) / len(response)
 
 
 def sampled_logprobs(token_ids, logprobs) -> list[float]:
@@ -1446,12 +1618,6 @@ def split_cpu_cores(share: bool = False):
     return cores[:half], cores[half:] or cores
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Stopped(Exception):
     """Raised in the generator when the trainer has finished, failed or been killed."""
 
@@ -1462,27 +1628,6 @@ class GeneratorError(RuntimeError):
 
 class WeightSyncError(RuntimeError):
     """vLLM's log-probs disagree with the trainer's where they should not: vLLM is not serving the pushed weights."""
-
-
-def check_reloads(checks: list, tolerance: float):
-    """The generator's (version, gap) for each snapshot it loaded: vLLM with the pushed weights against the trainer,
-    on the probe completion. A sync run checks every push at lag 0 as well; an async run only this way."""
-    for version, gap in checks:
-        check_weight_sync(gap, tolerance, version, probe=True)
-
-
-def check_weight_sync(gap: float, tolerance: float, version: int, probe: bool = False):
-    """Stop the run where vLLM and the trainer should agree on log-probs up to float error, but don't: on a batch
-    sampled by the weights the trainer holds (lag 0), or on the probe after vLLM loaded pushed weights."""
-    what = f"batch {version} was sampled by policy version {version}, the very weights the trainer holds, yet "
-    what += "vLLM's log-probs of its tokens"
-    if probe:
-        what = f"after loading policy version {version}, vLLM's log-probs of the probe completion"
-    if gap > tolerance:
-        raise WeightSyncError(
-            f"the weight sync is broken: {what} differ from the trainer's by {gap:.3g} per token on average, more "
-            f"than --logprob_gap_tolerance {tolerance:g}; vLLM is not serving the pushed weights."
-        )
 
 
 def set_up_generator_process(args: Args, cpu_cores: list[int]):
@@ -1513,7 +1658,7 @@ def generator_process(cpu_cores: list[int], **settings):
     except (KeyboardInterrupt, Stopped):
         samples_queue.cancel_join_thread()  # Ctrl-C or the trainer stopped: exit without flushing
     except BaseException:
-        samples_queue.put({"error": traceback.format_exc()})  # the trainer re-raises it with this traceback
+        samples_queue.put(GeneratorFailed(traceback.format_exc()))  # the trainer re-raises it with this traceback
         sys.exit(1)
 
 
@@ -1522,7 +1667,7 @@ def stop_if_trainer_stopped(stop):
         raise Stopped
 
 
-def next_snapshot(weights_queue, stop) -> dict:
+def next_snapshot(weights_queue, stop) -> Snapshot:
     """The next snapshot the trainer pushed, waiting for it while the trainer lives."""
     while True:
         try:
@@ -1540,19 +1685,19 @@ def receive(samples_queue, process):
             if process.is_alive():
                 continue
             raise generator_failure(samples_queue, process) from None
-        if "error" in message:
-            raise GeneratorError("the generator process crashed:\n" + message["error"])
+        if isinstance(message, GeneratorFailed):
+            raise GeneratorError("the generator process crashed:\n" + message.traceback)
         return message
 
 
 def generator_failure(samples_queue, process) -> GeneratorError:
     """The generator has died: the error to raise, with its traceback if it put one on the queue."""
     try:
-        while "error" not in (message := samples_queue.get(timeout=1)):
+        while not isinstance(message := samples_queue.get(timeout=1), GeneratorFailed):
             pass  # batches it sent before it died
     except queue.Empty:
         return GeneratorError(f"the generator process died (exit code {process.exitcode}) without a traceback")
-    return GeneratorError("the generator process crashed:\n" + message["error"])
+    return GeneratorError("the generator process crashed:\n" + message.traceback)
 
 
 def wait_for_snapshot_slot(snapshot_free, samples_queue, process) -> float:
@@ -1575,53 +1720,50 @@ class GeneratorLink:
         self.stop_event = stop
         self.pending = deque(pending)  # batches received, or restored from a checkpoint, not yet trained on
         self.evals = list(evals)  # evaluations received, or restored, not yet logged: they go with the next batch
-        self.ready = False
         self.snapshot = None  # the last snapshot pushed; its sender must keep a CUDA tensor alive while it is used
         self.snapshot_gb = 0.0
 
-    def receive(self) -> dict:
+    def receive(self):
         return receive(self.samples_queue, self.process)
 
     def wait_until_ready(self):
-        if not self.ready:
-            message = self.receive()
-            if "ready" not in message:
-                raise GeneratorError(f"the generator's first message was not 'ready' but {list(message)}")
-            self.ready = True
+        message = self.receive()
+        if not isinstance(message, Ready):
+            raise GeneratorError(f"the generator's first message was not Ready but {type(message).__name__}")
 
-    def read(self):
+    def read(self) -> "Batch | Done | None":
         """The next message; an evaluation is kept for the next batch (and None returned)."""
         message = self.receive()
-        if "evals" in message:
-            self.evals += message["evals"]
+        if isinstance(message, Evaluation):
+            self.evals.append(message)
             return None
         return message
 
-    def next_batch(self) -> dict:
+    def next_batch(self) -> Batch:
         """The next batch to train on, with the evaluations received before it (an older run's batch has its own)."""
         batch = self.pending.popleft() if self.pending else None
         while batch is None:
             batch = self.read()
-        evals, self.evals = self.evals, []
-        return batch | {"evals": batch.get("evals", []) + evals}
+        batch.evals, self.evals = batch.evals + self.evals, []
+        return batch
 
     def ahead(self, n: int, due: set) -> tuple[list, list]:
         """For a checkpoint: the next n batches and the evaluations of the versions in `due`, received now if need be
         (the generator makes them without waiting for the trainer); next_batch returns them still. The generator sends
         both before anything from a newer version, so no batch that a resumed generator samples again is kept."""
-        while len(self.pending) < n or due - {e["version"] for e in self.evals}:
+        while len(self.pending) < n or due - {e.version for e in self.evals}:
             message = self.read()
             if message is not None:
                 self.pending.append(message)
-        return list(self.pending), [e for e in self.evals if e["version"] in due]
+        return list(self.pending), [e for e in self.evals if e.version in due]
 
-    def finish(self) -> dict:
+    def finish(self) -> Done:
         """The generator's last message, with the evaluations still to log (the final policy's among them)."""
         message = None
         while message is None:
             message = self.read()
-        evals, self.evals = self.evals, []
-        return message | {"evals": evals}
+        message.evals, self.evals = self.evals, []
+        return message
 
     def wait_for_snapshot_slot(self):
         wait_for_snapshot_slot(self.snapshot_free, self.samples_queue, self.process)
@@ -1629,64 +1771,79 @@ class GeneratorLink:
         if torch.cuda.is_available():
             torch.cuda.ipc_collect()  # give back the memory of the snapshot the generator let go of
 
-    def push(self, snapshot: dict):
+    def push(self, snapshot: Snapshot):
         self.snapshot = snapshot
-        buffer = snapshot["snapshot"][0]
+        buffer = snapshot.weights[0]
         self.snapshot_gb = buffer.numel() * buffer.itemsize / 1e9
         self.weights_queue.put(snapshot)
 
-    def stop(self, ranks: list):
-        """Stop the generator and the other trainer ranks, however the run ended."""
+    def stop(self):
+        """Stop the generator, however the run ended."""
         self.stop_event.set()
-        for r in ranks:
-            r.kill()
         self.weights_queue.cancel_join_thread()  # don't block exit on snapshots the generator never read
         self.process.join(timeout=10)
         if self.process.is_alive():
             self.process.kill()
 
 
-def collective_failure(args: Args, error: Exception) -> str:
+def from_a_collective(error: RuntimeError) -> bool:
+    """Whether the error is a collective's: it timed out, or a rank it waits for is gone. Inside DDP's backward pass
+    gloo raises a plain RuntimeError, which names gloo."""
+    return isinstance(error, dist.DistError) or any(word in str(error) for word in ("gloo", "NCCL"))
+
+
+def collective_failure(args: Args, rank: int, error: Exception) -> str:
     return (
-        f"a trainer rank failed, or waited longer than --dist_timeout {args.dist_timeout}s for the others in a "
-        f"collective ({type(error).__name__}: {str(error).splitlines()[0]})"
+        f"trainer rank {rank}: a rank failed, or this one waited longer than --dist_timeout {args.dist_timeout}s for "
+        f"the others in a collective ({type(error).__name__}: {str(error).splitlines()[0]})"
     )
 
 
-def start_other_ranks(ctx, args: Args, base_model: str, checkpoint: str | None, cores: list[int], link) -> list:
-    """Trainer ranks 1..R-1, each its own process; torch.distributed finds rank 0 at MASTER_ADDR:MASTER_PORT. A
-    watchdog thread in rank 0 stops the run if one dies, since NCCL would keep the others waiting."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    ranks = []
-    for r in range(1, args.trainer_ranks):
-        ranks.append(ctx.Process(target=trainer_process, args=(args, r, base_model, checkpoint, cores), daemon=True))
-        ranks[-1].start()
-    threading.Thread(target=watch_ranks, args=(ranks, link), daemon=True).start()
-    return ranks
+def shut_down(run, link):
+    """However the run ended: stop the generator, close the run folder, leave the process group. Signals wait
+    until this is done (the generator is joined for at most 10 s), so a second Ctrl-C cannot cut it short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if link:
+        link.stop()
+    if run:
+        run.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
-def trainer_process(args: Args, rank: int, base_model: str, checkpoint: str | None, cores: list[int]):
-    """Trainer ranks 1..R-1 run this: `train`, exiting quietly on failure, as rank 0 reports it."""
+def launch_ranks(args: Args):
+    """--trainer_ranks R: this script again as R ranks on this machine, by torch's launcher (what `torchrun
+    --standalone --nproc_per_node R` runs), which sets each rank's RANK and WORLD_SIZE, meets them on a free port,
+    and stops them all if one fails. The warm start is built here first, so that the ranks find it."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    import logging
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the sentence below says it all
+    args.model_name_or_path or warm_start(args)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=args.trainer_ranks,
+        run_id=f"{os.getpid()}-{time.time_ns()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        shutdown_timeout=15,  # seconds a rank has to stop after another failed, before it is killed
+    )
     try:
-        train(args, rank, base_model, checkpoint, cores)
-    except (KeyboardInterrupt, GeneratorError, WeightSyncError, dist.DistError):
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def watch_ranks(ranks: list, link: GeneratorLink):
-    """Rank 0's watchdog. NCCL notices a dead rank only after --dist_timeout, so rank 0, waiting for it in a
-    collective, would hang that long. If a rank dies and rank 0 has not stopped the run itself within 10 s (it
-    may be handling the same failure), this stops everything. Checkpoints are whole: they are renamed when done."""
-    while not link.stop_event.wait(1):
-        dead = [(r, p.exitcode) for r, p in enumerate(ranks, 1) if p.exitcode not in (None, 0)]
-        if dead and not link.stop_event.wait(10):
-            print(f"error: trainer rank {dead[0][0]} died (exit code {dead[0][1]}); stopped the run.", file=sys.stderr)
-            for p in [*ranks, link.process]:
-                p.kill()
-            os._exit(1)
+        elastic_launch(config, sys.executable)(*sys.argv)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        fail(
+            f"trainer rank {rank} stopped with exit code {failure.exitcode} (its reason, if it gave one, is above); "
+            "torch's launcher stopped the other ranks and, with rank 0, the generator."
+        )
+    except (KeyboardInterrupt, SignalException):
+        sys.exit("interrupted: stopped the trainer ranks and the generator")
 
 
 if __name__ == "__main__":

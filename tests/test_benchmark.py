@@ -6,23 +6,20 @@ import glob
 import json
 import math
 import os
-import re
 import shutil
 import statistics
-import subprocess
-import sys
 
 import matplotlib.image
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, assert_shows, parse_tables, run_script, table
 
 RUN_PY = os.path.join(ROOT, "benchmark", "run.py")
 PLOTS = ["speed_reward.png", "timeline.png", "staleness.png", "num_samples.png"]
 
 
-def benchmark(*flags, script=RUN_PY, timeout=600):
-    return subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def benchmark(*flags, timeout=600):
+    return run_script(RUN_PY, None, None, *flags, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -34,39 +31,7 @@ def results_dir(cache_dir, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading the table back, and the raw runs, independently of benchmark/run.py.
-def parse_tables(markdown: str) -> dict:
-    """{table title: {first cell of a row: {column: cell text}}} for every table under a ### heading."""
-    tables, title, header = {}, None, None
-    for line in markdown.splitlines():
-        if line.startswith("### "):
-            title, header = line[4:], None
-        elif line.startswith("|") and title:
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if header is None:
-                header, tables[title] = cells, {}
-            elif cells[0] != "---":
-                tables[title][cells[0]] = dict(zip(header, cells, strict=True))
-    return tables
-
-
-def table(tables: dict, prefix: str) -> dict:
-    (title,) = [t for t in tables if t.startswith(prefix)]
-    return tables[title]
-
-
-def assert_shows(text: str, values: list[float]):
-    """The cell shows the mean of values and, for several, their sample std, to its printed precision."""
-    match = re.fullmatch(r"([+-]?\d+(?:\.(\d+))?)(?: ± (\d+(?:\.\d+)?))?", text)
-    assert match, f"not a number: {text!r}"
-    tolerance = 0.5 * 10 ** -len(match[2] or "") + 1e-9
-    assert abs(float(match[1]) - statistics.fmean(values)) <= tolerance, (text, values)
-    if len(values) > 1:
-        assert match[3] is not None and abs(float(match[3]) - statistics.stdev(values)) <= tolerance, (text, values)
-    else:
-        assert match[3] is None, text
-
-
+# Reading the raw runs back, independently of benchmark/run.py.
 def per_step(steps: list[dict], *keys: str) -> float:
     """Mean over steps of the seconds spent in these time/ keys together."""
     return statistics.fmean(sum(r[f"time/{k}"] for k in keys) for r in steps)

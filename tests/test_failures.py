@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import asdict
@@ -13,38 +11,7 @@ import pytest
 
 import async_online_dpo as A
 
-from conftest import ROOT, SFT_STEPS, wrapper_script
-
-
-def start(script, cache_dir, tmp_path, *flags, marker=None):
-    env = dict(os.environ, ASYNC_DPO_TEST_MARKER=marker or "none")
-    places = ["--cache_dir", cache_dir, "--output_dir", str(tmp_path), "--sft_steps", str(SFT_STEPS)]
-    cmd = [sys.executable, os.path.join(ROOT, script), *places, *flags]
-    # A terminal starts programs with SIGINT at its default; a shell's background job (CI may be one)
-    # starts them with SIGINT ignored, which Python keeps. Restore the default so Ctrl-C can be tested.
-    return subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-
-
-def processes_with(marker):
-    """Processes still alive that carry this run's marker in their environment (the spawned generator inherits it)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if f"ASYNC_DPO_TEST_MARKER={marker}".encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
+from conftest import processes_with, start, wrapper_script
 
 
 @pytest.mark.parametrize(

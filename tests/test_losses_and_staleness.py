@@ -1,6 +1,8 @@
 """The paper's off-policy study with real vLLM: several updates per batch and the built-in policy's sizes. RLOO and
-the paper's N run end to end in tests/test_study.py, IPO in rounds of two batches in tests/test_scale.py."""
+the paper's N run end to end in tests/test_study.py, IPO in rounds of two batches in
+tests/test_datasets_rewards_and_resume.py."""
 
+import math
 import os
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import async_online_dpo as A
-from test_end_to_end import check_reloads, check_run_folder, read_run, run_script
+from conftest import check_reloads, check_run_folder, read_run, run_script
 
 
 def check_kl(steps, evals):
@@ -60,16 +62,11 @@ def test_the_kl_of_an_evaluation_is_the_sampling_policys_log_ratio_to_the_refere
     ref_token_logps = A.token_logprobs(ref, ids, mask, 3, 0.7)
     own = [ref_token_logps[i, : len(r)].tolist() for i, r in enumerate(sampled)]
     evals = [
-        {"version": 0, "prompt_ids": prompts, "sampled_ids": sampled, "sampled_logprobs": own},
-        {
-            "version": 1,
-            "prompt_ids": prompts,
-            "sampled_ids": sampled,
-            "sampled_logprobs": [[x + 0.1 for x in r] for r in own],
-        },
-        {"version": 2, "prompt_ids": prompts, "response_ids": sampled},  # an older version's: greedy completions only
+        A.Evaluation(0, [], prompts, [], sampled_ids=sampled, sampled_logprobs=own),
+        A.Evaluation(1, [], prompts, [], sampled_ids=sampled, sampled_logprobs=[[x + 0.1 for x in r] for r in own]),
+        A.Evaluation(2, [], prompts, sampled),  # an older version's: greedy completions only
     ]
     A.measure_kl(args, ref, evals, torch.device("cpu"))
-    assert abs(evals[0]["kl"]) < 1e-5
-    assert evals[1]["kl"] == pytest.approx(0.1 * (2 + 3 + 1) / 3, abs=1e-5)
-    assert "kl" not in evals[2]
+    assert abs(evals[0].kl) < 1e-5
+    assert evals[1].kl == pytest.approx(0.1 * (2 + 3 + 1) / 3, abs=1e-5)
+    assert math.isnan(evals[2].kl)

@@ -12,17 +12,22 @@ import statistics
 import matplotlib.image
 import pytest
 
-from conftest import ROOT
-from test_benchmark import assert_shows, benchmark, parse_tables, table
+from conftest import ROOT, assert_shows, parse_tables, run_script, table
 
 STUDY_PY = os.path.join(ROOT, "benchmark", "study.py")
+
+
+def study(*flags, timeout=600):
+    return run_script(STUDY_PY, None, None, *flags, timeout=timeout)
+
+
 PLOTS = ["losses.png", "sizes.png", "updates_per_batch.png", "num_samples.png"]
 
 
 @pytest.fixture(scope="module")
 def results_dir(cache_dir, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("study"))
-    result = benchmark("--tiny", "--results_dir", path, "--cache_dir", cache_dir, script=STUDY_PY, timeout=900)
+    result = study("--tiny", "--results_dir", path, "--cache_dir", cache_dir, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return path
 
@@ -183,10 +188,10 @@ def test_study_report_is_rebuilt_from_raw_alone(results_dir, tmp_path):
     original = open(os.path.join(copy, "results.md")).read()
     for name in ["results.md", "results.json", *PLOTS]:
         os.remove(os.path.join(copy, name))
-    result = benchmark("--report_only", "--results_dir", copy, script=STUDY_PY)
+    result = study("--report_only", "--results_dir", copy)
     assert result.returncode == 0, result.stderr[-3000:]
     assert open(os.path.join(copy, "results.md")).read() == original
-    result = benchmark("--tiny", "--results_dir", copy, script=STUDY_PY, timeout=60)
+    result = study("--tiny", "--results_dir", copy, timeout=60)
     assert result.returncode != 0 and "already holds runs" in result.stderr
 
 
@@ -224,7 +229,7 @@ def test_an_interrupted_study_resumes_with_only_its_missing_run(results_dir, cac
     os.remove(os.path.join(copy, last["folder"], "summary.json"))  # as if killed before its end
     json.dump(record | {"runs": kept_runs}, open(record_path, "w"))
     before = {r["folder"]: os.path.getmtime(os.path.join(copy, r["folder"], "metrics.jsonl")) for r in kept_runs}
-    result = benchmark("--tiny", "--resume", "--results_dir", copy, "--cache_dir", cache_dir, script=STUDY_PY)
+    result = study("--tiny", "--resume", "--results_dir", copy, "--cache_dir", cache_dir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("done in") == 1 and last["name"] in result.stdout
     resumed = json.load(open(record_path))
@@ -236,5 +241,5 @@ def test_an_interrupted_study_resumes_with_only_its_missing_run(results_dir, cac
     check_report(copy)
 
     empty = str(tmp_path / "empty")
-    result = benchmark("--tiny", "--resume", "--results_dir", empty, script=STUDY_PY, timeout=60)
+    result = study("--tiny", "--resume", "--results_dir", empty, timeout=60)
     assert result.returncode != 0 and "--resume found no" in result.stderr

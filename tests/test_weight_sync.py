@@ -1,5 +1,6 @@
 """The weight sync is real: after a push, vLLM in the generator process samples from the pushed weights."""
 
+import copy
 from contextlib import contextmanager
 
 import pytest
@@ -8,6 +9,7 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import async_online_dpo as A
+from conftest import read_run, run_script, wrapper_script
 
 
 def transformers_greedy(model, tokenizer, prompts, max_new_tokens):
@@ -31,6 +33,7 @@ def generator_process(args, model_path):
     ctx = mp.get_context("spawn")
     weights_queue, samples_queue, snapshot_free, stop = ctx.Queue(), ctx.Queue(), ctx.Semaphore(1), ctx.Event()
     settings = dict(args=args, model_path=model_path, start_version=0, first_batch=0, max_model_len=32, cpu_cores=[0])
+    settings["prompts"] = A.load_prompts(args)[:2]
     queues = dict(weights_queue=weights_queue, snapshot_free=snapshot_free, samples_queue=samples_queue, stop=stop)
     process = ctx.Process(target=A.generator_process, kwargs=settings | queues)
     try:
@@ -48,8 +51,8 @@ def snapshot(policy, version):
     prompt_ids, response_ids = A.tokenize(tokenizer, ["dcba="])[0], A.tokenize(tokenizer, ["abcd"])[0]
     with torch.no_grad():
         logprobs = A.token_logprobs(policy, *A.pad_batch([prompt_ids], [response_ids]), len(response_ids), 1.0)[0]
-    probe = {"prompt_ids": prompt_ids, "response_ids": response_ids, "logprobs": logprobs.tolist()}
-    return {"version": version, "snapshot": A.pack_weights(policy, torch.float32, "cpu", rank=0), "probe": probe}
+    probe = A.Probe(prompt_ids, response_ids, logprobs.tolist())
+    return A.Snapshot(version, A.pack_weights(policy, torch.float32, "cpu", is_rank_0=True), probe)
 
 
 def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
@@ -64,19 +67,20 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
         def push(version):
             weights_queue.put(snapshot(policy, version))
 
-        assert A.receive(samples_queue, process) == {"ready": True}  # vLLM is up: the first message says so
+        assert A.receive(samples_queue, process) == A.Ready()  # vLLM is up: the first message says so
         # Version 0, loaded from disk: the generator's greedy output is transformers' from the same weights. Each
         # evaluation comes as it is made, before the batch sampled next.
-        (eval0,) = A.receive(samples_queue, process)["evals"]
+        eval0 = A.receive(samples_queue, process)
         batch = A.receive(samples_queue, process)
-        assert batch["version"] == 0 and eval0["version"] == 0
-        old = transformers_greedy(policy, tokenizer, eval0["prompts"], args.response_length)
-        assert eval0["response_ids"] == old
+        assert isinstance(eval0, A.Evaluation) and isinstance(batch, A.Batch)
+        assert batch.version == 0 and eval0.version == 0
+        old = transformers_greedy(policy, tokenizer, eval0.prompts, args.response_length)
+        assert eval0.response_ids == old
 
         # The trainer changes its weights (a few optimizer steps towards reversed answers) and pushes them.
         optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
         for _ in range(5):
-            prompts = eval0["prompts"]
+            prompts = eval0.prompts
             seqs = [
                 tokenizer(p)["input_ids"] + tokenizer(p[:-1][::-1])["input_ids"] + [tokenizer.eos_token_id]
                 for p in prompts
@@ -87,20 +91,49 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
             optimizer.zero_grad()
         policy.eval()
         push(1)
-        (eval1,) = A.receive(samples_queue, process)["evals"]
+        eval1 = A.receive(samples_queue, process)
         batch = A.receive(samples_queue, process)
-        assert batch["version"] == 1 and eval1["version"] == 1
-        ((version, gap),) = batch["checks"]  # the generator checked the load against the probe
+        assert batch.version == 1 and eval1.version == 1
+        ((version, gap),) = batch.checks  # the generator checked the load against the probe
         assert version == 1 and gap < 1e-4
-        new = transformers_greedy(policy, tokenizer, eval1["prompts"], args.response_length)
-        assert eval1["response_ids"] == new  # vLLM now serves the new weights...
+        new = transformers_greedy(policy, tokenizer, eval1.prompts, args.response_length)
+        assert eval1.response_ids == new  # vLLM now serves the new weights...
         assert sum(a != b for a, b in zip(new, old)) >= len(old) // 2  # ...which really changed the output
 
         push(2)  # the generator evaluates the final version, then exits
-        assert [e["version"] for e in A.receive(samples_queue, process)["evals"]] == [2]
-        assert A.receive(samples_queue, process)["done"]
+        assert A.receive(samples_queue, process).version == 2
+        assert isinstance(A.receive(samples_queue, process), A.Done)
         process.join(timeout=30)
         assert process.exitcode == 0
+
+
+def perturbed(policy, seed: int):
+    """A copy of the policy with every weight moved a little, differently for each seed: another policy version."""
+    other = copy.deepcopy(policy)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in other.parameters():
+            w.add_(0.02 * torch.randn(w.shape, generator=generator))
+    return other
+
+
+def serving_versions(message, policies: dict, k: int, temperature: float) -> list[int]:
+    """The versions whose weights give vLLM's log-probs of the message's sampled tokens, within float error."""
+    if isinstance(message, A.Batch):
+        prompts, completions, logprobs = message.prompt_ids, message.response_ids, message.logprobs
+    else:  # an evaluation: one sampled completion per prompt
+        prompts, completions, logprobs, k = message.prompt_ids, message.sampled_ids, message.sampled_logprobs, 1
+    found = []
+    for version, policy in policies.items():
+        gap = 0.0
+        for j, (completion, vllm_logps) in enumerate(zip(completions, logprobs)):
+            ids, mask = A.pad_batch([prompts[j // k]], [completion])
+            with torch.no_grad():
+                ours = A.token_logprobs(policy, ids, mask, len(completion), temperature)[0]
+            gap = max(gap, (ours - torch.tensor(vllm_logps)).abs().max().item())
+        if gap < 1e-3:
+            found.append(version)
+    return found
 
 
 @pytest.mark.parametrize(
@@ -114,32 +147,71 @@ def test_generator_serves_the_latest_pushed_weights(cache_dir, model_path):
 def test_generator_samples_batch_i_with_the_version_the_rule_gives_and_evaluates_every_due_version(
     cache_dir, model_path, rounds, ahead, messages, loaded
 ):
-    """Four snapshots wait on the queue before vLLM has even started. Batch i must still be sampled by exactly
-    version max(0, N (i // N - A)): with A = 2, version max(0, i - 2); with the paper's N = 2, versions 0, 0, 2, 2.
-    Versions 2 and 4 (--eval_every 2) are evaluated on the way; the others are skipped."""
+    """Four snapshots, each of different weights, wait on the queue before vLLM has even started. Batch i must still
+    be sampled by exactly version max(0, N (i // N - A)): with A = 2, version max(0, i - 2); with the paper's N = 2,
+    versions 0, 0, 2, 2. Versions 2 and 4 (--eval_every 2) are evaluated on the way; the others are skipped. Each
+    message's log-probs show which weights vLLM served: those of the version it is labelled with, and no other."""
     args = A.Args(cache_dir=cache_dir, num_steps=4, batch_size=4, eval_prompts=8, eval_every=2, response_length=16)
     args.batches_per_round, args.async_steps = rounds, ahead
-    policy = AutoModelForCausalLM.from_pretrained(model_path)
+    policies = {0: AutoModelForCausalLM.from_pretrained(model_path).eval()}
+    policies |= {version: perturbed(policies[0], seed=version) for version in range(1, 5)}
     with generator_process(args, model_path) as (process, weights_queue, samples_queue):
         for version in range(1, 5):
-            weights_queue.put(snapshot(policy, version))
+            weights_queue.put(snapshot(policies[version], version))
         process.start()
-        assert A.receive(samples_queue, process) == {"ready": True}
+        assert A.receive(samples_queue, process) == A.Ready()
         received = [A.receive(samples_queue, process)]
-        while "done" not in received[-1]:  # the generator ends by reading up to version num_steps
+        while not isinstance(received[-1], A.Done):  # the generator ends by reading up to version num_steps
             received.append(A.receive(samples_queue, process))
 
         def label(m):
-            return (
-                f"eval {m['evals'][0]['version']}"
-                if "evals" in m
-                else f"batch {m['version']}"
-                if "version" in m
-                else "done"
-            )
+            kind = {A.Evaluation: "eval", A.Batch: "batch", A.Done: "done"}[type(m)]
+            return kind if kind == "done" else f"{kind} {m.version}"
 
         assert [label(m) for m in received] == messages
         # It loads only the versions it samples with or evaluates, and checks each against its probe.
-        assert [version for m in received for version, _ in m.get("checks", [])] == loaded
+        assert [version for m in received for version, _ in getattr(m, "checks", [])] == loaded
+        for m in received[:-1]:
+            assert serving_versions(m, policies, args.num_samples, args.temperature) == [m.version], label(m)
         process.join(timeout=30)
         assert process.exitcode == 0
+
+
+def run_wrapped(cache_dir, tmp_path, prelude, *flags):
+    return run_script(wrapper_script(tmp_path, prelude), cache_dir, tmp_path / "out", *flags)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The weight-sync check: a run whose weight sync is broken stops before it trains on a batch vLLM sampled with
+# weights other than those pushed: a sync run at batch 1, an async one (N = 1) at batch 2, the first from version 1.
+@pytest.mark.parametrize("async_steps", [0, 1])
+def test_a_broken_weight_sync_stops_the_run(cache_dir, tmp_path, async_steps):
+    broken = "A.load_weights_into_vllm = lambda llm, weights: None  # vLLM keeps serving version 0"
+    result = run_wrapped(cache_dir, tmp_path, broken, "--async_steps", str(async_steps))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and errors[-1].startswith("error: the weight sync is broken: after loading policy version 1"), errors
+    _, steps, _ = read_run(tmp_path / "out")
+    assert [s["step"] for s in steps] == list(range(1 + async_steps))  # batches sampled by version 0 only
+    assert steps[0]["async/logprob_gap"] < 1e-4  # version 0, loaded by vLLM from disk, agreed
+
+
+def test_a_trainer_that_holds_other_weights_than_vllm_stops_at_the_first_lag_0_batch(cache_dir, tmp_path):
+    """The lag-0 check compares vLLM's log-probs of the sampled tokens with the trainer's: here the trainer's
+    policy is not the one vLLM loaded, so batch 0 already disagrees."""
+    other = """
+load_policy = A.load_policy
+def other_policy(*args, **kwargs):
+    policy = load_policy(*args, **kwargs)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(1.5)
+    return policy
+A.load_policy = other_policy
+"""
+    result = run_wrapped(cache_dir, tmp_path, other, "--async_steps", "1")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and errors[-1].startswith(
+        "error: the weight sync is broken: batch 0 was sampled by policy version 0"
+    ), errors
+    assert read_run(tmp_path / "out")[1] == []  # nothing trained

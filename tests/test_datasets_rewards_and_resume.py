@@ -1,4 +1,4 @@
-"""Issue-4 features, proven on the CPU: data parallel and FSDP2 ranks, datasets, reward models, resume."""
+"""Datasets, reward models, kill-and-resume, bf16 and the input checks of larger runs, proven on the CPU."""
 
 import glob
 import json
@@ -15,34 +15,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 import async_online_dpo as A
-from test_end_to_end import read_run, run_script
-from test_failures import processes_with, start
-
-
-def weights(run_dir):
-    return load_file(os.path.join(run_dir, "model", "model.safetensors"))
-
-
-def max_difference(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def test_two_trainer_ranks_give_the_weights_of_one(cache_dir, model_path, tmp_path):
-    """Same global batch and seed: 2 ranks with DDP, and 2 ranks with FSDP2, end where 1 rank does."""
-    runs, grad_norms = {}, {}
-    for name, flags in {"one": [], "ddp": ["--trainer_ranks", "2"], "fsdp": ["--trainer_ranks", "2", "--fsdp"]}.items():
-        result = run_script("async_online_dpo.py", cache_dir, tmp_path / name, "--num_steps", "3", *flags)
-        assert result.returncode == 0, result.stderr[-3000:]
-        run_dir, steps, _ = read_run(tmp_path / name)
-        runs[name] = weights(run_dir)
-        grad_norms[name] = [s["objective/grad_norm"] for s in steps]
-    moved = max_difference(runs["one"], load_file(os.path.join(model_path, "model.safetensors")))
-    assert moved > 1e-5  # training changed the weights...
-    assert max_difference(runs["one"], runs["ddp"]) < 1e-6 < moved  # ...and rank count did not
-    assert max_difference(runs["one"], runs["fsdp"]) < 1e-6
-    # The logged gradient norm is the whole model's, not one rank's share of it.
-    assert grad_norms["ddp"] == pytest.approx(grad_norms["one"], rel=1e-4)
-    assert grad_norms["fsdp"] == pytest.approx(grad_norms["one"], rel=1e-4)
+from conftest import max_difference, processes_with, read_run, run_script, start, weights
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(cache_dir, tmp_path):

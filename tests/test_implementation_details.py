@@ -2,10 +2,7 @@
 
 import json
 import os
-import subprocess
-import sys
 import time
-import uuid
 
 import pytest
 import torch
@@ -20,15 +17,12 @@ from transformers import (
 )
 
 import async_online_dpo as A
-from conftest import ROOT, wrapper_script
-from test_end_to_end import TINY, read_run, run_script
-from test_failures import processes_with, start
+from conftest import read_run, run_script, wrapper_script
 
 
-def run_wrapped(tmp_path, prelude, *flags, timeout=300):
+def run_wrapped(cache_dir, tmp_path, prelude, *flags):
     """Run the script's main through a wrapper file whose top level runs `prelude` first."""
-    cmd = [sys.executable, wrapper_script(tmp_path, prelude), *TINY, "--output_dir", str(tmp_path / "out"), *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return run_script(wrapper_script(tmp_path, prelude), cache_dir, tmp_path / "out", *flags)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -48,8 +42,8 @@ atexit.register(lambda: print("COUNTS", counts["layers"], counts["models"]))
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradient_checkpointing_recomputes_every_layer(cache_dir, model_path, tmp_path, checkpointing):
-    flags = ["--cache_dir", cache_dir, "--num_steps", "2"] + ["--gradient_checkpointing"] * checkpointing
-    result = run_wrapped(tmp_path, COUNT_LAYERS, *flags)
+    flags = ["--num_steps", "2"] + ["--gradient_checkpointing"] * checkpointing
+    result = run_wrapped(cache_dir, tmp_path, COUNT_LAYERS, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     layers, forwards = map(int, result.stdout.split("COUNTS")[-1].split())
     num_layers = AutoModelForCausalLM.from_pretrained(model_path).config.num_hidden_layers
@@ -160,7 +154,7 @@ def test_a_run_scores_with_the_reward_model_at_eos(cache_dir, model_path, tmp_pa
     run_dir, steps, evals = read_run(tmp_path / "out")
     for s in steps:  # with the penalty off, the score is the reward model's alone
         assert s["rewards/score"] == pytest.approx(1 - s["rewards/missing_eos_frac"], abs=1e-5)
-        assert s["rewards/score"] == pytest.approx(s["rewards/gold"], abs=1e-6)
+        assert s["rewards/score"] == pytest.approx(s["rewards/unpenalized"], abs=1e-6)
     assert any(0 < s["rewards/missing_eos_frac"] < 1 for s in steps)  # both kinds were scored
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
     assert any(s["eos"] for s in samples)
@@ -257,14 +251,14 @@ def test_eval_split_and_length_then_resume_a_gpu_checkpoint_on_a_cpu(cache_dir, 
 def test_a_snapshot_is_one_buffer_of_views(model_path):
     policy = AutoModelForCausalLM.from_pretrained(model_path)
     for dtype in (torch.float32, torch.bfloat16):
-        buffer, layout = A.pack_weights(policy, dtype, "cpu", rank=0)
+        buffer, layout = A.pack_weights(policy, dtype, "cpu", is_rank_0=True)
         assert buffer.dtype == dtype and buffer.is_shared()
         weights = A.unpack_weights(buffer, layout)
         assert [name for name, _ in weights] == [n for n, w in policy.state_dict().items() if w.is_floating_point()]
         for name, w in weights:
             assert w.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()  # a view, not a copy
             assert torch.equal(w, policy.state_dict()[name].to(dtype))
-    assert A.pack_weights(policy, torch.float32, "cpu", rank=1) is None
+    assert A.pack_weights(policy, torch.float32, "cpu", is_rank_0=False) is None
     tied = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=16,
@@ -275,7 +269,7 @@ def test_a_snapshot_is_one_buffer_of_views(model_path):
             tie_word_embeddings=True,
         )
     )
-    names = [name for name, _, _ in A.pack_weights(tied, torch.float32, "cpu", rank=0)[1]]
+    names = [name for name, _, _ in A.pack_weights(tied, torch.float32, "cpu", is_rank_0=True)[1]]
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names  # sent once; vLLM ties it again
 
 
@@ -285,60 +279,9 @@ def test_the_trainer_waits_for_the_snapshot_slot_and_notices_a_dead_generator():
     process = ctx.Process(target=time.sleep, args=(3,))
     process.start()
     assert A.wait_for_snapshot_slot(snapshot_free, samples_queue, process) < 1  # free: no wait
-    samples_queue.put({"error": "Traceback: the generator's own"})
+    samples_queue.put(A.GeneratorFailed("Traceback: the generator's own"))
     t = time.time()
     with pytest.raises(A.GeneratorError, match="the generator's own"):  # taken, and the generator dies holding it
         A.wait_for_snapshot_slot(snapshot_free, samples_queue, process)
     assert 2 < time.time() - t < 10
     process.join()
-
-
-# ----------------------------------------------------------------------------------------------------
-# 9. --dist_timeout reaches torch.distributed; a rank that times out stops the run cleanly.
-def test_dist_timeout_stops_a_run_cleanly(cache_dir, tmp_path):
-    """2 s is too short for the ranks to meet: rank 1 takes longer to start, and then waits for rank 0 at the first
-    batch while vLLM starts. The run must stop at the timeout, with a sentence that names the flag."""
-    marker = uuid.uuid4().hex
-    flags = "--num_steps 2 --trainer_ranks 2 --dist_timeout 2".split()
-    p = start("async_online_dpo.py", cache_dir, tmp_path, *flags, marker=marker)
-    out, err = p.communicate(timeout=300)
-    assert p.returncode != 0
-    assert any(line.startswith("error: ") and "--dist_timeout 2s" in line for line in err.splitlines()), err[-3000:]
-    time.sleep(2)
-    assert processes_with(marker) == []
-
-
-# ----------------------------------------------------------------------------------------------------
-# The weight-sync check: a run whose weight sync is broken stops before it trains on a batch vLLM sampled with
-# weights other than those pushed: a sync run at batch 1, an async one (N = 1) at batch 2, the first from version 1.
-@pytest.mark.parametrize("async_steps", [0, 1])
-def test_a_broken_weight_sync_stops_the_run(cache_dir, tmp_path, async_steps):
-    broken = "A.load_weights_into_vllm = lambda llm, weights: None  # vLLM keeps serving version 0"
-    result = run_wrapped(tmp_path, broken, "--cache_dir", cache_dir, "--async_steps", str(async_steps))
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and errors[-1].startswith("error: the weight sync is broken: after loading policy version 1"), errors
-    _, steps, _ = read_run(tmp_path / "out")
-    assert [s["step"] for s in steps] == list(range(1 + async_steps))  # batches sampled by version 0 only
-    assert steps[0]["async/logprob_gap"] < 1e-4  # version 0, loaded by vLLM from disk, agreed
-
-
-def test_a_trainer_that_holds_other_weights_than_vllm_stops_at_the_first_lag_0_batch(cache_dir, tmp_path):
-    """The lag-0 check compares vLLM's log-probs of the sampled tokens with the trainer's: here the trainer's
-    policy is not the one vLLM loaded, so batch 0 already disagrees."""
-    other = """
-load_policy = A.load_policy
-def other_policy(*args, **kwargs):
-    policy = load_policy(*args, **kwargs)
-    with torch.no_grad():
-        policy.lm_head.weight.mul_(1.5)
-    return policy
-A.load_policy = other_policy
-"""
-    result = run_wrapped(tmp_path, other, "--cache_dir", cache_dir, "--async_steps", "1")
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and errors[-1].startswith(
-        "error: the weight sync is broken: batch 0 was sampled by policy version 0"
-    ), errors
-    assert read_run(tmp_path / "out")[1] == []  # nothing trained

@@ -1,0 +1,106 @@
+"""Trainer ranks as the field launches them: torchrun on one machine or on two (here, two torchrun agents on this
+one, meeting on 127.0.0.1), and --trainer_ranks R, which starts them through torch's own launcher. The ranks split
+every batch, so they end with the weights of one rank; and one that dies stops every process of the run."""
+
+import os
+import signal
+import socket
+import time
+import uuid
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import max_difference, processes_with, read_run, run_script, start, weights
+
+FLAGS = ["--num_steps", "3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(port: int) -> list[list[str]]:
+    """torchrun's flags for node 0 and node 1 of a two-machine run with one rank each, met at 127.0.0.1:port."""
+    common = ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    return [[*common, "--node_rank", str(node)] for node in (0, 1)]
+
+
+def test_torchrun_ranks_on_one_node_or_two_give_the_weights_of_one_rank(cache_dir, model_path, tmp_path):
+    """Same global batch and seed: 2 ranks under `torchrun --standalone` with DDP and with FSDP2, and 2 ranks on two
+    nodes, end where 1 rank does, with the gradient norm of the whole model."""
+    standalone = ["--standalone", "--nproc_per_node", "2"]
+    runs, grad_norms = {}, {}
+    for name, torchrun, flags in [("one", None, []), ("ddp", standalone, []), ("fsdp", standalone, ["--fsdp"])]:
+        result = run_script("async_online_dpo.py", cache_dir, tmp_path / name, *FLAGS, *flags, torchrun=torchrun)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if torchrun:
+            assert "2 trainer rank(s)" in result.stdout
+    node_0, node_1 = two_nodes(free_port())
+    other = start("async_online_dpo.py", cache_dir, tmp_path / "two_nodes", *FLAGS, torchrun=node_1)
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "two_nodes", *FLAGS, torchrun=node_0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert other.wait(timeout=60) == 0
+    assert "2 trainer rank(s)" in result.stdout
+    for name in ("one", "ddp", "fsdp", "two_nodes"):
+        run_dir, steps, _ = read_run(tmp_path / name)
+        runs[name] = weights(run_dir)
+        grad_norms[name] = [s["objective/grad_norm"] for s in steps]
+    moved = max_difference(runs["one"], load_file(os.path.join(model_path, "model.safetensors")))
+    assert moved > 1e-5  # training changed the weights...
+    for name in ("ddp", "fsdp", "two_nodes"):
+        assert max_difference(runs["one"], runs[name]) < 1e-6 < moved, name  # ...and the ranks did not
+        assert grad_norms[name] == pytest.approx(grad_norms["one"], rel=1e-4), name
+
+
+def test_killing_a_rank_on_the_second_node_stops_the_whole_run(cache_dir, tmp_path):
+    """Node 1's rank is killed outright mid-run. Rank 0, on node 0, finds its peer gone at the next collective and
+    stops with one sentence; each node's torchrun then stops: no rank, agent or generator is left."""
+    marker = uuid.uuid4().hex
+    flags = ["--num_steps", "200", "--eval_every", "50"]
+    node_0, node_1 = two_nodes(free_port())
+    agents = [
+        start("async_online_dpo.py", cache_dir, tmp_path, *flags, marker=marker, torchrun=t) for t in (node_0, node_1)
+    ]
+    try:
+        for line in agents[0].stdout:  # wait until training is under way
+            if line.startswith("step   2/"):
+                break
+        (rank_1,) = [pid for pid in processes_with(marker) if parent(pid) == agents[1].pid]
+        os.kill(rank_1, signal.SIGKILL)
+        t = time.time()
+        while processes_with(marker) and time.time() - t < 60:
+            time.sleep(0.2)
+        stopped_in = time.time() - t
+        assert processes_with(marker) == []
+        assert stopped_in < 20, stopped_in
+        _, err = agents[0].communicate(timeout=10)
+        assert agents[0].returncode != 0 and agents[1].wait(timeout=10) != 0
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert errors and "trainer rank 0: a rank failed" in errors[0], err[-3000:]
+        print(f"the run stopped {stopped_in:.1f} s after rank 1 was killed")
+    finally:
+        for p in agents:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_dist_timeout_stops_a_run_cleanly(cache_dir, tmp_path):
+    """--trainer_ranks 2, the one-machine shortcut, with 2 s to meet: too short, since rank 1 waits for rank 0 while
+    rank 0 starts vLLM. The run must stop at the timeout, with a sentence that names the flag, and leave nothing."""
+    marker = uuid.uuid4().hex
+    flags = "--num_steps 2 --trainer_ranks 2 --dist_timeout 2".split()
+    p = start("async_online_dpo.py", cache_dir, tmp_path, *flags, marker=marker)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert any(line.startswith("error: ") and "--dist_timeout 2s" in line for line in err.splitlines()), err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: trainer rank"), err[-3000:]  # the launcher's last word
+    time.sleep(2)
+    assert processes_with(marker) == []
