@@ -7,16 +7,13 @@ while the trainer learns from earlier batches with online DPO, so generation and
 
     python async_online_dpo.py     # CPU: generator, trainer on separate cores (5-7 min); 1 GPU: both share GPU 0
     CUDA_VISIBLE_DEVICES=0,1 python async_online_dpo.py   # 2 GPUs: generator on GPU 0, trainer on GPU 1
-    python async_online_dpo.py --trainer_ranks 4 --fsdp --bf16   # 5 GPUs: generator + 4 FSDP2 trainer ranks
+    torchrun --nproc_per_node 4 async_online_dpo.py --fsdp --bf16   # 5 GPUs: generator, 4 FSDP2 trainer ranks
     python async_online_dpo.py --async_steps 4      # let the generator run 4 batches ahead
     python sync_baseline.py --batches_per_round 4   # the paper's off-policy N: one version samples 4 batches
     python async_online_dpo.py --loss_type rloo     # or ipo, best_of_k; --updates_per_batch 2, --model_size 30m
-    python async_online_dpo.py --model_name_or_path PATH --dataset data.jsonl --reward_model_path RM
-    python async_online_dpo.py --save_every 16      # then, after a crash: --resume runs/RUN_FOLDER
-    python sync_baseline.py                         # the same run, generation and training in turn
 
-Part I, the method, reads top to bottom in the order things happen: the flags, the math, the generator process,
-the trainer and `main`. README.md has the GPU recipes, the off-policy study and what every logged metric means.
+Part I, the method, reads top to bottom in the order things happen. README.md has the GPU and several-machine
+recipes, datasets and reward models, resume, the off-policy study and what every logged metric means.
 """
 
 import datetime
@@ -167,17 +164,18 @@ class Args:
 # ----------------------------------------------------------------------------------------------------
 # The math: log-probs, scores, what each loss trains on, and the losses. Pure functions, checked in tests/.
 def token_logprobs(model, input_ids, attention_mask, response_width: int, temperature: float):
-    """log π(y_t | x, y_<t) of the last `response_width` tokens of each row, (B, R), logits divided by the sampling
-    temperature as in the paper's code. Only those columns get logits: all of them would take GBs at a 128k vocab."""
+    """log π(y_t | x, y_<t) of the last T = `response_width` tokens of each row, (B, T), logits divided by the sampling
+    temperature as in the paper's code. Only those columns get logits: all of them would take GBs at a 128k vocab.
+    Rows are prompt then response, left-padded (pad_batch), with positions that start at 0 after the padding."""
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
         logits_to_keep=response_width + 1,
         use_cache=False,
-    ).logits[:, :-1]  # (B, R, V): the logits at column t predict the token at t + 1
+    ).logits[:, :-1]  # (B, T, V): the logits at column t predict the token at t + 1
     logps = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return torch.gather(logps, 2, input_ids[:, -response_width:, None]).squeeze(2)  # (B, R)
+    return torch.gather(logps, 2, input_ids[:, -response_width:, None]).squeeze(2)  # (B, T)
 
 
 def ended(response_ids: list[list[int]], eos_ids: set[int]) -> list[bool]:
@@ -269,43 +267,14 @@ def sampler_gap(token_logps, response_mask, sampler_logps: list[list[float]], ro
     return torch.stack([(token_gap * token_weight).sum(), token_weight.sum()])
 
 
-def pad_batch(prompts: list[list[int]], responses: list[list[int]]):
-    """Token lists -> (B, P + R) ids and attention mask, prompts padded on the left and responses on the right, so
-    every response starts in column P. Pad id 0 is masked out (a pad id past the vocabulary fails on GPUs)."""
-    prompt_width, response_width = max(map(len, prompts)), max(map(len, responses))
-    ids = torch.zeros(len(prompts), prompt_width + response_width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, prompt_width - len(p) : prompt_width + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        mask[i, prompt_width - len(p) : prompt_width + len(r)] = 1
-    return ids, mask
-
-
-def position_ids(attention_mask):
-    """Positions that start at 0 after the left padding: a padded row is computed as it would be alone."""
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)
-
-
 def completion_logprobs(model, prompt_ids, response_ids, args: Args, device):
     """log π(y|x) = Σ_t log π(y_t | x, y_<t) of each completion, (B,), with the token log-probs and their mask."""
     ids, mask = (t.to(device) for t in pad_batch(prompt_ids, response_ids))
     width = max(map(len, response_ids))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-        token_logps = token_logprobs(model, ids, mask, width, args.temperature)  # (B, R)
+        token_logps = token_logprobs(model, ids, mask, width, args.temperature)  # (B, T)
     response_mask = mask[:, -width:]
     return (token_logps * response_mask).sum(1), token_logps, response_mask
-
-
-@torch.no_grad()
-def summed_logprobs(model, prompt_ids, response_ids, args: Args, device):
-    """log π(y|x) of each completion without gradients, as many at a time as a DPO micro-batch holds."""
-    chunk = 2 * args.micro_batch_size
-    sums = []
-    for begin in range(0, len(response_ids), chunk):
-        rows = slice(begin, begin + chunk)
-        logps, _, _ = completion_logprobs(model, prompt_ids[rows], response_ids[rows], args, device)
-        sums.append(logps.float().cpu())
-    return torch.cat(sums)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,45 +305,38 @@ class Batch:
     response_ids: list[list[int]]  # the k completions of a prompt side by side
     logprobs: list[list[float]]  # vLLM's log-prob of each sampled token
     spans: list[tuple]  # (what, start, end) of the generator's work since the last batch, for the timeline
-    checks: list[tuple[int, float]]  # (version, probe gap) of each snapshot it loaded since
-    evals: list["Evaluation"] = field(default_factory=list)  # those received before it, logged with it
+    checks: list[tuple[int, float]]  # (version, probe gap) of each snapshot loaded since: see the weight-sync check
+    evals: list["Evaluation"] = field(default_factory=list)  # those that arrived before it, logged with it
 
 
 @dataclass
-class Evaluation:
+class Evaluation:  # of policy `version`, on the held-out prompts
     version: int
-    prompts: list[str]  # the held-out prompts
+    prompts: list[str]
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]  # greedy, for the gold reward
-    sampled_ids: list[list[int]] | None = None  # one sample each, as in training, for the KL (an older
-    sampled_logprobs: list[list[float]] | None = None  # checkpoint's evaluation may have none)
+    sampled_ids: list[list[int]] | None = None  # one sample each as in training, for the KL; None in
+    sampled_logprobs: list[list[float]] | None = None  # an evaluation an older version's checkpoint kept
     kl: float = float("nan")  # measured by the trainer: measure_kl
-
-
-@dataclass
-class Probe:
-    prompt_ids: list[int]
-    response_ids: list[int]
-    logprobs: list[float]  # the trainer's, at temperature 1 (see make_probe)
 
 
 @dataclass
 class Snapshot:
     version: int
     weights: tuple  # (one flat tensor, [(name, shape, offset)]): see pack_weights
-    probe: Probe
+    probe: "Probe"  # see make_probe
 
 
 @dataclass
-class Ready:
-    """vLLM is up and has sized its KV cache: on a shared GPU, the trainer may now allocate."""
+class Ready:  # vLLM is up and has sized its KV cache: on a GPU it shares, the trainer may allocate now
+    pass
 
 
 @dataclass
-class Done:
+class Done:  # no more batches: what the generator did since the last one
     spans: list[tuple]
     checks: list[tuple[int, float]]
-    evals: list[Evaluation] = field(default_factory=list)  # the final policy's among them
+    evals: list[Evaluation] = field(default_factory=list)
 
 
 @dataclass
@@ -446,10 +408,12 @@ def generator(
     version = start_version
     spans, checks = [], []  # sent with the next batch: see Batch
 
-    def generate(prompt_ids, *, temperature, n, seed, max_tokens, with_logprobs):
+    as_in_training = dict(temperature=args.temperature, max_tokens=args.response_length, with_logprobs=True)
+
+    def generate(prompt_ids, *, n, seed, temperature, max_tokens, with_logprobs):
         # One seed per prompt: what a prompt samples depends only on the weights and its seed. The prompts go
         # in as token ids, the ones the trainer uses, so vLLM adds no special tokens of its own.
-        logprobs = SAMPLED_TOKEN_ONLY if with_logprobs else None
+        logprobs = 0 if with_logprobs else None  # 0: the log-prob of the sampled token alone
         params = [
             SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed + j, logprobs=logprobs)
             for j in range(len(prompt_ids))
@@ -462,16 +426,9 @@ def generator(
     def evaluate():
         t = time.time()
         length = args.eval_response_length or args.response_length
-        greedy, _ = generate(eval_prompt_ids, temperature=0.0, n=1, seed=0, max_tokens=length, with_logprobs=False)
+        greedy, _ = generate(eval_prompt_ids, n=1, seed=0, temperature=0.0, max_tokens=length, with_logprobs=False)
         # One sample per prompt as training samples, for the trainer's KL of this version to the reference.
-        sampled_ids, sampled_logps = generate(
-            eval_prompt_ids,
-            temperature=args.temperature,
-            n=1,
-            seed=0,
-            max_tokens=args.response_length,
-            with_logprobs=True,
-        )
+        sampled_ids, sampled_logps = generate(eval_prompt_ids, n=1, seed=0, **as_in_training)
         e = Evaluation(version, eval_prompts, eval_prompt_ids, greedy, sampled_ids, sampled_logps)
         samples_queue.put(e)  # at once, not with the next batch: a checkpoint may need it first
         spans.append(("eval", t, time.time()))
@@ -505,14 +462,7 @@ def generator(
         batch_texts = batch_prompts(args, train_prompts, index)
         prompt_ids = tokenize(tokenizer, batch_texts)
         seed = (args.seed * MAX_BATCHES + index) * args.batch_size
-        response_ids, logps = generate(
-            prompt_ids,
-            temperature=args.temperature,
-            n=args.num_samples,
-            seed=seed,
-            max_tokens=args.response_length,
-            with_logprobs=True,
-        )
+        response_ids, logps = generate(prompt_ids, n=args.num_samples, seed=seed, **as_in_training)
         spans.append(("generate", t, time.time()))
         samples_queue.put(Batch(version, batch_texts, prompt_ids, response_ids, logps, spans, checks))
         spans, checks = [], []  # new lists: the queue pickles the old ones in the background
@@ -520,15 +470,18 @@ def generator(
     samples_queue.put(Done(spans, checks))
 
 
-# vLLM's `logprobs` setting for the log-prob of the sampled token alone (n > 0 adds the n likeliest tokens too).
-SAMPLED_TOKEN_ONLY = 0
-
-
 # ----------------------------------------------------------------------------------------------------
 # The weight-sync check. Each time vLLM loads pushed weights it scores a probe completion, whose log-probs the
 # trainer computed with those weights; and at lag 0 the trainer's log-probs of a batch's tokens must be vLLM's.
 # Where they differ by more than float error, vLLM is not serving what was pushed, and training on its samples
 # would be wrong without a sign: the run stops.
+@dataclass
+class Probe:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]  # the trainer's, at temperature 1: vLLM's prompt log-probs skip temperature
+
+
 def make_probe(policy, batch: Batch, k: int, device, bf16: bool) -> Probe:
     """The new policy's log-probs of the batch's longest completion, which the generator compares with vLLM's
     once it has loaded these weights (at temperature 1: vLLM's prompt log-probs skip temperature). Its last
@@ -547,10 +500,9 @@ def probe_gap(llm, probe: Probe) -> float:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=SAMPLED_TOKEN_ONLY)
-    (output,) = llm.generate(
-        [TokensPrompt(prompt_token_ids=probe.prompt_ids + probe.response_ids)], params, use_tqdm=False
-    )
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)  # 0: each prompt token's alone
+    prompt = TokensPrompt(prompt_token_ids=probe.prompt_ids + probe.response_ids)
+    (output,) = llm.generate([prompt], params, use_tqdm=False)
     logps = sampled_logprobs(probe.response_ids, output.prompt_logprobs[len(probe.prompt_ids) :])
     return sum(abs(a - b) for a, b in zip(logps, probe.logprobs)) / len(probe.response_ids)
 
@@ -587,7 +539,7 @@ def train(args: Args, rank: int, device, base_model: str, policy_path: str, stat
     # started (each rank holds 1/R of both under FSDP2), and the reward.
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     eos_ids = stop_token_ids(base_model, tokenizer)
-    policy, distributed_policy, ref_policy = load_policies(args, base_model, policy_path, device)
+    policy, wrapped_policy, ref_policy = load_policies(args, base_model, policy_path, device)
     reward_fn = load_reward(args, args.reward_model_path, device, tokenizer, eos_ids)  # each rank scores its share
     if is_rank_0:  # rank 0 scores the generator's evaluations, with the gold reward model if there is one
         gold_path = args.gold_reward_model_path
@@ -597,8 +549,7 @@ def train(args: Args, rank: int, device, base_model: str, policy_path: str, stat
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1 - update / updates)
     start = restore_checkpoint(args, state, policy, optimizer, scheduler)  # the version to start from: 0 if new
     tolerance = args.logprob_gap_tolerance
-    if tolerance is None:
-        tolerance = 0.1 if args.bf16 else 1e-3
+    tolerance = (0.1 if args.bf16 else 1e-3) if tolerance is None else tolerance
     P, k = args.batch_size // world, args.num_samples  # prompts per rank, completions per prompt
 
     for step in range(start, args.num_steps):
@@ -647,9 +598,7 @@ def train(args: Args, rank: int, device, base_model: str, policy_path: str, stat
                 real = is_real[begin : begin + args.micro_batch_size].to(device)
                 rows = [term[n] for n in range(len(mb[0])) for term in mb]  # DPO: the chosen rows, then the rejected
                 prompt_rows, response_rows = [completion_prompt_ids[j] for j in rows], [responses[j] for j in rows]
-                logps, token_logps, mask = completion_logprobs(
-                    distributed_policy, prompt_rows, response_rows, args, device
-                )
+                logps, token_logps, mask = completion_logprobs(wrapped_policy, prompt_rows, response_rows, args, device)
                 ref, old, adv = (t[rows].to(device) for t in (ref_logps, old_logps, advantages))
                 losses, stats = loss_terms(args, logps, ref, old, adv)
                 ((losses * real).sum() * world / sum(counts)).backward()
@@ -777,14 +726,13 @@ def main(args: Args):
         return launch_ranks(args)
     rank = int(os.environ.get("RANK", 0))
     is_rank_0 = rank == 0
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, or torchrun stopping us, acts as Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` (or torchrun stopping the ranks) as Ctrl-C
     t_start = time.time()
     generator_cores, trainer_cores = split_cpu_cores(args.cpu_share_cores)  # used on a CPU only
     run = link = None
     try:
         if is_rank_0:
-            base_model, checkpoint, state = starting_point(args)
-            policy_path = os.path.join(checkpoint, "model") if checkpoint else base_model
+            base_model, policy_path, checkpoint, state = starting_point(args)
             tokenizer = AutoTokenizer.from_pretrained(base_model)
             train_prompts, eval_prompts, references = load_prompts(args)
             max_model_len = check_lengths(args, base_model, tokenizer, train_prompts, eval_prompts)
@@ -797,10 +745,10 @@ def main(args: Args):
             queues["snapshot_free"] = ctx.Semaphore(1)  # one snapshot in memory at a time
             first_batch = run.start + len(run.pending)  # batches sampled before a checkpoint come from the checkpoint
             settings = dict(args=args, model_path=policy_path, start_version=run.start, first_batch=first_batch)
-            settings |= dict(
-                prompts=(train_prompts, eval_prompts), max_model_len=max_model_len, cpu_cores=generator_cores
+            settings |= dict(prompts=(train_prompts, eval_prompts), max_model_len=max_model_len)
+            process = ctx.Process(
+                target=generator_process, args=(generator_cores,), kwargs=settings | queues, daemon=True
             )
-            process = ctx.Process(target=generator_process, kwargs=settings | queues, daemon=True)
             process.start()
             link = GeneratorLink(process, pending=run.pending, evals=run.pending_evals, **queues)
             # vLLM sizes its KV cache from the memory free while it starts: on a GPU it shares, the trainer must not
@@ -810,21 +758,10 @@ def main(args: Args):
         join_process_group(args, rank)
         dist.barrier()  # rank 0 has built the warm start: the others find it, or build the same on their machine
         if not is_rank_0:
-            base_model, checkpoint, state = starting_point(args)
-            policy_path = os.path.join(checkpoint, "model") if checkpoint else base_model
+            base_model, policy_path, checkpoint, state = starting_point(args)
         train(args, rank, device, base_model, policy_path, state, run, link)
-    except KeyboardInterrupt:
-        sys.exit(
-            "interrupted (Ctrl-C, or SIGTERM from kill or torchrun): stopped the trainer and the generator"
-            if is_rank_0
-            else 1
-        )
-    except (GeneratorError, WeightSyncError) as error:
-        sys.exit(f"error: {error}" if is_rank_0 else 1)  # every rank stops at the same check; rank 0 says why
-    except RuntimeError as error:  # torch.distributed's, or gloo's inside DDP's backward pass
-        if not from_a_collective(error):
-            raise
-        sys.exit(f"error: {collective_failure(args, rank, error)}")
+    except BaseException as error:  # Ctrl-C, a generator crash, a broken weight sync, a lost rank: one sentence
+        stop_with_reason(args, rank, error)
     finally:
         shut_down(run, link)  # the generator, the run folder and the process group, however training ended
     if is_rank_0:
@@ -1046,7 +983,37 @@ def load_reward(args: Args, model_path: str, device, tokenizer, eos_ids: set[int
 
 
 # ----------------------------------------------------------------------------------------------------
-# The trainer's models.
+# The trainer's tensors and models.
+def pad_batch(prompts: list[list[int]], responses: list[list[int]]):
+    """Token lists -> (B, prompt width + response width) ids and attention mask, prompts padded on the left and
+    responses on the right, so every response starts in the same column. Pad id 0 is masked out (a pad id past
+    the vocabulary fails on GPUs)."""
+    prompt_width, response_width = max(map(len, prompts)), max(map(len, responses))
+    ids = torch.zeros(len(prompts), prompt_width + response_width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, prompt_width - len(p) : prompt_width + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        mask[i, prompt_width - len(p) : prompt_width + len(r)] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask):
+    """Positions that start at 0 after the left padding: a padded row is computed as it would be alone."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def summed_logprobs(model, prompt_ids, response_ids, args: Args, device):
+    """log π(y|x) of each completion without gradients, as many at a time as a DPO micro-batch holds."""
+    chunk = 2 * args.micro_batch_size
+    sums = []
+    for begin in range(0, len(response_ids), chunk):
+        rows = slice(begin, begin + chunk)
+        logps, _, _ = completion_logprobs(model, prompt_ids[rows], response_ids[rows], args, device)
+        sums.append(logps.float().cpu())
+    return torch.cat(sums)
+
+
 def from_rank_0(obj):
     """obj as rank 0 has it, on every trainer rank."""
     holder = [obj]
@@ -1055,11 +1022,14 @@ def from_rank_0(obj):
 
 
 def starting_point(args: Args):
-    """The reference policy (the built-in one is warm-started once, then cached), the newest checkpoint when resuming,
-    and its trainer.pt (optimizer, scheduler, RNG, the batches sampled ahead), read once."""
+    """The reference policy (the built-in one is warm-started once, then cached); the policy to train, which is the
+    newest checkpoint's when resuming, that checkpoint, and its trainer.pt (optimizer, scheduler, RNG, the batches
+    sampled ahead), read once."""
     base_model = args.model_name_or_path or warm_start(args)
     checkpoint = latest_checkpoint(args.resume) if args.resume else None
-    return base_model, checkpoint, read_checkpoint(checkpoint) if checkpoint else {}
+    if checkpoint is None:
+        return base_model, base_model, None, {}
+    return base_model, os.path.join(checkpoint, "model"), checkpoint, read_checkpoint(checkpoint)
 
 
 def on_generator_node() -> bool:
@@ -1786,17 +1756,28 @@ class GeneratorLink:
             self.process.kill()
 
 
-def from_a_collective(error: RuntimeError) -> bool:
+def from_a_collective(error: BaseException) -> bool:
     """Whether the error is a collective's: it timed out, or a rank it waits for is gone. Inside DDP's backward pass
     gloo raises a plain RuntimeError, which names gloo."""
+    if not isinstance(error, RuntimeError):
+        return False
     return isinstance(error, dist.DistError) or any(word in str(error) for word in ("gloo", "NCCL"))
 
 
-def collective_failure(args: Args, rank: int, error: Exception) -> str:
-    return (
-        f"trainer rank {rank}: a rank failed, or this one waited longer than --dist_timeout {args.dist_timeout}s for "
-        f"the others in a collective ({type(error).__name__}: {str(error).splitlines()[0]})"
-    )
+def stop_with_reason(args: Args, rank: int, error: BaseException):
+    """Turn what stopped a rank into one sentence and exit; anything else is a bug, raised with its traceback. Every
+    rank meets a broken weight sync (or the generator's crash) at the same check, so rank 0 alone says it."""
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or SIGTERM: `kill`, or torchrun stopping the ranks
+        sys.exit("interrupted: stopped the trainer and the generator" if rank == 0 else 1)
+    if isinstance(error, (GeneratorError, WeightSyncError)):
+        sys.exit(f"error: {error}" if rank == 0 else 1)
+    if from_a_collective(error):
+        what = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        sys.exit(
+            f"error: trainer rank {rank}: a rank failed, or this one waited longer than --dist_timeout "
+            f"{args.dist_timeout}s for the others in a collective ({what})"
+        )
+    raise error
 
 
 def shut_down(run, link):
