@@ -122,8 +122,7 @@ class Args:
     async_steps: int = 1
     """A, rounds the generator runs ahead: batch i is sampled by version max(0, N·(i // N - A)); 0 = synchronous"""
     logprob_gap_tolerance: float | None = None
-    """stop when vLLM's and the trainer's log-probs differ by more, per token, where they should agree; None = 1e-3
-    in float32, 0.1 with --bf16"""
+    """stop where vLLM's and the trainer's log-probs should agree but differ per token by more (None: 1e-3; bf16 0.1)"""
 
     # --- evaluation
     eval_every: int = 16
@@ -143,8 +142,7 @@ class Args:
 
     # --- hardware
     trainer_ranks: int = 1
-    """R, data-parallel trainer ranks on this machine, on GPUs 1..R (GPU 0 is the generator's) or CPU cores; under
-    torchrun, the ranks it started (README: several machines)"""
+    """R, data-parallel trainer ranks to start here, on GPUs 1..R (GPU 0 is the generator's) or cores; or torchrun's"""
     fsdp: bool = False
     """shard weights, gradients and Adam state over the ranks with FSDP2 (when they don't fit one GPU)"""
     bf16: bool = False
@@ -374,20 +372,10 @@ def evaluated(args: Args, version: int) -> bool:
 
 
 def generator(
-    *,
-    args,
-    model_path,
-    start_version,
-    first_batch,
-    prompts,
-    max_model_len,
-    weights_queue,
-    snapshot_free,
-    samples_queue,
-    stop,
+    args, model_path, version, first_batch, prompts, max_model_len, weights_queue, snapshot_free, samples_queue, stop
 ):
-    """Sample batches first_batch, first_batch + 1, ... with vLLM in its own process, starting from the policy
-    version saved at model_path (0, or a checkpoint's when resuming), as generator_process sets it up."""
+    """Sample batches first_batch, first_batch + 1, ... with vLLM in its own process, starting from policy `version`,
+    saved at model_path (0, or a checkpoint's when resuming), as generator_process sets it up."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -405,7 +393,6 @@ def generator(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_prompts, eval_prompts = prompts
     eval_prompt_ids = tokenize(tokenizer, eval_prompts)
-    version = start_version
     spans, checks = [], []  # sent with the next batch: see Batch
 
     as_in_training = dict(temperature=args.temperature, max_tokens=args.response_length, with_logprobs=True)
@@ -744,7 +731,7 @@ def main(args: Args):
             queues = dict(weights_queue=ctx.Queue(), samples_queue=ctx.Queue(), stop=ctx.Event())
             queues["snapshot_free"] = ctx.Semaphore(1)  # one snapshot in memory at a time
             first_batch = run.start + len(run.pending)  # batches sampled before a checkpoint come from the checkpoint
-            settings = dict(args=args, model_path=policy_path, start_version=run.start, first_batch=first_batch)
+            settings = dict(args=args, model_path=policy_path, version=run.start, first_batch=first_batch)
             settings |= dict(prompts=(train_prompts, eval_prompts), max_model_len=max_model_len)
             process = ctx.Process(
                 target=generator_process, args=(generator_cores,), kwargs=settings | queues, daemon=True
@@ -1580,9 +1567,10 @@ def pin_to_cores(cores: list[int]):
 
 
 def split_cpu_cores(share: bool = False):
-    """On a CPU the generator takes the first half of our cores and the trainer the rest (or both take all)."""
+    """On a CPU the generator takes the first half of our cores and the trainer the rest (or both take all). On a
+    machine without the generator (torchrun's nodes 1, 2, ...) the trainer ranks have every core."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
-    if share:
+    if share or not on_generator_node():
         return cores, cores
     half = max(1, len(cores) // 2)
     return cores[:half], cores[half:] or cores

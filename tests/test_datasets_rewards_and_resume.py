@@ -1,5 +1,6 @@
 """Datasets, reward models, kill-and-resume, bf16 and the input checks of larger runs, proven on the CPU."""
 
+import ast
 import glob
 import json
 import os
@@ -12,10 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models
-from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 import async_online_dpo as A
-from conftest import max_difference, processes_with, read_run, run_script, start, weights
+from conftest import max_difference, processes_with, read_run, run_script, start, weights, wrapper_script
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(cache_dir, tmp_path):
@@ -113,7 +120,6 @@ def test_dataset_reward_models_and_win_rate(cache_dir, model_path, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, steps, evals = read_run(tmp_path / "out")
     assert len(steps) == 4 and [e["eval/version"] for e in evals] == [0, 2, 4]
-    assert all(0 <= e["eval/win_rate"] <= 1 for e in evals)
     held_out = {r["prompt"] for r in rows[-8:]}  # the last --eval_prompts rows are held out of training
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
     assert samples and {s["prompt"] for s in samples} <= held_out
@@ -125,6 +131,24 @@ def test_dataset_reward_models_and_win_rate(cache_dir, model_path, tmp_path):
         assert s["gold"] == pytest.approx(
             gold_score([s["prompt"]], A.tokenize(tokenizer, [s["prompt"]]), [response])[0], abs=1e-4
         )
+    # The win-rate, recomputed: the first and the last policy's greedy completions of every held-out prompt, made
+    # here with transformers, against the references, both scored by the gold model; a tie counts one half.
+    prompts = [r["prompt"] for r in rows[-8:]]
+    prompt_ids = A.tokenize(tokenizer, prompts)
+    ref_ids = [ids + [eos] for ids in A.tokenize(tokenizer, [r["reference"] for r in rows[-8:]])]
+    ref_gold = gold_score(prompts, prompt_ids, ref_ids)
+    for version, policy_path in [(0, model_path), (4, os.path.join(run_dir, "model"))]:
+        policy = AutoModelForCausalLM.from_pretrained(policy_path).eval()
+        greedy = [
+            policy.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16, eos_token_id=eos, pad_token_id=0)[
+                0, len(ids) :
+            ].tolist()
+            for ids in prompt_ids
+        ]
+        gold = gold_score(prompts, prompt_ids, greedy)
+        wins = [(g > r) + 0.5 * (g == r) for g, r in zip(gold, ref_gold)]
+        (logged,) = [e["eval/win_rate"] for e in evals if e["eval/version"] == version]
+        assert logged == pytest.approx(sum(wins) / len(wins)), version
 
 
 def test_bad_scale_inputs_give_one_sentence_before_spawning(cache_dir, model_path, tmp_path):
@@ -150,12 +174,36 @@ def test_bad_scale_inputs_give_one_sentence_before_spawning(cache_dir, model_pat
         assert "run " not in out and not os.listdir(out_dir)
 
 
+# Records, in each process, the dtype of the policy's logits under gradients (the trainer's update) and the dtype
+# vLLM runs in (the generator), and prints them when the process ends.
+RECORD_DTYPES = """
+import atexit, collections
+dtypes = collections.Counter()
+def record(module, inputs, output):
+    if torch.is_grad_enabled() and type(module).__name__ == "LlamaForCausalLM":
+        dtypes["trainer " + str(output.logits.dtype)] += 1
+torch.nn.modules.module.register_module_forward_hook(record)
+if A.mp.parent_process() is not None:  # the generator
+    import vllm
+    init = vllm.LLM.__init__
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        dtypes["vllm " + str(self.llm_engine.model_config.dtype)] += 1
+    vllm.LLM.__init__ = recording_init
+atexit.register(lambda: print("DTYPES", dict(dtypes), flush=True))
+"""
+
+
 def test_bf16_and_gradient_checkpointing(cache_dir, model_path, tmp_path):
-    result = run_script(
-        "async_online_dpo.py", cache_dir, tmp_path, "--num_steps", "2", "--bf16", "--gradient_checkpointing"
-    )
+    """bf16 is used: the update's logits are bfloat16 (autocast) and vLLM runs in bfloat16, while the master weights
+    stay float32."""
+    script = wrapper_script(tmp_path, RECORD_DTYPES)
+    result = run_script(script, cache_dir, tmp_path / "out", "--num_steps", "2", "--bf16", "--gradient_checkpointing")
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir, steps, _ = read_run(tmp_path)
+    recorded = [line for line in result.stdout.splitlines() if line.startswith("DTYPES")]
+    dtypes = {k for line in recorded for k in ast.literal_eval(line.removeprefix("DTYPES "))}
+    assert dtypes == {"trainer torch.bfloat16", "vllm torch.bfloat16"}, recorded
+    run_dir, steps, _ = read_run(tmp_path / "out")
     assert len(steps) == 2 and all(s["objective/grad_norm"] > 0 for s in steps)
     trained = weights(run_dir)
     assert all(w.dtype == torch.float32 for w in trained.values())  # master weights stay float32

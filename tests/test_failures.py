@@ -25,6 +25,7 @@ from conftest import processes_with, start, wrapper_script
         (["--async_steps", "-1"], "--async_steps"),
         (["--model_name_or_path", "/no/such/model"], "--model_name_or_path"),
         (["--reward_fn", "no_such_module:score"], "--reward_fn"),
+        (["--logprob_gap_tolerance", "0"], "--logprob_gap_tolerance"),
         (["--response_length", "100"], "context"),
         (["--batches_per_round", "3"], "--num_steps 128 is not a whole number of rounds of --batches_per_round 3"),
     ],

@@ -1,5 +1,8 @@
-"""Correct on GPUs and faithful to the paper's recipes: each test here failed on the code before the fix it checks."""
+"""Implementation details a review once found wrong, each tested where it could go wrong again: gradient
+checkpointing and dropout, reward models that read their score at EOS, one BOS, the missing-EOS penalty, the
+evaluation split and length, resuming a GPU checkpoint on a CPU (into the same W&B run), packed snapshots."""
 
+import glob
 import json
 import os
 import time
@@ -207,7 +210,8 @@ def test_a_positive_missing_eos_penalty_warns(capsys):
 
 # ----------------------------------------------------------------------------------------------------
 # 5. Evaluation on a held-out split, at its own length; 6. resume from a checkpoint saved on a GPU.
-def test_eval_split_and_length_then_resume_a_gpu_checkpoint_on_a_cpu(cache_dir, tmp_path):
+def test_eval_split_and_length_then_resume_a_gpu_checkpoint_on_a_cpu_into_the_same_wandb_run(cache_dir, tmp_path):
+    """Tracked with W&B (offline, the real client): the resumed run continues the W&B run it was started with."""
     rng = A.random.Random(5)
     splits = {"train": "abcdefghijklm", "validation": "nopqrstuvwxyz"}  # no letter in common
     data = tmp_path / "data"
@@ -217,8 +221,9 @@ def test_eval_split_and_length_then_resume_a_gpu_checkpoint_on_a_cpu(cache_dir, 
             for _ in range(40):
                 f.write(json.dumps({"prompt": "".join(rng.choices(letters, k=rng.randint(6, 10))) + "="}) + "\n")
     flags = ["--dataset", str(data), *"--eval_split validation --eval_prompts 8 --response_length 4".split()]
-    flags += "--eval_response_length 14 --num_steps 3 --save_every 2 --eval_every 2".split()
-    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", *flags)
+    flags += "--eval_response_length 14 --num_steps 3 --save_every 2 --eval_every 2 --track".split()
+    wandb_env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", *flags, env=wandb_env)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, steps, evals = read_run(tmp_path / "out")
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
@@ -237,12 +242,14 @@ def test_eval_split_and_length_then_resume_a_gpu_checkpoint_on_a_cpu(cache_dir, 
         torch.serialization.location_tag = tag
     with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load does with it on a CPU
         torch.load(checkpoint, weights_only=False)
-    resumed = run_script("async_online_dpo.py", cache_dir, tmp_path / "unused", "--resume", run_dir)
+    resumed = run_script("async_online_dpo.py", cache_dir, tmp_path / "unused", "--resume", run_dir, env=wandb_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoint-000002" in resumed.stdout
     _, resumed_steps, _ = read_run(tmp_path / "out")  # the log is cut back to the checkpoint, then continued
     assert [s["step"] for s in resumed_steps] == [0, 1, 2]
     assert resumed_steps[2]["async/batch_version"] == steps[2]["async/batch_version"]
+    wandb_runs = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*")))  # one folder per process that logged
+    assert len(wandb_runs) == 2 and all(r.endswith("-" + os.path.basename(run_dir)) for r in wandb_runs), wandb_runs
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def generator_process(args, model_path):
     """The real generator in a spawned process, with its real queues; stopped and reaped afterwards."""
     ctx = mp.get_context("spawn")
     weights_queue, samples_queue, snapshot_free, stop = ctx.Queue(), ctx.Queue(), ctx.Semaphore(1), ctx.Event()
-    settings = dict(args=args, model_path=model_path, start_version=0, first_batch=0, max_model_len=32, cpu_cores=[0])
+    settings = dict(args=args, model_path=model_path, version=0, first_batch=0, max_model_len=32, cpu_cores=[0])
     settings["prompts"] = A.load_prompts(args)[:2]
     queues = dict(weights_queue=weights_queue, snapshot_free=snapshot_free, samples_queue=samples_queue, stop=stop)
     process = ctx.Process(target=A.generator_process, kwargs=settings | queues)
