@@ -255,14 +255,14 @@ def loss_terms(args: Args, logps, ref_logps, old_logps, advantages):
     return losses, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "margin": margin}
 
 
-def sampler_gap(token_logps, response_mask, sampler_logps: list[list[float]], row_weights):
-    """Sum over sampled tokens of |log π_trainer - log π_vLLM|, each row weighted, and the sum of the weights.
-    sampler_logps[j] holds vLLM's log-probs of row j's response tokens, in order."""
-    real = response_mask.bool()
+def sampler_gap(token_logps, response_mask, sampler_logps: list[list[float]], real_rows):
+    """Sum over the sampled tokens of real rows (real_rows: 1, padding: 0) of |log π_trainer - log π_vLLM|, and their
+    count. sampler_logps[j] holds vLLM's log-probs of row j's response tokens, in order."""
+    tokens = response_mask.bool()
     vllm_logps = torch.tensor([x for row in sampler_logps for x in row], device=token_logps.device)
-    token_gap = (token_logps.detach()[real] - vllm_logps).abs()
-    token_weight = row_weights.repeat_interleave(real.sum(1))
-    return torch.stack([(token_gap * token_weight).sum(), token_weight.sum()])
+    token_gap = (token_logps.detach()[tokens] - vllm_logps).abs()
+    real_tokens = real_rows.repeat_interleave(tokens.sum(1))
+    return torch.stack([(token_gap * real_tokens).sum(), real_tokens.sum()])
 
 
 def completion_logprobs(model, prompt_ids, response_ids, args: Args, device):
@@ -517,16 +517,15 @@ def check_reloads(checks: list[tuple[int, float]], tolerance: float):
 # ----------------------------------------------------------------------------------------------------
 # The trainer. R ranks split every batch (data parallel). Rank 0 also trades batches and weights with the
 # generator (`link`) and writes the run folder (`run`); the other ranks have neither.
-def train(args: Args, rank: int, device, base_model: str, policy_path: str, state: dict, run=None, link=None):
+def train(args: Args, rank: int, device, start: "StartingPoint", run=None, link=None):
     world, is_rank_0 = args.trainer_ranks, rank == 0
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
     # The models: the policy, which is trained (from the checkpoint on resume), and the frozen reference, where it
     # started (each rank holds 1/R of both under FSDP2), and the reward.
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    eos_ids = stop_token_ids(base_model, tokenizer)
-    policy, wrapped_policy, ref_policy = load_policies(args, base_model, policy_path, device)
+    tokenizer, eos_ids = start.tokenizer, start.eos_ids
+    policy, wrapped_policy, ref_policy = load_policies(args, start.base_model, start.policy_path, device)
     reward_fn = load_reward(args, args.reward_model_path, device, tokenizer, eos_ids)  # each rank scores its share
     if is_rank_0:  # rank 0 scores the generator's evaluations, with the gold reward model if there is one
         gold_path = args.gold_reward_model_path
@@ -534,12 +533,12 @@ def train(args: Args, rank: int, device, base_model: str, policy_path: str, stat
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
     updates = args.num_steps * args.updates_per_batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1 - update / updates)
-    start = restore_checkpoint(args, state, policy, optimizer, scheduler)  # the version to start from: 0 if new
+    first_step = restore_checkpoint(args, start.state, policy, optimizer, scheduler)  # the version it holds: 0 if new
     tolerance = args.logprob_gap_tolerance
     tolerance = (0.1 if args.bf16 else 1e-3) if tolerance is None else tolerance
     P, k = args.batch_size // world, args.num_samples  # prompts per rank, completions per prompt
 
-    for step in range(start, args.num_steps):
+    for step in range(first_step, args.num_steps):
         # 1. Get a batch: rank 0 takes it from the generator (it was sampled by version sampling_version(step)) and
         #    hands it to the other ranks. Each keeps its share: P prompts and their k completions each.
         t_start = time.time()
@@ -719,19 +718,18 @@ def main(args: Args):
     run = link = None
     try:
         if is_rank_0:
-            base_model, policy_path, checkpoint, state = starting_point(args)
-            tokenizer = AutoTokenizer.from_pretrained(base_model)
+            start = starting_point(args)
             train_prompts, eval_prompts, references = load_prompts(args)
-            max_model_len = check_lengths(args, base_model, tokenizer, train_prompts, eval_prompts)
-            run = RunFolder(args, checkpoint, state, tokenizer, references, t_start)  # logs cut back to the checkpoint
-            print(f"run {run.dir}: {describe(args)}, policy from {policy_path}")
+            max_model_len = check_lengths(args, start.base_model, start.tokenizer, train_prompts, eval_prompts)
+            run = RunFolder(args, start, references, t_start)  # on resume, the logs are cut back to the checkpoint
+            print(f"run {run.dir}: {describe(args)}, policy from {start.policy_path}")
 
             # Start the generator. It loads the policy from disk once; after that, weights arrive by queue.
             ctx = mp.get_context("spawn")
             queues = dict(weights_queue=ctx.Queue(), samples_queue=ctx.Queue(), stop=ctx.Event())
             queues["snapshot_free"] = ctx.Semaphore(1)  # one snapshot in memory at a time
             first_batch = run.start + len(run.pending)  # batches sampled before a checkpoint come from the checkpoint
-            settings = dict(args=args, model_path=policy_path, version=run.start, first_batch=first_batch)
+            settings = dict(args=args, model_path=start.policy_path, version=run.start, first_batch=first_batch)
             settings |= dict(prompts=(train_prompts, eval_prompts), max_model_len=max_model_len)
             process = ctx.Process(
                 target=generator_process, args=(generator_cores,), kwargs=settings | queues, daemon=True
@@ -745,8 +743,8 @@ def main(args: Args):
         join_process_group(args, rank)
         dist.barrier()  # rank 0 has built the warm start: the others find it, or build the same on their machine
         if not is_rank_0:
-            base_model, policy_path, checkpoint, state = starting_point(args)
-        train(args, rank, device, base_model, policy_path, state, run, link)
+            start = starting_point(args)
+        train(args, rank, device, start, run, link)
     except BaseException as error:  # Ctrl-C, a generator crash, a broken weight sync, a lost rank: one sentence
         stop_with_reason(args, rank, error)
     finally:
@@ -1008,15 +1006,25 @@ def from_rank_0(obj):
     return holder[0]
 
 
-def starting_point(args: Args):
-    """The reference policy (the built-in one is warm-started once, then cached); the policy to train, which is the
-    newest checkpoint's when resuming, that checkpoint, and its trainer.pt (optimizer, scheduler, RNG, the batches
-    sampled ahead), read once."""
+@dataclass
+class StartingPoint:
+    """Where a rank starts, each part read once."""
+
+    base_model: str  # the reference policy, where training started (the built-in one is warm-started, then cached)
+    policy_path: str  # the policy to train from: base_model, or the newest checkpoint's when resuming
+    checkpoint: str | None
+    state: dict  # that checkpoint's trainer.pt (optimizer, scheduler, RNG, the batches sampled ahead), or {}
+    tokenizer: object
+    eos_ids: set[int]  # the ids vLLM stops at
+
+
+def starting_point(args: Args) -> StartingPoint:
     base_model = args.model_name_or_path or warm_start(args)
     checkpoint = latest_checkpoint(args.resume) if args.resume else None
-    if checkpoint is None:
-        return base_model, base_model, None, {}
-    return base_model, os.path.join(checkpoint, "model"), checkpoint, read_checkpoint(checkpoint)
+    policy_path = os.path.join(checkpoint, "model") if checkpoint else base_model
+    state = read_checkpoint(checkpoint) if checkpoint else {}
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    return StartingPoint(base_model, policy_path, checkpoint, state, tokenizer, stop_token_ids(base_model, tokenizer))
 
 
 def on_generator_node() -> bool:
@@ -1267,12 +1275,13 @@ def check_lengths(args: Args, model_path: str, tokenizer, train_prompts, eval_pr
 # --track, checkpoint-*/ and, at the end, model/ and summary.json. A resumed run cuts its logs back to the
 # checkpoint and carries on as if it had never stopped.
 class RunFolder:
-    def __init__(self, args: Args, checkpoint: str | None, state: dict, tokenizer, references, t_start: float):
+    def __init__(self, args: Args, start: "StartingPoint", references, t_start: float):
         self.args = args
-        self.tokenizer = tokenizer
+        self.tokenizer = start.tokenizer
         self.references = references
         self.gold_fn = None  # set by rank 0's trainer once the gold reward model is loaded
-        self.eos_ids = stop_token_ids(tokenizer.name_or_path, tokenizer)
+        self.eos_ids = start.eos_ids
+        checkpoint, state = start.checkpoint, start.state
         self.warm_start_time = time.time() - t_start
         self.dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
         os.makedirs(self.dir, exist_ok=bool(checkpoint))
