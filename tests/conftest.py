@@ -40,12 +40,12 @@ def model_path(cache_dir):
 
 # ----------------------------------------------------------------------------------------------------
 # The one launcher: a script run as a user runs it, through subprocess, alone or under torchrun.
-def start(script, cache_dir, output_dir, *flags, marker=None, torchrun=None, env=None):
-    """`python script` (or `torchrun [torchrun] script`) with tiny settings, the session's warm start and this
-    output folder, then `flags`, which override them; with cache_dir None, `flags` alone. It runs in its own
-    session, with SIGINT at its default (a terminal's; a shell's background job, as CI may be, ignores it), and
-    carries `marker` in its environment, which every process it starts inherits (see processes_with)."""
-    places = [*TINY, "--cache_dir", cache_dir, "--output_dir", str(output_dir), "--sft_steps", str(SFT_STEPS)]
+def start(script, cache_dir, output_dir, *flags, tiny=False, marker=None, torchrun=None, env=None):
+    """`python script` (or `torchrun [torchrun] script`) with the session's warm start and this output folder (and
+    with `tiny`, the TINY settings), then `flags`, which override them; with cache_dir None, `flags` alone. It runs
+    in its own session, with SIGINT at its default (a terminal's; a shell's background job, as CI may be, ignores
+    it), and carries `marker` in its environment, which every process it starts inherits (see processes_with)."""
+    places = [*TINY * tiny, "--cache_dir", cache_dir, "--output_dir", str(output_dir), "--sft_steps", str(SFT_STEPS)]
     launcher = [sys.executable] if torchrun is None else [sys.executable, "-m", "torch.distributed.run", *torchrun]
     cmd = [*launcher, os.path.join(ROOT, script), *(places if cache_dir else []), *flags]
     return subprocess.Popen(
@@ -61,8 +61,8 @@ def start(script, cache_dir, output_dir, *flags, marker=None, torchrun=None, env
 
 
 def run_script(script, cache_dir, output_dir, *flags, timeout=300, **kwargs):
-    """`start`, waited for: the finished process with its output."""
-    p = start(script, cache_dir, output_dir, *flags, **kwargs)
+    """`start` with the TINY settings, waited for: the finished process with its output."""
+    p = start(script, cache_dir, output_dir, *flags, tiny=True, **kwargs)
     try:
         out, err = p.communicate(timeout=timeout)
     finally:

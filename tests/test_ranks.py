@@ -39,7 +39,7 @@ def test_torchrun_ranks_on_one_node_or_two_give_the_weights_of_one_rank(cache_di
         if torchrun:
             assert "2 trainer rank(s)" in result.stdout
     node_0, node_1 = two_nodes(free_port())
-    other = start("async_online_dpo.py", cache_dir, tmp_path / "two_nodes", *FLAGS, torchrun=node_1)
+    other = start("async_online_dpo.py", cache_dir, tmp_path / "two_nodes", *FLAGS, tiny=True, torchrun=node_1)
     result = run_script("async_online_dpo.py", cache_dir, tmp_path / "two_nodes", *FLAGS, torchrun=node_0)
     assert result.returncode == 0, result.stderr[-3000:]
     assert other.wait(timeout=60) == 0
@@ -59,7 +59,7 @@ def test_killing_a_rank_on_the_second_node_stops_the_whole_run(cache_dir, tmp_pa
     """Node 1's rank is killed outright mid-run. Rank 0, on node 0, finds its peer gone at the next collective and
     stops with one sentence; each node's torchrun then stops: no rank, agent or generator is left."""
     marker = uuid.uuid4().hex
-    flags = ["--num_steps", "200", "--eval_every", "50"]
+    flags = "--num_steps 200 --batch_size 8 --micro_batch_size 4 --eval_every 50 --eval_prompts 16".split()
     node_0, node_1 = two_nodes(free_port())
     agents = [
         start("async_online_dpo.py", cache_dir, tmp_path, *flags, marker=marker, torchrun=t) for t in (node_0, node_1)
