@@ -1794,14 +1794,15 @@ def launch_ranks(args: Args):
     """--trainer_ranks R: this script again as R ranks on this machine, by torch's launcher (what `torchrun
     --standalone --nproc_per_node R` runs), which sets each rank's RANK and WORLD_SIZE, meets them on a free port,
     and stops them all if one fails. The warm start is built here first, so that the ranks find it."""
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    import logging
-
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the sentence below says it all
-    args.model_name_or_path or warm_start(args)
+    if not args.model_name_or_path:
+        warm_start(args)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
