@@ -517,7 +517,7 @@ def check_reloads(checks: list[tuple[int, float]], tolerance: float):
 # ----------------------------------------------------------------------------------------------------
 # The trainer. R ranks split every batch (data parallel). Rank 0 also trades batches and weights with the
 # generator (`link`) and writes the run folder (`run`); the other ranks have neither.
-def train(args: Args, rank: int, device, start: "StartingPoint", run=None, link=None):
+def train(args: Args, rank: int, device, start: "StartingPoint", run=None, link=None, wait_for_vllm=False):
     world, is_rank_0 = args.trainer_ranks, rank == 0
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -534,6 +534,8 @@ def train(args: Args, rank: int, device, start: "StartingPoint", run=None, link=
     updates = args.num_steps * args.updates_per_batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1 - update / updates)
     first_step = restore_checkpoint(args, start.state, policy, optimizer, scheduler)  # the version it holds: 0 if new
+    if wait_for_vllm:
+        link.wait_until_ready()  # vLLM started while the models loaded
     tolerance = args.logprob_gap_tolerance
     tolerance = (0.1 if args.bf16 else 1e-3) if tolerance is None else tolerance
     P, k = args.batch_size // world, args.num_samples  # prompts per rank, completions per prompt
@@ -715,6 +717,7 @@ def main(args: Args):
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` (or torchrun stopping the ranks) as Ctrl-C
     t_start = time.time()
     generator_cores, trainer_cores = split_cpu_cores(args.cpu_share_cores)  # used on a CPU only
+    shares_gpu_0 = torch.cuda.device_count() == 1  # the generator's and the trainer's
     run = link = None
     try:
         if is_rank_0:
@@ -736,15 +739,14 @@ def main(args: Args):
             )
             process.start()
             link = GeneratorLink(process, pending=run.pending, evals=run.pending_evals, **queues)
-            # vLLM sizes its KV cache from the memory free while it starts: on a GPU it shares, the trainer must not
-            # allocate before then.
-            link.wait_until_ready()
+            if shares_gpu_0:  # vLLM sizes its KV cache from the memory free as it starts: allocate nothing before
+                link.wait_until_ready()
         device = place_rank(trainer_cores)  # its GPU, or its share of this machine's trainer cores
         join_process_group(args, rank)
         dist.barrier()  # rank 0 has built the warm start: the others find it, or build the same on their machine
         if not is_rank_0:
             start = starting_point(args)
-        train(args, rank, device, start, run, link)
+        train(args, rank, device, start, run, link, wait_for_vllm=is_rank_0 and not shares_gpu_0)
     except BaseException as error:  # Ctrl-C, a generator crash, a broken weight sync, a lost rank: one sentence
         stop_with_reason(args, rank, error)
     finally:

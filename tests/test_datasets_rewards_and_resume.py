@@ -174,8 +174,8 @@ def test_bad_scale_inputs_give_one_sentence_before_spawning(cache_dir, model_pat
         assert "run " not in out and not os.listdir(out_dir)
 
 
-# Records, in each process, the dtype of the policy's logits under gradients (the trainer's update) and the dtype
-# vLLM runs in (the generator), and prints them when the process ends.
+# Records, in each process, the dtype of the policy's logits under gradients (the trainer's update), and the dtype
+# vLLM runs in and that of the snapshots it loads (the generator), and prints them when the process ends.
 RECORD_DTYPES = """
 import atexit, collections
 dtypes = collections.Counter()
@@ -183,26 +183,25 @@ def record(module, inputs, output):
     if torch.is_grad_enabled() and type(module).__name__ == "LlamaForCausalLM":
         dtypes["trainer " + str(output.logits.dtype)] += 1
 torch.nn.modules.module.register_module_forward_hook(record)
-if A.mp.parent_process() is not None:  # the generator
-    import vllm
-    init = vllm.LLM.__init__
-    def recording_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        dtypes["vllm " + str(self.llm_engine.model_config.dtype)] += 1
-    vllm.LLM.__init__ = recording_init
+load = A.load_weights_into_vllm
+def recording_load(llm, weights):  # the generator alone loads weights into vLLM
+    dtypes["vllm " + str(llm.model_config.dtype)] += 1
+    dtypes["snapshot " + str(weights[0][1].dtype)] += 1
+    load(llm, weights)
+A.load_weights_into_vllm = recording_load
 atexit.register(lambda: print("DTYPES", dict(dtypes), flush=True))
 """
 
 
 def test_bf16_and_gradient_checkpointing(cache_dir, model_path, tmp_path):
-    """bf16 is used: the update's logits are bfloat16 (autocast) and vLLM runs in bfloat16, while the master weights
-    stay float32."""
+    """bf16 is used: the update's logits are bfloat16 (autocast), and vLLM runs in bfloat16 and is sent bfloat16
+    snapshots, while the master weights stay float32."""
     script = wrapper_script(tmp_path, RECORD_DTYPES)
     result = run_script(script, cache_dir, tmp_path / "out", "--num_steps", "2", "--bf16", "--gradient_checkpointing")
     assert result.returncode == 0, result.stderr[-3000:]
     recorded = [line for line in result.stdout.splitlines() if line.startswith("DTYPES")]
     dtypes = {k for line in recorded for k in ast.literal_eval(line.removeprefix("DTYPES "))}
-    assert dtypes == {"trainer torch.bfloat16", "vllm torch.bfloat16"}, recorded
+    assert dtypes == {"trainer torch.bfloat16", "vllm torch.bfloat16", "snapshot torch.bfloat16"}, recorded
     run_dir, steps, _ = read_run(tmp_path / "out")
     assert len(steps) == 2 and all(s["objective/grad_norm"] > 0 for s in steps)
     trained = weights(run_dir)
