@@ -40,12 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import tyro
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers import GenerationConfig
 
@@ -1092,6 +1087,8 @@ def load_policies(args: Args, base_model: str, policy_path: str, device):
 def shard(model):
     """FSDP2 over the trainer ranks: each transformer block, then the rest. A block gathers its full weights
     only while it runs."""
+    from torch.distributed.fsdp import fully_shard
+
     for module in model.modules():
         if type(module).__name__ in (model._no_split_modules or []):
             fully_shard(module)
@@ -1309,6 +1306,8 @@ class RunFolder:
             import wandb
 
             wandb.init(**wandb_settings(args, self.dir))
+        from torch.utils.tensorboard import SummaryWriter  # here: the generator and the other ranks never write
+
         self.writer = SummaryWriter(self.dir, purge_step=self.start if checkpoint else None)
 
     def log_step(self, step: int, metrics: dict, batch: Batch, times: "StepTimes"):
@@ -1482,12 +1481,16 @@ def read_checkpoint(checkpoint: str) -> dict:
 def full_weights(args: Args, is_rank_0: bool, policy) -> dict:
     """The whole float32 policy on rank 0, to save. Under FSDP every rank helps gather it into CPU memory."""
     if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {name: w.detach().clone() for name, w in policy.state_dict().items()} if is_rank_0 else {}
 
 
 def save_checkpoint(args: Args, is_rank_0: bool, version: int, policy, optimizer, scheduler, run, link):
     """Every rank helps gather the weights and optimizer state (under FSDP); rank 0 writes them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     weights = full_weights(args, is_rank_0, policy)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optimizer_state = get_optimizer_state_dict(policy, optimizer, options=full) if args.fsdp else optimizer.state_dict()
@@ -1511,6 +1514,8 @@ def restore_checkpoint(args: Args, state: dict, policy, optimizer, scheduler) ->
     if not state:
         return 0
     if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
         full = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(policy, optimizer, state.pop("optimizer"), options=full)
     else:
@@ -1550,7 +1555,7 @@ def pack_weights(model, dtype, device, is_rank_0: bool):
     buffer = torch.empty(size, dtype=dtype, device=device).share_memory_() if is_rank_0 else None
     for (_, _, offset), w in zip(layout, weights.values()):
         w = w.detach().to(dtype)
-        if isinstance(w, DTensor):
+        if hasattr(w, "full_tensor"):  # a DTensor: this rank's FSDP2 shard
             w = w.full_tensor()
         if is_rank_0:
             buffer[offset : offset + w.numel()] = w.flatten()
