@@ -17,10 +17,13 @@ recipes, datasets and reward models, resume, the off-policy study and what every
 """
 
 import datetime
+import gc
 import glob
 import importlib
 import json
+import logging
 import math
+import multiprocessing.util
 import os
 import queue
 import random
@@ -31,9 +34,10 @@ import time
 import traceback
 import warnings
 from collections import defaultdict, deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from functools import cache
-from typing import Literal
+from functools import cache, partial
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -131,7 +135,7 @@ class Args:
 
     # --- checkpoints
     save_every: int = 0
-    """save a checkpoint every this many updates (0 = never); only the newest is kept"""
+    """save a checkpoint every this many policy versions, i.e. batches (0 = never); only the newest is kept"""
     resume: str = ""
     """run folder to continue from its newest checkpoint, with the flags it was started with"""
 
@@ -155,11 +159,12 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The math: log-probs, scores, what each loss trains on, and the losses. Pure functions, checked in tests/.
+# The math: log-probs, scores, pairs and the losses. Pure functions, checked in tests/.
 def token_logprobs(model, input_ids, attention_mask, response_width: int, temperature: float):
     """log π(y_t | x, y_<t) of the last T = `response_width` tokens of each row, (B, T), logits divided by the sampling
-    temperature as in the paper's code. Only those columns get logits: all of them would take GBs at a 128k vocab.
-    Rows are prompt then response, left-padded (pad_batch), with positions that start at 0 after the padding."""
+    temperature as in the paper's code. A row is a prompt, left-padded, then its response, right-padded (pad_batch),
+    so every response starts in the same column, and positions start at 0 after the padding. So only the last T + 1
+    columns need logits: all of them would take GBs at a 128k vocabulary."""
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -169,6 +174,17 @@ def token_logprobs(model, input_ids, attention_mask, response_width: int, temper
     ).logits[:, :-1]  # (B, T, V): the logits at column t predict the token at t + 1
     logps = torch.log_softmax(logits.float() / temperature, dim=-1)
     return torch.gather(logps, 2, input_ids[:, -response_width:, None]).squeeze(2)  # (B, T)
+
+
+def completion_logprobs(model, prompt_ids, response_ids, rows, args: Args, device):
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) of the completions `rows` (indices into response_ids, each with its prompt
+    in prompt_ids), (B,), with their tokens' log-probs, (B, T), and the mask of those tokens."""
+    ids, mask = (t.to(device) for t in pad_batch([prompt_ids[j] for j in rows], [response_ids[j] for j in rows]))
+    width = max(len(response_ids[j]) for j in rows)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        token_logps = token_logprobs(model, ids, mask, width, args.temperature)  # (B, T)
+    response_mask = mask[:, -width:]
+    return (token_logps * response_mask).sum(1), token_logps, response_mask
 
 
 def ended(response_ids: list[list[int]], eos_ids: set[int]) -> list[bool]:
@@ -184,24 +200,12 @@ def apply_missing_eos_penalty(rewards, has_eos, penalty: float | None):
 
 
 def select_pairs(scores):
-    """Chosen = highest score, rejected = lowest, per prompt (the first of equal scores). scores: (P, k). valid:
-    whether the scores differ, so that the pair says which completion is better."""
-    chosen, rejected = scores.argmax(1), scores.argmin(1)  # (P,)
+    """Chosen = highest score, rejected = lowest, per prompt (the first of equal scores), each as an index into the
+    P·k completions, whose scores are scores: (P, k). valid: whether the scores differ, so that the pair says which
+    completion is better."""
+    first = scores.shape[1] * torch.arange(len(scores))  # each prompt's first completion
     valid = scores.max(1).values > scores.min(1).values
-    return chosen, rejected, valid
-
-
-def trained_completions(loss_type: str, scores) -> list[tuple[int, ...]]:
-    """What each loss learns from: a tuple of completions (indices into the batch's P·k) per term of the loss. DPO and
-    IPO: (chosen, rejected) of each prompt whose scores differ, since a tie says nothing about which is better.
-    Best-of-k: the chosen completion of every prompt, tie or not, as the paper's code. RLOO: every completion."""
-    P, k = scores.shape
-    chosen, rejected, valid = select_pairs(scores)
-    if loss_type == "rloo":
-        return [(j,) for j in range(P * k)]
-    if loss_type == "best_of_k":
-        return [(i * k + c,) for i, c in enumerate(chosen.tolist())]
-    return [(i * k + chosen[i].item(), i * k + rejected[i].item()) for i in valid.nonzero().squeeze(1).tolist()]
+    return first + scores.argmax(1), first + scores.argmin(1), valid  # (P,) each
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type="sigmoid"):
@@ -235,61 +239,29 @@ def best_of_k_loss(chosen_logps):
     return -chosen_logps
 
 
-def loss_terms(args: Args, logps, ref_logps, old_logps, advantages):
-    """The loss of each term of a micro-batch, and what it logs, from per-row log π(y|x) of the policy, reference and
-    sampler (π_old), and RLOO's advantages. DPO's rows are the chosen completions, then the rejected ones."""
-    if args.loss_type == "rloo":
-        losses, ratio, clipped = rloo_loss(logps, old_logps, advantages, args.clip_range)
-        return losses, {"ratio": ratio, "clipped": clipped.float()}
-    if args.loss_type == "best_of_k":
-        return best_of_k_loss(logps), {"chosen_logps": logps}
-    chosen_logps, rejected_logps = logps.chunk(2)
-    ref_chosen, ref_rejected = ref_logps.chunk(2)
-    losses = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.loss_type)
-    margin = args.beta * ((chosen_logps - ref_chosen) - (rejected_logps - ref_rejected))  # DPO's implicit reward
-    return losses, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "margin": margin}
-
-
-def sampler_gap(token_logps, response_mask, sampler_logps: list[list[float]], real_rows):
-    """Sum over the sampled tokens of real rows (real_rows: 1, padding: 0) of |log π_trainer - log π_vLLM|, and their
-    count. sampler_logps[j] holds vLLM's log-probs of row j's response tokens, in order."""
-    tokens = response_mask.bool()
-    vllm_logps = torch.tensor([x for row in sampler_logps for x in row], device=token_logps.device)
-    token_gap = (token_logps.detach()[tokens] - vllm_logps).abs()
-    real_tokens = real_rows.repeat_interleave(tokens.sum(1))
-    return torch.stack([(token_gap * real_tokens).sum(), real_tokens.sum()])
-
-
-def completion_logprobs(model, prompt_ids, response_ids, args: Args, device):
-    """log π(y|x) = Σ_t log π(y_t | x, y_<t) of each completion, (B,), with the token log-probs and their mask."""
-    ids, mask = (t.to(device) for t in pad_batch(prompt_ids, response_ids))
-    width = max(map(len, response_ids))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-        token_logps = token_logprobs(model, ids, mask, width, args.temperature)  # (B, T)
-    response_mask = mask[:, -width:]
-    return (token_logps * response_mask).sum(1), token_logps, response_mask
-
-
 # ----------------------------------------------------------------------------------------------------
 # The one place that touches vLLM internals, written against vLLM 0.32.0 (V1 engine on a CPU, runner V2 on GPUs).
-def load_weights_into_vllm(llm, weights: list):
+def load_weights_into_vllm(llm, named_tensors: list):
     """reload_weights copies (transformers name, tensor) pairs into the running engine's parameters in place: no
     restart, no disk, and CUDA graphs over them stay valid; tensors on the trainer's GPU are copied across directly.
     The prefix cache holds keys and values of the old weights, so it must be dropped."""
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
     llm.reset_prefix_cache()
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # every copy out of the trainer's buffer is done before we let go of it
 
 
 # ----------------------------------------------------------------------------------------------------
-# The generator process. It owns vLLM. Two queues, a snapshot slot and one stop signal connect it to rank 0:
-#   samples_queue  generator -> trainer  Ready once vLLM is up, then a Batch per step, each Evaluation once made,
-#                                        and Done; or GeneratorFailed, with its traceback
-#   weights_queue  trainer -> generator  a Snapshot: the policy after an update, packed, with a Probe to check it by
-#   snapshot_free  released by the generator when it is done with a snapshot; the trainer takes it before
-#                  making the next, so one snapshot at most is in memory
-#   stop           set by the trainer when it is done or has failed
+# The generator process owns vLLM. These queues connect it to rank 0 (torch.multiprocessing, so that tensors cross
+# in shared memory), and what crosses them is declared below.
+@dataclass
+class Queues:
+    samples: Any  # generator -> trainer: Ready once vLLM is up, a Batch per step, each Evaluation once made, Done
+    weights: Any  # trainer -> generator: a Snapshot of the policy after an update, with a Probe to check it by
+    snapshot_free: Any  # the generator releases it when done with a snapshot: one at most is in memory
+    stop: Any  # set by the trainer when it is done or has failed; the generator then stops
+
+
 @dataclass
 class Batch:
     version: int  # the policy version that sampled it
@@ -310,19 +282,17 @@ class Evaluation:  # of policy `version`, on the held-out prompts
     response_ids: list[list[int]]  # greedy, for the gold reward
     sampled_ids: list[list[int]] | None = None  # one sample each as in training, for the KL; None in
     sampled_logprobs: list[list[float]] | None = None  # an evaluation an older version's checkpoint kept
-    kl: float = float("nan")  # measured by the trainer: measure_kl
 
 
 @dataclass
 class Snapshot:
+    """The policy after an update. The trainer packs every weight, cast to vLLM's dtype, into one flat buffer in
+    shared memory (on a GPU, one CUDA IPC handle) with a (name, shape, offset) each: pack_weights. The queue sends
+    that one buffer; the generator reads views into it (unpack_weights), which vLLM copies into its weights."""
+
     version: int
-    weights: tuple  # (one flat tensor, [(name, shape, offset)]): see pack_weights
+    packed: tuple  # (the buffer, [(name, shape, offset)])
     probe: "Probe"  # see make_probe
-
-
-@dataclass
-class Ready:  # vLLM is up and has sized its KV cache: on a GPU it shares, the trainer may allocate now
-    pass
 
 
 @dataclass
@@ -330,11 +300,6 @@ class Done:  # no more batches: what the generator did since the last one
     spans: list[tuple]
     checks: list[tuple[int, float]]
     evals: list[Evaluation] = field(default_factory=list)
-
-
-@dataclass
-class GeneratorFailed:
-    traceback: str
 
 
 # Sync, async and the paper's off-policy study differ in one rule: batch i is sampled by policy version
@@ -366,16 +331,21 @@ def evaluated(args: Args, version: int) -> bool:
     return version % args.eval_every == 0 or version == args.num_steps
 
 
-def generator(
-    args, model_path, version, first_batch, prompts, max_model_len, weights_queue, snapshot_free, samples_queue, stop
-):
+def needed(args: Args, version: int) -> bool:
+    """The push rule: the trainer pushes, and the generator loads, only the versions that sample a batch (multiples of
+    N, up to the last batch's) and those to evaluate. In a sync run that is every version."""
+    samples = version % args.batches_per_round == 0 and version <= sampling_version(args, args.num_steps - 1)
+    return samples or evaluated(args, version)
+
+
+def generator(args: Args, queues: Queues, policy_path: str, version: int, first_batch: int, prompts, max_model_len):
     """Sample batches first_batch, first_batch + 1, ... with vLLM in its own process, starting from policy `version`,
-    saved at model_path (0, or a checkpoint's when resuming), as generator_process sets it up."""
+    saved at policy_path (0, or a checkpoint's when resuming), as generator_process sets it up."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = LLM(
-        model=model_path,
+        model=policy_path,
         dtype="bfloat16" if args.bf16 else "float32",
         seed=args.seed,
         max_model_len=max_model_len,
@@ -384,79 +354,71 @@ def generator(
         logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
     )
-    samples_queue.put(Ready())
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    queues.samples.put(Ready())  # on a GPU it shares, the trainer may allocate now: vLLM has sized its KV cache
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
     train_prompts, eval_prompts = prompts
     eval_prompt_ids = tokenize(tokenizer, eval_prompts)
     spans, checks = [], []  # sent with the next batch: see Batch
 
-    as_in_training = dict(temperature=args.temperature, max_tokens=args.response_length, with_logprobs=True)
-
-    def generate(prompt_ids, *, n, seed, temperature, max_tokens, with_logprobs):
-        # One seed per prompt: what a prompt samples depends only on the weights and its seed. The prompts go
-        # in as token ids, the ones the trainer uses, so vLLM adds no special tokens of its own.
-        logprobs = 0 if with_logprobs else None  # 0: the log-prob of the sampled token alone
+    def generate(prompt_ids, n, seed, temperature=args.temperature, max_tokens=args.response_length, logprobs=0):
+        # One seed per prompt: what a prompt samples depends on the weights and its seed alone. Prompts go in as the
+        # trainer's token ids, so vLLM adds no special tokens of its own. logprobs=0: the sampled token's alone.
         params = [
             SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed + j, logprobs=logprobs)
             for j in range(len(prompt_ids))
         ]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
         completions = [c for o in outputs for c in o.outputs]  # the n samples of a prompt side by side
-        sampled = [sampled_logprobs(c.token_ids, c.logprobs) for c in completions] if with_logprobs else None
-        return [list(c.token_ids) for c in completions], sampled
+        vllm_logprobs = [logprobs_of(c.token_ids, c.logprobs) for c in completions] if logprobs == 0 else None
+        return [list(c.token_ids) for c in completions], vllm_logprobs
 
-    def evaluate():
+    def evaluate(version: int):
         t = time.time()
         length = args.eval_response_length or args.response_length
-        greedy, _ = generate(eval_prompt_ids, n=1, seed=0, temperature=0.0, max_tokens=length, with_logprobs=False)
-        # One sample per prompt as training samples, for the trainer's KL of this version to the reference.
-        sampled_ids, sampled_logps = generate(eval_prompt_ids, n=1, seed=0, **as_in_training)
-        e = Evaluation(version, eval_prompts, eval_prompt_ids, greedy, sampled_ids, sampled_logps)
-        samples_queue.put(e)  # at once, not with the next batch: a checkpoint may need it first
-        spans.append(("eval", t, time.time()))
+        greedy, _ = generate(eval_prompt_ids, n=1, seed=0, temperature=0.0, max_tokens=length, logprobs=None)
+        sampled = generate(eval_prompt_ids, n=1, seed=0)  # one as in training, for the KL of this version: measure_kl
+        queues.samples.put(Evaluation(version, eval_prompts, eval_prompt_ids, greedy, *sampled))  # now: a checkpoint
+        spans.append(("eval", t, time.time()))  # may need it before the next batch
 
-    def take_weights(target: int):
-        """Read snapshots in order up to version `target` and load it, and on the way each version due for
-        evaluation, so that none is skipped. Each load is checked against the trainer's probe."""
-        nonlocal version
+    if evaluated(args, version):
+        evaluate(version)  # the starting policy, loaded from disk
+    for index in range(first_batch, args.num_steps + 1):
+        stop_if_trainer_stopped(queues.stop)
+        # Take the snapshots the trainer pushed, in order, up to the version that samples this batch (after the last
+        # batch: the final policy, to evaluate it). Load those the push rule names, check each against its probe.
+        target = sampling_version(args, index) if index < args.num_steps else args.num_steps
         while version < target:
-            t = time.time()
-            snapshot = next_snapshot(weights_queue, stop)
-            spans.append(("wait", t, time.time()))
+            snapshot = next_snapshot(queues, spans)
             version = snapshot.version
-            if version == target or evaluated(args, version):
+            if needed(args, version):
                 t = time.time()
-                load_weights_into_vllm(llm, unpack_weights(*snapshot.weights))
-                if snapshot.probe.response_ids:  # empty when every completion was a lone EOS
+                load_weights_into_vllm(llm, unpack_weights(*snapshot.packed))
+                if snapshot.probe.response_ids:  # empty when every completion was a lone EOS: nothing to check
                     checks.append((version, probe_gap(llm, snapshot.probe)))
                 spans.append(("load", t, time.time()))
             del snapshot  # the trainer's memory: let go of it before the trainer may make the next
-            snapshot_free.release()
+            queues.snapshot_free.release()
             if evaluated(args, version):
-                evaluate()
-
-    if evaluated(args, version):
-        evaluate()  # the starting policy, loaded from disk
-    for index in range(first_batch, args.num_steps):
-        stop_if_trainer_stopped(stop)
-        take_weights(sampling_version(args, index))
+                evaluate(version)
+        if index == args.num_steps:
+            break
         t = time.time()
         batch_texts = batch_prompts(args, train_prompts, index)
         prompt_ids = tokenize(tokenizer, batch_texts)
         seed = (args.seed * MAX_BATCHES + index) * args.batch_size
-        response_ids, logps = generate(prompt_ids, n=args.num_samples, seed=seed, **as_in_training)
+        response_ids, vllm_logprobs = generate(prompt_ids, n=args.num_samples, seed=seed)
         spans.append(("generate", t, time.time()))
-        samples_queue.put(Batch(version, batch_texts, prompt_ids, response_ids, logps, spans, checks))
+        queues.samples.put(Batch(version, batch_texts, prompt_ids, response_ids, vllm_logprobs, spans, checks))
         spans, checks = [], []  # new lists: the queue pickles the old ones in the background
-    take_weights(args.num_steps)  # the final policy, for the last evaluation
-    samples_queue.put(Done(spans, checks))
+    queues.samples.put(Done(spans, checks))
 
 
 # ----------------------------------------------------------------------------------------------------
 # The weight-sync check. Each time vLLM loads pushed weights it scores a probe completion, whose log-probs the
 # trainer computed with those weights; and at lag 0 the trainer's log-probs of a batch's tokens must be vLLM's.
-# Where they differ by more than float error, vLLM is not serving what was pushed, and training on its samples
-# would be wrong without a sign: the run stops.
+# Where they differ by more than float error, vLLM is not serving what was pushed: the run stops. The error is small
+# because both compute the same thing: the policy's dropout is zeroed (load_policy), and vLLM's float32 attention on
+# GPUs, a Triton kernel, keeps full precision instead of TF32 (TRITON_F32_DEFAULT, set_up_generator_process).
 @dataclass
 class Probe:
     prompt_ids: list[int]
@@ -464,186 +426,165 @@ class Probe:
     logprobs: list[float]  # the trainer's, at temperature 1: vLLM's prompt log-probs skip temperature
 
 
-def make_probe(policy, batch: Batch, k: int, device, bf16: bool) -> Probe:
-    """The new policy's log-probs of the batch's longest completion, which the generator compares with vLLM's
-    once it has loaded these weights (at temperature 1: vLLM's prompt log-probs skip temperature). Its last
-    token is left out: vLLM needs room for one more in the context."""
-    j = max(range(len(batch.response_ids)), key=lambda j: len(batch.response_ids[j]))
-    prompt_ids, response_ids = batch.prompt_ids[j // k], batch.response_ids[j][:-1]
-    ids, mask = (t.to(device) for t in pad_batch([prompt_ids], [response_ids]))
-    width = len(response_ids)  # 0 when every completion was a lone EOS: nothing to probe
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        logprobs = token_logprobs(policy, ids, mask, width, 1.0)[0].tolist() if width else []
-    return Probe(prompt_ids, response_ids, logprobs)
-
-
-def probe_gap(llm, probe: Probe) -> float:
-    """Mean |log π_trainer - log π_vLLM| over the probe completion's tokens, vLLM's from the weights just loaded."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)  # 0: each prompt token's alone
-    prompt = TokensPrompt(prompt_token_ids=probe.prompt_ids + probe.response_ids)
-    (output,) = llm.generate([prompt], params, use_tqdm=False)
-    logps = sampled_logprobs(probe.response_ids, output.prompt_logprobs[len(probe.prompt_ids) :])
-    return sum(abs(a - b) for a, b in zip(logps, probe.logprobs)) / len(probe.response_ids)
-
-
-def check_weight_sync(gap: float, tolerance: float, version: int, probe: bool = False):
-    """Stop the run where vLLM and the trainer should agree on log-probs up to float error, but don't: on a batch
-    sampled by the weights the trainer holds (lag 0), or on the probe after vLLM loaded pushed weights."""
-    what = f"batch {version} was sampled by policy version {version}, the very weights the trainer holds, yet "
-    what += "vLLM's log-probs of its tokens"
-    if probe:
-        what = f"after loading policy version {version}, vLLM's log-probs of the probe completion"
+def check_weight_sync(args: Args, gap: float, version: int, probe: bool = False):
+    """Stop where vLLM and the trainer should agree up to float error, but don't: on a batch sampled by the weights
+    the trainer holds (lag 0), or on the probe after vLLM loaded pushed weights."""
+    tolerance = args.logprob_gap_tolerance
+    tolerance = (0.1 if args.bf16 else 1e-3) if tolerance is None else tolerance
     if gap > tolerance:
-        raise WeightSyncError(
-            f"the weight sync is broken: {what} differ from the trainer's by {gap:.3g} per token on average, more "
-            f"than --logprob_gap_tolerance {tolerance:g}; vLLM is not serving the pushed weights."
-        )
+        raise WeightSyncError(gap, tolerance, version, probe)
 
 
-def check_reloads(checks: list[tuple[int, float]], tolerance: float):
+def check_reloads(args: Args, checks: list[tuple[int, float]]):
     """The generator's (version, probe gap) of each snapshot it loaded. A sync run also checks each push at lag 0."""
     for version, gap in checks:
-        check_weight_sync(gap, tolerance, version, probe=True)
+        check_weight_sync(args, gap, version, probe=True)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The trainer. R ranks split every batch (data parallel). Rank 0 also trades batches and weights with the
 # generator (`link`) and writes the run folder (`run`); the other ranks have neither.
-def train(args: Args, rank: int, device, start: "StartingPoint", run=None, link=None, wait_for_vllm=False):
-    world, is_rank_0 = args.trainer_ranks, rank == 0
+def train(args: Args, rank: int, device, starting_point: "StartingPoint", run=None, link=None):
+    R, is_rank_0 = args.trainer_ranks, rank == 0
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # The models: the policy, which is trained (from the checkpoint on resume), and the frozen reference, where it
-    # started (each rank holds 1/R of both under FSDP2), and the reward.
-    tokenizer, eos_ids = start.tokenizer, start.eos_ids
-    policy, wrapped_policy, ref_policy = load_policies(args, start.base_model, start.policy_path, device)
-    reward_fn = load_reward(args, args.reward_model_path, device, tokenizer, eos_ids)  # each rank scores its share
-    if is_rank_0:  # rank 0 scores the generator's evaluations, with the gold reward model if there is one
-        gold_path = args.gold_reward_model_path
-        run.gold_fn = load_reward(args, gold_path, device, tokenizer, eos_ids) if gold_path else reward_fn
+    # The models: the policy (from the checkpoint on resume), the frozen reference where it started (under FSDP2, 1/R
+    # of each per rank), the reward, and the gold reward that scores evaluations.
+    policy, wrapped_policy, ref_policy = load_policies(args, starting_point, device)
+    reward_fn, gold_fn = load_rewards(args, starting_point, device, is_rank_0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
     updates = args.num_steps * args.updates_per_batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1 - update / updates)
-    first_step = restore_checkpoint(args, start.state, policy, optimizer, scheduler)  # the version it holds: 0 if new
-    if wait_for_vllm:
-        link.wait_until_ready()  # vLLM started while the models loaded
-    tolerance = args.logprob_gap_tolerance
-    tolerance = (0.1 if args.bf16 else 1e-3) if tolerance is None else tolerance
-    P, k = args.batch_size // world, args.num_samples  # prompts per rank, completions per prompt
+    first_step = restore_checkpoint(args, starting_point.state, policy, optimizer, scheduler)  # 0 for a new run
+    P, k = args.batch_size // R, args.num_samples  # prompts per rank, completions per prompt
 
     for step in range(first_step, args.num_steps):
         # 1. Get a batch: rank 0 takes it from the generator (it was sampled by version sampling_version(step)) and
-        #    hands it to the other ranks. Each keeps its share: P prompts and their k completions each.
+        #    hands it to the other ranks. Each keeps its share: P prompts and their k completions each, side by side.
         t_start = time.time()
         batch: Batch = from_rank_0(link.next_batch() if is_rank_0 else None)
         t_batch = time.time()
-        check_reloads(batch.checks, tolerance)  # the weights that sampled it, as vLLM loaded them
-        own, own_k = slice(rank * P, (rank + 1) * P), slice(rank * P * k, (rank + 1) * P * k)
-        prompts, prompt_ids = batch.prompts[own], batch.prompt_ids[own]
-        responses = batch.response_ids[own_k]  # (P·k,) the k completions of a prompt side by side
-        sampler_logps = batch.logprobs[own_k]  # vLLM's log-prob of each sampled token
-        measure_kl(args, ref_policy, batch.evals, device)  # of the versions the generator evaluated meanwhile
+        check_reloads(args, batch.checks)  # the weights that sampled it, as vLLM loaded them
+        prompts, prompt_ids, responses, vllm_logprobs = rank_share(batch, rank, P, k)  # of each of its P·k completions
+        eval_kls = measure_kl(args, ref_policy, batch.evals, device)  # of the versions the generator evaluated
 
         # 2. Score every completion with the reward; a completion with no EOS gets the penalty instead. The
         #    reference's log-prob of every completion, once per batch, gives the KL of the policy that sampled it,
         #    Σ_t log π_old - log π_ref (the paper's code logs this), which RLOO's reward also charges for.
-        has_eos = torch.tensor(ended(responses, eos_ids))
-        completion_prompt_ids = [prompt_ids[j // k] for j in range(P * k)]
-        rewards = reward_fn([prompts[j // k] for j in range(P * k)], completion_prompt_ids, responses)
-        rewards = torch.tensor(rewards, dtype=torch.float)  # (P·k,)
+        has_eos = torch.tensor(ended(responses, starting_point.eos_ids))
+        rewards = torch.tensor(reward_fn(prompts, prompt_ids, responses), dtype=torch.float)  # (P·k,)
         scores = apply_missing_eos_penalty(rewards, has_eos, args.missing_eos_penalty).view(P, k)
-        ref_logps = summed_logprobs(ref_policy, completion_prompt_ids, responses, args, device)  # (P·k,)
-        old_logps = torch.tensor([sum(row) for row in sampler_logps])  # log π_old(y|x), from vLLM
+        ref_logps = reference_logprobs(ref_policy, prompt_ids, responses, args, device)  # (P·k,)
+        old_logps = torch.tensor([sum(row) for row in vllm_logprobs])  # log π_old(y|x), from vLLM
         kl = old_logps - ref_logps
         advantages = rloo_advantages(scores - args.kl_coef * kl.view(P, k)).flatten()  # used by RLOO alone
 
-        # 3. What the loss learns from. Every rank must run as many micro-batches as the others (DDP and FSDP
-        #    exchange data in each), so a rank with fewer terms pads with copies that count for nothing.
-        terms = trained_completions(args.loss_type, scores)
-        counts = [None] * world
-        dist.all_gather_object(counts, len(terms))
-        is_real = torch.tensor([1.0] * len(terms) + [0.0] * (max(counts) - len(terms)))  # 0: a padding term
-        terms += (terms[:1] or [(0, 0)]) * (max(counts) - len(terms))  # only DPO can have no terms: pad with a pair
+        # 3. What the loss learns from, as indices into the P·k completions (a tie says nothing about which is better).
+        #    Every rank runs as many micro-batches (DDP and FSDP exchange data in each): is_real 0 weighs out padding.
+        best, worst, valid = select_pairs(scores)  # of each prompt
+        if args.loss_type in ("sigmoid", "ipo"):  # the best (chosen) and worst (rejected) where the k scores differ
+            chosen, rejected = best[valid].tolist(), worst[valid].tolist()
+            chosen, rejected, is_real, all_terms = pad_pairs_over_ranks(chosen, rejected)
+        elif args.loss_type == "best_of_k":  # the chosen of every prompt, tie or not, as the paper's code
+            chosen, is_real, all_terms = best.tolist(), torch.ones(P), R * P
+        else:  # RLOO: every completion
+            completions, is_real, all_terms = list(range(P * k)), torch.ones(P * k), R * P * k
 
         # 4. The loss on summed response log-probs, E updates on this batch. DDP and FSDP average gradients over
         #    ranks, so each rank scales its summed loss by R / (terms in the whole batch): the update is the mean
         #    over all terms, whatever the micro-batch size or R.
+        logprobs_of = partial(completion_logprobs, wrapped_policy, prompt_ids, responses, args=args, device=device)
         lr = scheduler.get_last_lr()[0]  # that of the first update
-        term_stats, grad_norms = defaultdict(list), []
+        per_term, grad_norms = defaultdict(list), []
+        gap_sum = gap_tokens = torch.zeros((), device=device)  # for the weight-sync check, 5.
         for update in range(args.updates_per_batch):
-            gap = torch.zeros(2, device=device)  # see the weight-sync check below
-            for begin in range(0, len(terms), args.micro_batch_size):
-                mb = terms[begin : begin + args.micro_batch_size]
-                real = is_real[begin : begin + args.micro_batch_size].to(device)
-                rows = [term[n] for n in range(len(mb[0])) for term in mb]  # DPO: the chosen rows, then the rejected
-                prompt_rows, response_rows = [completion_prompt_ids[j] for j in rows], [responses[j] for j in rows]
-                logps, token_logps, mask = completion_logprobs(wrapped_policy, prompt_rows, response_rows, args, device)
-                ref, old, adv = (t[rows].to(device) for t in (ref_logps, old_logps, advantages))
-                losses, stats = loss_terms(args, logps, ref, old, adv)
-                ((losses * real).sum() * world / sum(counts)).backward()
+            for begin in range(0, len(is_real), args.micro_batch_size):
+                mb = slice(begin, begin + args.micro_batch_size)
+                real = is_real[mb].to(device)
+                if args.loss_type in ("sigmoid", "ipo"):  # online DPO: the chosen and the rejected, in one forward pass
+                    rows = chosen[mb] + rejected[mb]
+                    logps, token_logps, mask = logprobs_of(rows)
+                    chosen_logps, rejected_logps = logps.chunk(2)
+                    ref_chosen, ref_rejected = ref_logps[chosen[mb]].to(device), ref_logps[rejected[mb]].to(device)
+                    losses = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.loss_type)
+                    margin = args.beta * ((chosen_logps - ref_chosen) - (rejected_logps - ref_rejected))
+                    stats = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "margin": margin}
+                elif args.loss_type == "rloo":  # RLOO: every completion, π_old being the sampler
+                    rows = completions[mb]
+                    logps, token_logps, mask = logprobs_of(rows)
+                    old, advantage = old_logps[rows].to(device), advantages[rows].to(device)
+                    losses, ratio, clipped = rloo_loss(logps, old, advantage, args.clip_range)
+                    stats = {"ratio": ratio, "clipped": clipped.float()}
+                else:  # best-of-k: SFT on the chosen
+                    rows = chosen[mb]
+                    logps, token_logps, mask = logprobs_of(rows)
+                    losses, stats = best_of_k_loss(logps), {"chosen_logps": logps}
+                ((losses * real).sum() * R / all_terms).backward()
                 for name, value in {"loss": losses, **stats}.items():  # the real terms, for the log
-                    term_stats[name].append(value.detach()[real > 0].float().cpu())
+                    per_term[name].append(value.detach()[real > 0].float().cpu())
                 if update == 0:  # the batch as it arrived; later updates see a policy that has learned from it
-                    gap += sampler_gap(token_logps, mask, [sampler_logps[j] for j in rows], real.repeat(len(mb[0])))
-
-            # 5. The weight-sync check, before the first update. At lag 0, vLLM sampled with the weights the trainer
-            #    holds, so the two agree on the log-probs up to float error; if not, vLLM is not serving what was
-            #    pushed: stop before training on it. At lag > 0 the gap measures how off-policy the batch is.
-            if update == 0:
-                dist.all_reduce(gap)
-                logprob_gap = (gap[0] / gap[1]).item()  # NaN when no token was compared (DPO, every pair tied)
-                if batch.version == step:
-                    check_weight_sync(logprob_gap, tolerance, step)
+                    gap, tokens = sampler_gap(token_logps, mask, [vllm_logprobs[j] for j in rows], real)
+                    gap_sum, gap_tokens = gap_sum + gap, gap_tokens + tokens
             grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item())
             optimizer.step()  # with every pair tied there are no gradients, and AdamW leaves the weights be
             scheduler.step()
             optimizer.zero_grad()
         t_trained = time.time()
 
-        # 6. Push the new weights; the generator loads them for the round they start, or to evaluate them.
-        t_push = push_weights(args, is_rank_0, step + 1, policy, batch, device, link)
+        # 5. The weight-sync check, on the first update's forward passes. At lag 0 vLLM sampled with the weights the
+        #    trainer held, so the two agree up to float error; if not, vLLM is not serving what was pushed, and the run
+        #    stops before the new weights go anywhere. At lag > 0 the gap measures how off-policy the batch is.
+        dist.all_reduce(gap_sum)
+        dist.all_reduce(gap_tokens)
+        logprob_gap = (gap_sum / gap_tokens).item()  # NaN when no token was compared (DPO, every pair tied)
+        if batch.version == step:
+            check_weight_sync(args, logprob_gap, step)
 
-        # 7. Log the step over all ranks' shares, in one dict and one line; save a checkpoint now and then.
+        # 6. Push the new weights, if the generator will load them (the push rule): one buffer, and a probe (Snapshot).
+        t_push = t_trained  # when the push began, once the generator was done with the last snapshot
+        if needed(args, step + 1):
+            t_push = push_weights(args, is_rank_0, step + 1, policy, batch, device, link)
+
+        # 7. Log the step (all ranks' shares) and the evaluations that came with its batch; now and then, checkpoint.
         per_completion = {"scores": scores, "rewards": rewards, "has_eos": has_eos.float(), "kl": kl}
-        per_completion |= {"valid": select_pairs(scores)[2].float(), "advantages": advantages}
-        per_term = {name: torch.cat(values) for name, values in term_stats.items()}
-        per_completion, per_term = gather_shares(world, per_completion, per_term)
+        per_completion |= {"valid": valid.float(), "advantages": advantages}
+        metrics = step_metrics(args, step, batch, per_completion, per_term, grad_norms, lr, logprob_gap)
         if is_rank_0:
-            grad_norm = sum(grad_norms) / len(grad_norms)
-            metrics = step_metrics(args, step, batch, per_completion, per_term, grad_norm, lr, logprob_gap)
             run.log_step(step, metrics, batch, StepTimes(t_start, t_batch, t_trained, t_push, time.time()))
+            run.log_generator(batch, eval_kls, gold_fn)
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args, is_rank_0, step + 1, policy, optimizer, scheduler, run, link)
 
-    final_weights = full_weights(args, is_rank_0, policy)  # under FSDP every rank helps gather them
+    final_state_dict = full_state_dict(args, is_rank_0, policy)  # under FSDP every rank helps gather them
     done: Done = from_rank_0(link.finish() if is_rank_0 else None)  # with the final policy's evaluation
-    measure_kl(args, ref_policy, done.evals, device)
+    eval_kls = measure_kl(args, ref_policy, done.evals, device)
     if is_rank_0:
-        check_reloads(done.checks, tolerance)
-        run.log_generator(done)
-        policy.save_pretrained(os.path.join(run.dir, "model"), state_dict=final_weights)
-        tokenizer.save_pretrained(os.path.join(run.dir, "model"))
+        check_reloads(args, done.checks)
+        run.log_generator(done, eval_kls, gold_fn)
+        run.save_model(policy, final_state_dict)
 
 
-def measure_kl(args: Args, ref_policy, evals: list[Evaluation], device):
+def measure_kl(args: Args, ref_policy, evals: list[Evaluation], device) -> list[float]:
     """KL(π_v || π_ref) of each evaluated version v, by the estimator of the paper's training KL: the mean over held-out
     prompts of Σ_t log π_v - log π_ref of a completion π_v sampled. Every rank computes it whole (FSDP needs all of
-    them in each forward pass). An evaluation restored from an older version's checkpoint has no samples."""
-    for e in (e for e in evals if e.sampled_ids is not None):
-        ref = summed_logprobs(ref_policy, e.prompt_ids, e.sampled_ids, args, device)
-        e.kl = (torch.tensor([sum(row) for row in e.sampled_logprobs]) - ref).mean().item()
+    them in each forward pass). NaN for an evaluation restored from an older version's checkpoint: it has no samples."""
+    kls = [float("nan")] * len(evals)
+    for i, e in enumerate(evals):
+        if e.sampled_ids is not None:
+            ref = reference_logprobs(ref_policy, e.prompt_ids, e.sampled_ids, args, device)
+            kls[i] = (torch.tensor([sum(row) for row in e.sampled_logprobs]) - ref).mean().item()
+    return kls
 
 
-def step_metrics(args: Args, step: int, batch: Batch, c: dict, s: dict, grad_norm, lr, logprob_gap) -> dict:
-    """What is logged of a step (README: Metrics), over every rank's share. c: a value per completion (per prompt for
-    scores and valid); s: a value per term of the loss, in each update."""
+def step_metrics(args: Args, step: int, batch: Batch, per_completion, per_term, grad_norms, lr, logprob_gap) -> dict:
+    """What is logged of a step (README: Metrics), over every rank's share: per_completion holds a value per
+    completion (per prompt for scores and valid), per_term a value per term of the loss, in each micro-batch of each
+    update. Every rank computes it; rank 0 logs it."""
+    per_completion, per_term = gather_shares(args.trainer_ranks, per_completion, per_term)
 
     def mean(name: str) -> float:  # NaN where there was nothing to average: DPO with every pair tied
-        return s[name].mean().item() if name in s else float("nan")
+        return per_term[name].mean().item() if name in per_term else float("nan")
 
     metrics = {
         "async/learner_version": step,
@@ -652,101 +593,57 @@ def step_metrics(args: Args, step: int, batch: Batch, c: dict, s: dict, grad_nor
         "async/logprob_gap": logprob_gap,  # mean |log π_trainer - log π_vLLM| per sampled token
         "async/reload_gap": max((gap for _, gap in batch.checks), default=float("nan")),  # of the probe, per load
         "objective/loss": mean("loss"),
-        "objective/kl": c["kl"].mean().item(),  # Σ_t log π_old - log π_ref of the sampled completions
-        "objective/grad_norm": grad_norm,
+        "objective/kl": per_completion["kl"].mean().item(),  # Σ_t log π_old - log π_ref of the sampled completions
+        "objective/grad_norm": sum(grad_norms) / len(grad_norms),
         "objective/lr": lr,
-        "rewards/score": c["scores"].mean().item(),  # the reward, with the missing-EOS penalty
-        "rewards/unpenalized": c["rewards"].mean().item(),  # the reward, without it
-        "rewards/chosen_score": c["scores"].max(1).values.mean().item(),
-        "rewards/rejected_score": c["scores"].min(1).values.mean().item(),
-        "rewards/missing_eos_frac": 1 - c["has_eos"].mean().item(),
-        "rewards/tie_frac": 1 - c["valid"].mean().item(),  # prompts whose k scores are all equal
+        "rewards/score": per_completion["scores"].mean().item(),  # the reward, with the missing-EOS penalty
+        "rewards/unpenalized": per_completion["rewards"].mean().item(),  # the reward, without it
+        "rewards/chosen_score": per_completion["scores"].max(1).values.mean().item(),
+        "rewards/rejected_score": per_completion["scores"].min(1).values.mean().item(),
+        "rewards/missing_eos_frac": 1 - per_completion["has_eos"].mean().item(),
+        "rewards/tie_frac": 1 - per_completion["valid"].mean().item(),  # prompts whose k scores are all equal
     }
     if args.loss_type in ("sigmoid", "ipo"):
         metrics["rewards/dpo_margin"] = mean("margin")  # β times the log-ratio difference: DPO's implicit reward
-        metrics["rewards/dpo_accuracy"] = (s["margin"] > 0).float().mean().item() if s else float("nan")
+        metrics["rewards/dpo_accuracy"] = (per_term["margin"] > 0).float().mean().item() if per_term else float("nan")
         metrics["logps/chosen"] = mean("chosen_logps")
         metrics["logps/rejected"] = mean("rejected_logps")
     elif args.loss_type == "rloo":
-        metrics["rloo/reward"] = (c["scores"].flatten() - args.kl_coef * c["kl"]).mean().item()  # with its KL charge
-        metrics["rloo/advantage_std"] = c["advantages"].std().item()
-        metrics["rloo/ratio"] = mean("ratio")  # π_θ / π_old of the sampled completions, in the first update
+        charged = per_completion["scores"].flatten() - args.kl_coef * per_completion["kl"]  # with its KL charge
+        metrics["rloo/reward"] = charged.mean().item()
+        metrics["rloo/advantage_std"] = per_completion["advantages"].std().item()
+        metrics["rloo/ratio"] = mean("ratio")  # π_θ / π_old of the sampled completions, over the updates
         metrics["rloo/clipped_frac"] = mean("clipped")
     else:
         metrics["logps/chosen"] = mean("chosen_logps")
     return metrics
 
 
-def push_weights(args: Args, is_rank_0: bool, version: int, policy, batch: Batch, device, link) -> float:
-    """Send the policy to the generator as one packed snapshot with a probe to check its load by, if the generator
-    will load it (to start a round, or to evaluate it). Returns the time the wait for the snapshot slot ended."""
-    if version % args.batches_per_round and not evaluated(args, version):
-        return time.time()
-    if is_rank_0:
-        link.wait_for_snapshot_slot()
-    t_push = time.time()
-    dtype = torch.bfloat16 if args.bf16 else torch.float32  # vLLM's
-    if args.fsdp or is_rank_0:  # under FSDP every rank holds a shard of the weights, so every rank helps gather them
-        probe = make_probe(policy, batch, args.num_samples, device, args.bf16)
-        packed = pack_weights(policy, dtype, device, is_rank_0)  # None but on rank 0
-    if is_rank_0:
-        link.push(Snapshot(version, packed, probe))
-    return t_push
-
-
 # ----------------------------------------------------------------------------------------------------
-# main: check the input; on rank 0, start the generator; train; stop everything, however training ended.
-# `python async_online_dpo.py` is one trainer rank. `torchrun --nproc_per_node R async_online_dpo.py ...` runs R,
-# on one node or several: torchrun sets RANK and WORLD_SIZE, meets the ranks and stops them all when one fails.
-# --trainer_ranks R is the one-machine shortcut: torch's launcher starts this script R times, as torchrun would.
+# main: one trainer rank. `python async_online_dpo.py` is one; `torchrun --nproc_per_node R async_online_dpo.py` runs
+# R, on one machine or several, and --trainer_ranks R starts R through torch's launcher. Rank 0 runs the generator.
 def main(args: Args):
-    args = resumed_args(args)  # with --resume, the flags the run was started with
-    under_torchrun = "WORLD_SIZE" in os.environ
-    if under_torchrun:
-        args = replace(args, trainer_ranks=int(os.environ["WORLD_SIZE"]))
-    check_args(args)  # one sentence naming the fix, before any process starts
-    if args.trainer_ranks > 1 and not under_torchrun:
+    args = checked_args(args)  # with --resume, its flags; on bad input, one sentence naming the fix, before any process
+    if args.trainer_ranks > 1 and not UNDER_TORCHRUN:
         return launch_ranks(args)
-    rank = int(os.environ.get("RANK", 0))
-    is_rank_0 = rank == 0
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` (or torchrun stopping the ranks) as Ctrl-C
     t_start = time.time()
-    generator_cores, trainer_cores = split_cpu_cores(args.cpu_share_cores)  # used on a CPU only
-    shares_gpu_0 = torch.cuda.device_count() == 1  # the generator's and the trainer's
+    rank = int(os.environ.get("RANK", 0))
     run = link = None
-    try:
-        if is_rank_0:
-            start = starting_point(args)
-            train_prompts, eval_prompts, references = load_prompts(args)
-            max_model_len = check_lengths(args, start.base_model, start.tokenizer, train_prompts, eval_prompts)
-            run = RunFolder(args, start, references, t_start)  # on resume, the logs are cut back to the checkpoint
-            print(f"run {run.dir}: {describe(args)}, policy from {start.policy_path}")
-
-            # Start the generator. It loads the policy from disk once; after that, weights arrive by queue.
-            ctx = mp.get_context("spawn")
-            queues = dict(weights_queue=ctx.Queue(), samples_queue=ctx.Queue(), stop=ctx.Event())
-            queues["snapshot_free"] = ctx.Semaphore(1)  # one snapshot in memory at a time
-            first_batch = run.start + len(run.pending)  # batches sampled before a checkpoint come from the checkpoint
-            settings = dict(args=args, model_path=start.policy_path, version=run.start, first_batch=first_batch)
-            settings |= dict(prompts=(train_prompts, eval_prompts), max_model_len=max_model_len)
-            process = ctx.Process(
-                target=generator_process, args=(generator_cores,), kwargs=settings | queues, daemon=True
-            )
-            process.start()
-            link = GeneratorLink(process, pending=run.pending, evals=run.pending_evals, **queues)
-            if shares_gpu_0:  # vLLM sizes its KV cache from the memory free as it starts: allocate nothing before
-                link.wait_until_ready()
-        device = place_rank(trainer_cores)  # its GPU, or its share of this machine's trainer cores
-        join_process_group(args, rank)
-        dist.barrier()  # rank 0 has built the warm start: the others find it, or build the same on their machine
-        if not is_rank_0:
-            start = starting_point(args)
-        train(args, rank, device, start, run, link, wait_for_vllm=is_rank_0 and not shares_gpu_0)
-    except BaseException as error:  # Ctrl-C, a generator crash, a broken weight sync, a lost rank: one sentence
-        stop_with_reason(args, rank, error)
-    finally:
-        shut_down(run, link)  # the generator, the run folder and the process group, however training ended
-    if is_rank_0:
+    with rank_lifetime(args, rank) as close_at_exit:  # however it ends: one sentence, and every process stopped
+        if rank == 0:
+            # The task: where training starts, its prompts, and the context they need. Then the generator, which takes
+            # longest to start: it loads the policy from disk once, and weights arrive by queue from then on.
+            starting_point = read_starting_point(args)
+            prompts, references = load_prompts(args)  # (training, held-out), and the held-out prompts' references
+            max_model_len = check_lengths(args, starting_point, *prompts)
+            queues = new_queues()
+            link = close_at_exit(start_generator(args, queues, starting_point, prompts, max_model_len))
+            run = close_at_exit(RunFolder(args, starting_point, references, t_start))
+        device = join_trainer_ranks(args, rank)  # its GPU or its cores; the other ranks wait for rank 0's warm start
+        if rank != 0:
+            starting_point = read_starting_point(args)
+        train(args, rank, device, starting_point, run, link)
+    if rank == 0:
         run.summarize(link.snapshot_gb)  # where the time went, printed and in summary.json
 
 
@@ -857,9 +754,10 @@ def load_split(args: Args, split: str, streaming: bool = False):
 
 
 def load_prompts(args: Args):
-    """Training prompts (None for the built-in task: drawn per batch), eval prompts, and their references."""
+    """(Training prompts, held-out prompts), and the held-out prompts' references. The built-in task has no references,
+    and no list of training prompts (None): it draws them per batch."""
     if not args.dataset:
-        return None, builtin_prompts(random.Random("eval"), args.eval_prompts), None
+        return (None, builtin_prompts(random.Random("eval"), args.eval_prompts)), None
     train = load_split(args, args.dataset_split)
     if args.eval_split:
         held_out = load_split(args, args.eval_split)
@@ -869,7 +767,7 @@ def load_prompts(args: Args):
         held_out = train.select(range(cut, len(train)))
         train = train.select(range(cut))
     references = list(held_out[args.reference_column]) if args.reference_column else None
-    return list(train[args.prompt_column]), list(held_out[args.prompt_column]), references
+    return (list(train[args.prompt_column]), list(held_out[args.prompt_column])), references
 
 
 # Prompt j of batch i samples with seed (--seed * MAX_BATCHES + i) * --batch_size + j (see the generator), so that no
@@ -985,15 +883,47 @@ def position_ids(attention_mask):
 
 
 @torch.no_grad()
-def summed_logprobs(model, prompt_ids, response_ids, args: Args, device):
-    """log π(y|x) of each completion without gradients, as many at a time as a DPO micro-batch holds."""
+def reference_logprobs(ref_policy, prompt_ids, response_ids, args: Args, device):
+    """log π_ref(y|x) of each completion, without gradients, as many at a time as a DPO micro-batch holds."""
     chunk = 2 * args.micro_batch_size
     sums = []
     for begin in range(0, len(response_ids), chunk):
-        rows = slice(begin, begin + chunk)
-        logps, _, _ = completion_logprobs(model, prompt_ids[rows], response_ids[rows], args, device)
+        rows = range(begin, min(begin + chunk, len(response_ids)))
+        logps, _, _ = completion_logprobs(ref_policy, prompt_ids, response_ids, rows, args, device)
         sums.append(logps.float().cpu())
     return torch.cat(sums)
+
+
+def pad_pairs_over_ranks(chosen: list[int], rejected: list[int]):
+    """DPO's pairs padded to the most any rank has, with copies of the first (or of completion 0) that weigh 0, so
+    that every rank runs as many micro-batches. Returns them, each pair's weight (1 or 0), and the real pairs over
+    all ranks."""
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, len(chosen))
+    missing = max(counts) - len(chosen)
+    is_real = torch.tensor([1.0] * len(chosen) + [0.0] * missing)
+    return chosen + (chosen[:1] or [0]) * missing, rejected + (rejected[:1] or [0]) * missing, is_real, sum(counts)
+
+
+def rank_share(batch: Batch, rank: int, P: int, k: int):
+    """This rank's P prompts of the batch and their P·k completions: for each completion its prompt text and ids, its
+    token ids and vLLM's log-prob of each of its tokens."""
+    mine = slice(rank * P * k, (rank + 1) * P * k)
+    prompts = [batch.prompts[rank * P + j // k] for j in range(P * k)]
+    prompt_ids = [batch.prompt_ids[rank * P + j // k] for j in range(P * k)]
+    return prompts, prompt_ids, batch.response_ids[mine], batch.logprobs[mine]
+
+
+def sampler_gap(token_logps, response_mask, vllm_logprobs: list[list[float]], is_real):
+    """Σ over the sampled tokens of real terms (is_real: 1, padding: 0) of |log π_trainer - log π_vLLM|, and the number
+    of those tokens. vllm_logprobs[j] holds vLLM's log-probs of row j's response tokens, in order; a term has one row,
+    or two (DPO: the chosen rows, then the rejected)."""
+    tokens = response_mask.bool()
+    real_rows = is_real.repeat(len(token_logps) // len(is_real))
+    vllm_logps = torch.tensor([x for row in vllm_logprobs for x in row], device=token_logps.device)
+    token_gap = (token_logps.detach()[tokens] - vllm_logps).abs()
+    real_tokens = real_rows.repeat_interleave(tokens.sum(1))
+    return (token_gap * real_tokens).sum(), real_tokens.sum()
 
 
 def from_rank_0(obj):
@@ -1015,7 +945,7 @@ class StartingPoint:
     eos_ids: set[int]  # the ids vLLM stops at
 
 
-def starting_point(args: Args) -> StartingPoint:
+def read_starting_point(args: Args) -> StartingPoint:
     base_model = args.model_name_or_path or warm_start(args)
     checkpoint = latest_checkpoint(args.resume) if args.resume else None
     policy_path = os.path.join(checkpoint, "model") if checkpoint else base_model
@@ -1043,13 +973,17 @@ def place_rank(trainer_cores: list[int]):
     return torch.device("cpu")
 
 
-def join_process_group(args: Args, rank: int):
-    """The process group of the trainer ranks. Under torchrun, at the address it gives (MASTER_ADDR, MASTER_PORT);
-    a lone `python async_online_dpo.py` is a group of one, which needs no address."""
-    store = None if "WORLD_SIZE" in os.environ else dist.HashStore()
+def join_trainer_ranks(args: Args, rank: int):
+    """This rank's device (place_rank), then the process group of the trainer ranks: under torchrun, at the address it
+    gives (MASTER_ADDR, MASTER_PORT); a lone `python async_online_dpo.py` is a group of one, which needs no address.
+    Then the ranks wait for rank 0 to have built the warm start: they find it, or build the same on their machine."""
+    device = place_rank(split_cpu_cores(args.cpu_share_cores)[1])
+    store = None if UNDER_TORCHRUN else dist.HashStore()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=args.dist_timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=args.trainer_ranks, timeout=timeout)
+    dist.barrier()
+    return device
 
 
 def load_policy(path: str, device, gradient_checkpointing: bool):
@@ -1070,18 +1004,33 @@ def load_policy(path: str, device, gradient_checkpointing: bool):
     return policy.train()
 
 
-def load_policies(args: Args, base_model: str, policy_path: str, device):
+def load_policies(args: Args, starting_point: StartingPoint, device):
     """The policy to train (float32; from the checkpoint on resume), the model its forward passes go through (DDP,
     which averages gradients over ranks in backward, or the FSDP2-sharded policy itself), and the frozen reference
     in vLLM's dtype."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    policy = load_policy(policy_path, device, args.gradient_checkpointing)
-    ref_policy = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device).eval().requires_grad_(False)
+    policy = load_policy(starting_point.policy_path, device, args.gradient_checkpointing)
+    ref_policy = (
+        AutoModelForCausalLM.from_pretrained(starting_point.base_model, dtype=dtype)
+        .to(device)
+        .eval()
+        .requires_grad_(False)
+    )
     if not args.fsdp:
         return policy, DistributedDataParallel(policy), ref_policy
     shard(policy)  # FSDP2: a rank keeps 1/R of every weight, gradient and Adam moment
     shard(ref_policy)
     return policy, policy, ref_policy
+
+
+def load_rewards(args: Args, starting_point: StartingPoint, device, is_rank_0: bool):
+    """The training reward, with which each rank scores its share, and the gold reward that scores the evaluations (on
+    rank 0): --gold_reward_model_path, or else the training reward."""
+    tokenizer, eos_ids = starting_point.tokenizer, starting_point.eos_ids
+    reward_fn = load_reward(args, args.reward_model_path, device, tokenizer, eos_ids)
+    if not (args.gold_reward_model_path and is_rank_0):
+        return reward_fn, reward_fn
+    return reward_fn, load_reward(args, args.gold_reward_model_path, device, tokenizer, eos_ids)
 
 
 def shard(model):
@@ -1101,10 +1050,24 @@ def fail(message: str):
     sys.exit(f"error: {message}")
 
 
+def checked_args(args: Args) -> Args:
+    """The flags to run with: with --resume, those the run was started with; under torchrun, its number of ranks. Bad
+    input ends the run here with one sentence, before any process is spawned."""
+    args = resumed_args(args)
+    if UNDER_TORCHRUN:
+        args = replace(args, trainer_ranks=int(os.environ["WORLD_SIZE"]))
+    check_args(args)
+    return args
+
+
 def resumed_args(args: Args) -> Args:
     """With --resume, the flags the run was started with, read from its args.json."""
     if not args.resume:
         return args
+    if not os.path.isdir(args.resume):
+        fail(
+            f"--resume {args.resume!r} is not a folder; give the folder of the run to continue, as the run printed it."
+        )
     if not latest_checkpoint(args.resume):
         fail(f"--resume {args.resume!r} has no checkpoint-* folder; start runs with --save_every N to write them.")
     with open(os.path.join(args.resume, "args.json")) as f:
@@ -1189,6 +1152,13 @@ def check_args(args: Args):
             "subtracts it. Give the score you mean, e.g. -1.",
             file=sys.stderr,
         )
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail(
+                "--track logs to Weights & Biases, but its client is not installed: pip install wandb, or drop --track."
+            )
     check_models(args)
     if args.reward_fn:
         try:
@@ -1218,7 +1188,16 @@ def check_models(args: Args):
             )
 
 
+# A --dataset that names one of these is a local file, never a hub dataset: a missing one is a typo, not a download.
+DATA_FILES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
+
+
 def check_dataset(args: Args):
+    if not os.path.exists(args.dataset) and (args.dataset.endswith(DATA_FILES) or args.dataset.startswith((".", "/"))):
+        fail(
+            f"--dataset {args.dataset!r} is not a file or folder here (from {os.getcwd()}); check the path, or name a "
+            "hub dataset as owner/name."
+        )
     for flag in ("dataset_split", "eval_split"):
         split = getattr(args, flag)
         if not split:
@@ -1239,7 +1218,7 @@ def check_dataset(args: Args):
                 )
 
 
-def check_lengths(args: Args, model_path: str, tokenizer, train_prompts, eval_prompts: list[str]) -> int:
+def check_lengths(args: Args, starting_point: StartingPoint, train_prompts, eval_prompts: list[str]) -> int:
     """Every prompt the run will use, plus a response, must fit in the model's context. Returns the longest
     sequence, for vLLM."""
     if train_prompts is not None and not train_prompts:
@@ -1247,11 +1226,12 @@ def check_lengths(args: Args, model_path: str, tokenizer, train_prompts, eval_pr
             f"--dataset {args.dataset!r} has no rows left to train on once --eval_prompts {args.eval_prompts} are held "
             "out; lower --eval_prompts or give --eval_split."
         )
+    tokenizer = starting_point.tokenizer
     used = dict.fromkeys(p for i in range(args.num_steps) for p in batch_prompts(args, train_prompts, i))
     prompt_ids = tokenize(tokenizer, eval_prompts + list(used))
     longest_prompt = max(map(len, prompt_ids))
     longest_response = max(args.response_length, args.eval_response_length or 0)
-    context = AutoConfig.from_pretrained(model_path).max_position_embeddings
+    context = AutoConfig.from_pretrained(starting_point.base_model).max_position_embeddings
     if longest_prompt + longest_response > context:
         fail(
             f"prompts of up to {longest_prompt} tokens plus responses of up to {longest_response} exceed the model's "
@@ -1274,23 +1254,17 @@ def check_lengths(args: Args, model_path: str, tokenizer, train_prompts, eval_pr
 # --track, checkpoint-*/ and, at the end, model/ and summary.json. A resumed run cuts its logs back to the
 # checkpoint and carries on as if it had never stopped.
 class RunFolder:
-    def __init__(self, args: Args, start: "StartingPoint", references, t_start: float):
+    def __init__(self, args: Args, starting_point: StartingPoint, references, t_start: float):
         self.args = args
-        self.tokenizer = start.tokenizer
+        self.tokenizer = starting_point.tokenizer
         self.references = references
-        self.gold_fn = None  # set by rank 0's trainer once the gold reward model is loaded
-        self.eos_ids = start.eos_ids
-        checkpoint, state = start.checkpoint, start.state
+        self.eos_ids = starting_point.eos_ids
+        checkpoint, state = starting_point.checkpoint, starting_point.state
         self.warm_start_time = time.time() - t_start
         self.dir = args.resume or os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
         os.makedirs(self.dir, exist_ok=bool(checkpoint))
         with open(os.path.join(self.dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
-        self.start = state.get("version", 0)  # the policy version we start from; batch `start` is trained next
-        # Batches sampled before the checkpoint, not yet trained on, and evaluations of older versions, not yet
-        # logged; kept as dicts, which any version of this file can read.
-        self.pending = [batch_from_dict(b) for b in state.get("pending", [])]
-        self.pending_evals = [Evaluation(**e) for e in state.get("pending_evals", [])]
         self.version_time = state.get("version_time", {0: 0.0})  # seconds from the start until version v existed
         self.t_start = t_start - state.get("elapsed", 0.0)
         for name in ("metrics.jsonl", "samples.jsonl") if checkpoint else ():
@@ -1308,22 +1282,23 @@ class RunFolder:
             wandb.init(**wandb_settings(args, self.dir))
         from torch.utils.tensorboard import SummaryWriter  # here: the generator and the other ranks never write
 
-        self.writer = SummaryWriter(self.dir, purge_step=self.start if checkpoint else None)
+        self.writer = SummaryWriter(self.dir, purge_step=state["version"] if checkpoint else None)
+        print(f"run {self.dir}: {describe(args)}, policy from {starting_point.policy_path}")
 
     def log_step(self, step: int, metrics: dict, batch: Batch, times: "StepTimes"):
         """One dict to TensorBoard and metrics.jsonl, and one printed line; then what the generator sent."""
         metrics = metrics | {
-            "time/wait_samples": times.got_batch - times.start,
+            "time/wait_samples": times.got_batch - times.began,
             "time/train": times.trained - times.got_batch,
             "time/wait_push": times.push_began - times.trained,
             "time/push_weights": times.pushed - times.push_began,
-            "time/step": times.pushed - times.start,
+            "time/step": times.pushed - times.began,
         }
         for span, name in GENERATOR_SPANS.items():  # seconds the generator spent on each kind of work
             metrics[f"time/{name}"] = sum(b - a for what, a, b in batch.spans if what == span)
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
-        t0, t1, t2, t3 = (t - self.t_start for t in (times.start, times.got_batch, times.trained, times.pushed))
+        t0, t1, t2, t3 = (t - self.t_start for t in (times.began, times.got_batch, times.trained, times.pushed))
         timeline = {  # who did what when, in seconds since the start, for the benchmark's timeline plot
             "generator": [(what, a - self.t_start, b - self.t_start, batch.version) for what, a, b in batch.spans],
             "trainer": [(what, a, b, step) for what, a, b in [("wait", t0, t1), ("train", t1, t2), ("push", t2, t3)]],
@@ -1338,21 +1313,19 @@ class RunFolder:
             f"{m['rewards/score']:.3f}  gen {m['time/generate'] + m['time/load_weights']:.2f}s  train "
             f"{m['time/train'] + m['time/push_weights']:.2f}s  wait {m['time/wait_samples']:.2f}s"
         )
-        self.log_generator(batch)
 
-    def log_generator(self, message: "Batch | Done"):
-        """The generator's evaluations, scored here with the gold reward, with the KL the trainer measured of each
-        version (measure_kl). Then the seconds its loads took, for the summary."""
-        for e in message.evals:
+    def log_generator(self, message: "Batch | Done", kls: list[float], gold_fn):
+        """The evaluations that came with a batch (or at the end), scored here with the gold reward, with the KL the
+        trainer measured of each (measure_kl; NaN where unknown). Then the seconds the loads took, for the summary."""
+        for e, kl in zip(message.evals, kls):
             completions = self.tokenizer.batch_decode(e.response_ids, skip_special_tokens=True)
-            rewards = self.gold_fn(e.prompts, e.prompt_ids, e.response_ids)
-            kl = e.kl  # unknown (NaN) for an evaluation an older version's checkpoint kept
+            rewards = gold_fn(e.prompts, e.prompt_ids, e.response_ids)
             row = {"eval/version": e.version, "eval/gold_reward": sum(rewards) / len(rewards), "eval/kl": kl}
             row["eval/wall_time"] = self.version_time[e.version]
             if self.references:  # the paper's win-rate: how often the gold reward prefers ours to the reference
                 if self.ref_gold is None:  # whole answers, so with EOS
                     ids = [r + [self.tokenizer.eos_token_id] for r in tokenize(self.tokenizer, self.references)]
-                    self.ref_gold = self.gold_fn(e.prompts, e.prompt_ids, ids)
+                    self.ref_gold = gold_fn(e.prompts, e.prompt_ids, ids)
                 wins = [(r > g) + 0.5 * (r == g) for r, g in zip(rewards, self.ref_gold)]
                 row["eval/win_rate"] = sum(wins) / len(rewards)
             self.eval_log.append(row)
@@ -1364,13 +1337,14 @@ class RunFolder:
                 sample = {"version": e.version, "prompt": p, "completion": c, "eos": eos, "gold": r}
                 self.samples_file.write(json.dumps(sample) + "\n")
             examples = "  ".join((p + c)[-40:] for p, c, _, _ in shown)
+            win_rate = f"win rate {row['eval/win_rate']:.3f}  " if "eval/win_rate" in row else ""
             print(
-                f"eval  policy v{e.version:<4d} gold reward {row['eval/gold_reward']:.3f}  kl {kl:5.2f}  "
+                f"eval  policy v{e.version:<4d} gold reward {row['eval/gold_reward']:.3f}  {win_rate}kl {kl:5.2f}  "
                 f"e.g. {examples}"
             )
         self.load_times += [b - a for what, a, b in message.spans if what == "load"]
 
-    def write_checkpoint(self, version: int, policy, weights, trainer_state: dict):
+    def write_checkpoint(self, version: int, policy, state_dict: dict, trainer_state: dict):
         """Everything a resumed run needs, written under a temporary name and renamed in one step when complete:
         a kill during the save leaves the previous checkpoint whole."""
         self.metrics_file.flush()
@@ -1383,7 +1357,7 @@ class RunFolder:
         tmp = os.path.join(self.dir, f".tmp-checkpoint-{version:06d}")
         final = os.path.join(self.dir, f"checkpoint-{version:06d}")
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
+        policy.save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
         self.tokenizer.save_pretrained(os.path.join(tmp, "model"))
         torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
         os.replace(tmp, final)
@@ -1391,7 +1365,16 @@ class RunFolder:
             if old != final:
                 shutil.rmtree(old)
 
+    def save_model(self, policy, state_dict: dict):
+        """The trained policy as a model folder, which vLLM and transformers load like the one it started from."""
+        policy.save_pretrained(os.path.join(self.dir, "model"), state_dict=state_dict)
+        self.tokenizer.save_pretrained(os.path.join(self.dir, "model"))
+
     def close(self):
+        if self.args.track:
+            import wandb
+
+            wandb.finish()  # here, not at exit: the script ends without Python's teardown (exit_now)
         self.metrics_file.close()
         self.samples_file.close()
         self.writer.close()
@@ -1422,6 +1405,9 @@ class RunFolder:
             "kl_end": self.eval_log[-1]["eval/kl"],
             "lags": [m["async/lag"] for m in self.step_log],
         }
+        if "eval/win_rate" in self.eval_log[-1]:  # with --reference_column
+            summary["eval_win_rate_start"] = self.eval_log[0]["eval/win_rate"]
+            summary["eval_win_rate_end"] = self.eval_log[-1]["eval/win_rate"]
         with open(os.path.join(self.dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         s = summary
@@ -1434,10 +1420,14 @@ class RunFolder:
             f"ideal (G+T)/max(G,T) {s['speedup_ideal']:.2f}x.\neval gold reward {s['eval_gold_reward_start']:.3f} -> "
             f"{s['eval_gold_reward_end']:.3f}, final KL {s['kl_end']:.2f}. Model and logs in {self.dir}"
         )
+        if "eval_win_rate_end" in s:
+            print(f"win rate against the references {s['eval_win_rate_start']:.3f} -> {s['eval_win_rate_end']:.3f}.")
 
 
 def gather_shares(world: int, *shares: dict) -> list[dict]:
-    """Each dict of tensors with every rank's share of each tensor concatenated in rank order, on every rank."""
+    """Each dict of tensors (or of lists of tensors, concatenated first) with every rank's share of each tensor
+    concatenated in rank order, on every rank."""
+    shares = [{name: torch.cat(v) if isinstance(v, list) else v for name, v in share.items()} for share in shares]
     gathered = [None] * world
     dist.all_gather_object(gathered, shares)
     return [{name: torch.cat([g[i][name] for g in gathered]) for name in share} for i, share in enumerate(shares)]
@@ -1445,9 +1435,9 @@ def gather_shares(world: int, *shares: dict) -> list[dict]:
 
 @dataclass
 class StepTimes:
-    """When the trainer started a step, had its batch, had trained on it, got the snapshot slot and had pushed."""
+    """When the trainer began a step, had its batch, had trained on it, got the snapshot slot and had pushed."""
 
-    start: float
+    began: float
     got_batch: float
     trained: float
     push_began: float
@@ -1478,7 +1468,7 @@ def read_checkpoint(checkpoint: str) -> dict:
     return torch.load(os.path.join(checkpoint, "trainer.pt"), map_location="cpu", weights_only=False, mmap=True)
 
 
-def full_weights(args: Args, is_rank_0: bool, policy) -> dict:
+def full_state_dict(args: Args, is_rank_0: bool, policy) -> dict:
     """The whole float32 policy on rank 0, to save. Under FSDP every rank helps gather it into CPU memory."""
     if args.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -1491,7 +1481,7 @@ def save_checkpoint(args: Args, is_rank_0: bool, version: int, policy, optimizer
     """Every rank helps gather the weights and optimizer state (under FSDP); rank 0 writes them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    weights = full_weights(args, is_rank_0, policy)
+    state_dict = full_state_dict(args, is_rank_0, policy)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optimizer_state = get_optimizer_state_dict(policy, optimizer, options=full) if args.fsdp else optimizer.state_dict()
     if not is_rank_0:
@@ -1504,7 +1494,7 @@ def save_checkpoint(args: Args, is_rank_0: bool, version: int, policy, optimizer
     due = {v for v in range(version) if evaluated(args, v)} - {row["eval/version"] for row in run.eval_log}
     pending, pending_evals = link.ahead(sampled_before, due)
     state["pending"], state["pending_evals"] = [asdict(b) for b in pending], [asdict(e) for e in pending_evals]
-    run.write_checkpoint(version, policy, weights, state)
+    run.write_checkpoint(version, policy, state_dict, state)
 
 
 def restore_checkpoint(args: Args, state: dict, policy, optimizer, scheduler) -> int:
@@ -1527,13 +1517,33 @@ def restore_checkpoint(args: Args, state: dict, policy, optimizer, scheduler) ->
     return state["version"]
 
 
-def batch_from_dict(saved: dict) -> Batch:
-    return Batch(**saved | {"evals": [Evaluation(**e) for e in saved.get("evals", [])]})
+def from_dict(cls, saved: dict):
+    """A Batch or an Evaluation kept in a checkpoint as a dict, by any version of this file: fields since gone (an
+    evaluation's KL once) are left out."""
+    fields = {name: value for name, value in saved.items() if name in cls.__dataclass_fields__}
+    if cls is Batch:
+        fields["evals"] = [from_dict(Evaluation, e) for e in fields.get("evals", [])]
+    return cls(**fields)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Weights across processes: the policy packed into one flat tensor, which the generator reads as views, and
 # the probe it checks them with once loaded.
+def push_weights(args: Args, is_rank_0: bool, version: int, policy, batch: Batch, device, link) -> float:
+    """Send the policy to the generator as one packed Snapshot, with a probe to check its load by, once the generator
+    is done with the last one. Returns the time that wait ended."""
+    if is_rank_0:
+        link.wait_for_snapshot_slot()
+    t_push = time.time()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32  # vLLM's
+    if args.fsdp or is_rank_0:  # under FSDP every rank holds a shard of the weights, so every rank helps gather them
+        probe = make_probe(policy, batch, args.num_samples, device, args.bf16)
+        packed = pack_weights(policy, dtype, device, is_rank_0)  # None but on rank 0
+    if is_rank_0:
+        link.push(Snapshot(version, packed, probe))
+    return t_push
+
+
 def snapshot_weights(model) -> dict:
     """What vLLM needs: the floating-point state dict, a weight tied to another (lm_head to the embeddings)
     once, since vLLM ties it again on its side."""
@@ -1546,14 +1556,14 @@ def pack_weights(model, dtype, device, is_rank_0: bool):
     crosses to the generator, not hundreds (one CUDA IPC handle, or one shared-memory file). Under FSDP2 each
     weight is cast, then gathered from the ranks' shards, one at a time, so every rank must call this; a full
     float32 copy never exists. Ranks other than 0 return None."""
-    weights = snapshot_weights(model)
+    state_dict = snapshot_weights(model)
     layout, size = [], 0
-    for name, w in weights.items():
+    for name, w in state_dict.items():
         layout.append((name, tuple(w.shape), size))
         size += w.numel()
     # On a CPU, in shared memory from the start: the queue then sends it without copying it first.
     buffer = torch.empty(size, dtype=dtype, device=device).share_memory_() if is_rank_0 else None
-    for (_, _, offset), w in zip(layout, weights.values()):
+    for (_, _, offset), w in zip(layout, state_dict.values()):
         w = w.detach().to(dtype)
         if hasattr(w, "full_tensor"):  # a DTensor: this rank's FSDP2 shard
             w = w.full_tensor()
@@ -1562,14 +1572,38 @@ def pack_weights(model, dtype, device, is_rank_0: bool):
     return (buffer, layout) if is_rank_0 else None
 
 
+def make_probe(policy, batch: Batch, k: int, device, bf16: bool) -> Probe:
+    """The new policy's log-probs of the batch's longest completion, at temperature 1. Its last token is left out:
+    vLLM needs room for one more in the context."""
+    j = max(range(len(batch.response_ids)), key=lambda j: len(batch.response_ids[j]))
+    prompt_ids, response_ids = batch.prompt_ids[j // k], batch.response_ids[j][:-1]
+    ids, mask = (t.to(device) for t in pad_batch([prompt_ids], [response_ids]))
+    width = len(response_ids)  # 0 when every completion was a lone EOS: nothing to probe
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logprobs = token_logprobs(policy, ids, mask, width, 1.0)[0].tolist() if width else []
+    return Probe(prompt_ids, response_ids, logprobs)
+
+
+def probe_gap(llm, probe: Probe) -> float:
+    """Mean |log π_trainer - log π_vLLM| over the probe completion's tokens, vLLM's from the weights just loaded."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)  # 0: each prompt token's alone
+    prompt = TokensPrompt(prompt_token_ids=probe.prompt_ids + probe.response_ids)
+    (output,) = llm.generate([prompt], params, use_tqdm=False)
+    logps = logprobs_of(probe.response_ids, output.prompt_logprobs[len(probe.prompt_ids) :])
+    return sum(abs(a - b) for a, b in zip(logps, probe.logprobs)) / len(probe.response_ids)
+
+
 def unpack_weights(buffer, layout) -> list:
     """(name, tensor) pairs that are views into the one buffer: nothing is copied."""
     return [(name, buffer[offset : offset + math.prod(shape)].view(shape)) for name, shape, offset in layout]
 
 
-def sampled_logprobs(token_ids, logprobs) -> list[float]:
+def logprobs_of(token_ids, positions) -> list[float]:
     """The log-prob of each token from vLLM's per-position dicts, which with logprobs=0 hold that token alone."""
-    return [position[t].logprob for t, position in zip(token_ids, logprobs)]
+    return [position[t].logprob for t, position in zip(token_ids, positions)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1592,6 +1626,20 @@ def split_cpu_cores(share: bool = False):
     return cores[:half], cores[half:] or cores
 
 
+# Set once: whether torchrun (or torch's launcher, for --trainer_ranks) started this process as one of the ranks.
+UNDER_TORCHRUN = "WORLD_SIZE" in os.environ
+
+
+@dataclass
+class Ready:  # the generator's first message: vLLM is up and has sized its KV cache
+    pass
+
+
+@dataclass
+class GeneratorFailed:  # the generator's last message if it crashed
+    traceback: str
+
+
 class Stopped(Exception):
     """Raised in the generator when the trainer has finished, failed or been killed."""
 
@@ -1602,6 +1650,16 @@ class GeneratorError(RuntimeError):
 
 class WeightSyncError(RuntimeError):
     """vLLM's log-probs disagree with the trainer's where they should not: vLLM is not serving the pushed weights."""
+
+    def __init__(self, gap: float, tolerance: float, version: int, probe: bool):
+        what = f"after loading policy version {version}, vLLM's log-probs of the probe completion"
+        if not probe:
+            what = f"batch {version} was sampled by policy version {version}, the very weights the trainer holds, yet "
+            what += "vLLM's log-probs of its tokens"
+        super().__init__(
+            f"the weight sync is broken: {what} differ from the trainer's by {gap:.3g} per token on average, more "
+            f"than --logprob_gap_tolerance {tolerance:g}; vLLM is not serving the pushed weights."
+        )
 
 
 def set_up_generator_process(args: Args, cpu_cores: list[int]):
@@ -1617,22 +1675,52 @@ def set_up_generator_process(args: Args, cpu_cores: list[int]):
     # mantissa); full precision keeps vLLM's log-probs those of the trainer, as the weight-sync check expects.
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
     if not torch.cuda.is_available():
+        # The CPU install leaves out Triton, a GPU compiler the CPU backend never uses: torch need not warn about it.
+        logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.vllm_cpu_kv_cache_gib)
         os.environ["OMP_NUM_THREADS"] = str(len(cpu_cores))
         pin_to_cores(cpu_cores)  # our own cores, so the trainer never slows us down
+    from vllm import LLM  # noqa: F401  (all of vLLM's modules, which read the settings above as they are imported)
+
+    # Everything made so far (torch's, transformers' and vLLM's modules) lives as long as this process. vLLM collects
+    # garbage several times while it starts; frozen, these objects are not walked each time (a second or more).
+    gc.freeze()
 
 
-def generator_process(cpu_cores: list[int], **settings):
+def new_queues() -> Queues:
+    ctx = mp.get_context("spawn")
+    return Queues(samples=ctx.Queue(), weights=ctx.Queue(), snapshot_free=ctx.Semaphore(1), stop=ctx.Event())
+
+
+def start_generator(args: Args, queues: Queues, starting_point: StartingPoint, prompts, max_model_len: int):
+    """Spawn the generator process with its queues: from the checkpoint's version when resuming, and past the batches
+    that checkpoint kept (sampled before it, not yet trained on). On one GPU, wait until vLLM is up: it sizes its KV
+    cache from the memory free as it starts, so the trainer must allocate nothing before."""
+    state = starting_point.state
+    version, pending = state.get("version", 0), [from_dict(Batch, b) for b in state.get("pending", [])]
+    settings = (args, queues, starting_point.policy_path, version, version + len(pending), prompts, max_model_len)
+    cores = split_cpu_cores(args.cpu_share_cores)[0]
+    process = mp.get_context("spawn").Process(target=generator_process, args=(cores, *settings), daemon=True)
+    process.start()
+    link = GeneratorLink(process, queues, pending, [from_dict(Evaluation, e) for e in state.get("pending_evals", [])])
+    if torch.cuda.device_count() == 1:
+        link.wait_until_ready()
+    return link
+
+
+def generator_process(cpu_cores: list[int], args: Args, queues: Queues, *settings):
     """The generator process runs this: vLLM's settings, made before it is imported, and on a CPU our own cores;
     then `generator`, with its crash's traceback handed to the trainer."""
-    samples_queue = settings["samples_queue"]
     try:
-        set_up_generator_process(settings["args"], cpu_cores)
-        generator(**settings)
+        set_up_generator_process(args, cpu_cores)
+        generator(args, queues, *settings)
+        queues.samples.close()
+        queues.samples.join_thread()  # every message has reached the pipe, Done last
+        exit_now(0)  # not the seconds that tearing down vLLM and torch takes, which nobody needs
     except (KeyboardInterrupt, Stopped):
-        samples_queue.cancel_join_thread()  # Ctrl-C or the trainer stopped: exit without flushing
+        queues.samples.cancel_join_thread()  # Ctrl-C or the trainer stopped: exit without flushing
     except BaseException:
-        samples_queue.put(GeneratorFailed(traceback.format_exc()))  # the trainer re-raises it with this traceback
+        queues.samples.put(GeneratorFailed(traceback.format_exc()))  # the trainer re-raises it with this traceback
         sys.exit(1)
 
 
@@ -1641,13 +1729,16 @@ def stop_if_trainer_stopped(stop):
         raise Stopped
 
 
-def next_snapshot(weights_queue, stop) -> Snapshot:
-    """The next snapshot the trainer pushed, waiting for it while the trainer lives."""
+def next_snapshot(queues: Queues, spans: list) -> Snapshot:
+    """The next snapshot the trainer pushed, waited for while the trainer lives; the wait goes into spans."""
+    t = time.time()
     while True:
         try:
-            return weights_queue.get(timeout=1)
+            snapshot = queues.weights.get(timeout=1)
+            spans.append(("wait", t, time.time()))
+            return snapshot
         except queue.Empty:
-            stop_if_trainer_stopped(stop)
+            stop_if_trainer_stopped(queues.stop)
 
 
 def receive(samples_queue, process):
@@ -1686,27 +1777,29 @@ def wait_for_snapshot_slot(snapshot_free, samples_queue, process) -> float:
 class GeneratorLink:
     """Rank 0's end of the generator's queues (see the generator), and the generator process itself."""
 
-    def __init__(self, process, weights_queue, samples_queue, snapshot_free, stop, pending: list, evals: list):
+    def __init__(self, process, queues: Queues, pending: list, evals: list):
         self.process = process
-        self.weights_queue = weights_queue
-        self.samples_queue = samples_queue
-        self.snapshot_free = snapshot_free
-        self.stop_event = stop
+        self.queues = queues
+        self.ready = False  # whether vLLM is up: the generator's first message says so
         self.pending = deque(pending)  # batches received, or restored from a checkpoint, not yet trained on
         self.evals = list(evals)  # evaluations received, or restored, not yet logged: they go with the next batch
         self.snapshot = None  # the last snapshot pushed; its sender must keep a CUDA tensor alive while it is used
         self.snapshot_gb = 0.0
 
     def receive(self):
-        return receive(self.samples_queue, self.process)
+        return receive(self.queues.samples, self.process)
 
     def wait_until_ready(self):
-        message = self.receive()
-        if not isinstance(message, Ready):
-            raise GeneratorError(f"the generator's first message was not Ready but {type(message).__name__}")
+        """Wait for the generator's first message, Ready, unless it has come."""
+        if not self.ready:
+            message = self.receive()
+            if not isinstance(message, Ready):
+                raise GeneratorError(f"the generator's first message was not Ready but {type(message).__name__}")
+            self.ready = True
 
     def read(self) -> "Batch | Done | None":
-        """The next message; an evaluation is kept for the next batch (and None returned)."""
+        """The next message after Ready; None for an evaluation, which is kept for the next batch."""
+        self.wait_until_ready()
         message = self.receive()
         if isinstance(message, Evaluation):
             self.evals.append(message)
@@ -1714,7 +1807,10 @@ class GeneratorLink:
         return message
 
     def next_batch(self) -> Batch:
-        """The next batch to train on, with the evaluations received before it (an older run's batch has its own)."""
+        """The next batch to train on, with the evaluations received before it (an older run's batch has its own).
+        Not before vLLM is up, even for a batch a checkpoint kept: vLLM loads the policy from the checkpoint's folder
+        as it starts, and the next save deletes that folder."""
+        self.wait_until_ready()
         batch = self.pending.popleft() if self.pending else None
         while batch is None:
             batch = self.read()
@@ -1740,21 +1836,21 @@ class GeneratorLink:
         return message
 
     def wait_for_snapshot_slot(self):
-        wait_for_snapshot_slot(self.snapshot_free, self.samples_queue, self.process)
+        wait_for_snapshot_slot(self.queues.snapshot_free, self.queues.samples, self.process)
         self.snapshot = None
         if torch.cuda.is_available():
             torch.cuda.ipc_collect()  # give back the memory of the snapshot the generator let go of
 
     def push(self, snapshot: Snapshot):
         self.snapshot = snapshot
-        buffer = snapshot.weights[0]
+        buffer = snapshot.packed[0]
         self.snapshot_gb = buffer.numel() * buffer.itemsize / 1e9
-        self.weights_queue.put(snapshot)
+        self.queues.weights.put(snapshot)
 
-    def stop(self):
+    def close(self):
         """Stop the generator, however the run ended."""
-        self.stop_event.set()
-        self.weights_queue.cancel_join_thread()  # don't block exit on snapshots the generator never read
+        self.queues.stop.set()
+        self.queues.weights.cancel_join_thread()  # don't block exit on snapshots the generator never read
         self.process.join(timeout=10)
         if self.process.is_alive():
             self.process.kill()
@@ -1768,31 +1864,65 @@ def from_a_collective(error: BaseException) -> bool:
     return isinstance(error, dist.DistError) or any(word in str(error) for word in ("gloo", "NCCL"))
 
 
-def stop_with_reason(args: Args, rank: int, error: BaseException):
-    """Turn what stopped a rank into one sentence and exit; anything else is a bug, raised with its traceback. Every
-    rank meets a broken weight sync (or the generator's crash) at the same check, so rank 0 alone says it."""
+def reason_to_stop(args: Args, rank: int, error: BaseException) -> str:
+    """What stopped a rank, in one sentence (empty for the ranks but 0 where every rank meets the same check, so rank 0
+    alone says it); anything else is a bug, raised again with its traceback."""
     if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or SIGTERM: `kill`, or torchrun stopping the ranks
-        sys.exit("interrupted: stopped the trainer and the generator" if rank == 0 else 1)
+        return "interrupted: stopped the trainer and the generator" if rank == 0 else ""
     if isinstance(error, (GeneratorError, WeightSyncError)):
-        sys.exit(f"error: {error}" if rank == 0 else 1)
+        return f"error: {error}" if rank == 0 else ""
     if from_a_collective(error):
         what = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-        sys.exit(
+        return (
             f"error: trainer rank {rank}: a rank failed, or this one waited longer than --dist_timeout "
             f"{args.dist_timeout}s for the others in a collective ({what})"
         )
     raise error
 
 
-def shut_down(run, link):
-    """However the run ended: stop the generator, close the run folder, leave the process group. Signals wait
-    until this is done (the generator is joined for at most 10 s), so a second Ctrl-C cannot cut it short."""
+@contextmanager
+def rank_lifetime(args: Args, rank: int):
+    """Around a trainer rank: `kill` (or torchrun stopping the ranks) acts as Ctrl-C; whatever stops the rank becomes
+    one sentence (reason_to_stop); and what was handed to close_at_exit (the generator, the run folder) is closed,
+    and the process group left, however it ended."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    opened = []
+
+    def close_at_exit(thing):
+        opened.append(thing)
+        return thing
+
+    try:
+        yield close_at_exit
+    except BaseException as error:  # Ctrl-C, a generator crash, a broken weight sync, a lost rank
+        reason = reason_to_stop(args, rank, error)  # a bug is raised again, and the run shut down below
+        shut_down(opened)
+        if reason:
+            print(reason, file=sys.stderr)
+        # The run is over: exit at once. After a failed collective, torch's teardown of its process group waits out
+        # the broken connection, which kept a rank alive for most of a minute, and torchrun with it.
+        exit_now(1)
+    finally:
+        shut_down(opened)
+
+
+def exit_now(code: int):
+    """End this process at once, with what multiprocessing does on a process's way out (its semaphores freed) but
+    without Python's teardown of every module."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    multiprocessing.util._exit_function()
+    os._exit(code)
+
+
+def shut_down(opened: list):
+    """However the run ended: close what was opened, newest first, and leave the process group; a second call does
+    nothing. Signals wait until this is done (the generator is joined for at most 10 s), so a second Ctrl-C cannot
+    cut it short."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if link:
-        link.stop()
-    if run:
-        run.close()
+    while opened:
+        opened.pop().close()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -1801,8 +1931,6 @@ def launch_ranks(args: Args):
     """--trainer_ranks R: this script again as R ranks on this machine, by torch's launcher (what `torchrun
     --standalone --nproc_per_node R` runs), which sets each rank's RANK and WORLD_SIZE, meets them on a free port,
     and stops them all if one fails. The warm start is built here first, so that the ranks find it."""
-    import logging
-
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -1834,3 +1962,4 @@ def launch_ranks(args: Args):
 
 if __name__ == "__main__":
     main(tyro.cli(Args, use_underscores=True))
+    exit_now(0)  # everything is closed and saved: Python's teardown of torch and transformers would take a second

@@ -23,7 +23,7 @@ import sys
 
 import tyro
 
-from async_online_dpo import Args, main
+from async_online_dpo import Args, exit_now, main
 
 if __name__ == "__main__":
     args = tyro.cli(
@@ -35,3 +35,4 @@ if __name__ == "__main__":
             "ahead."
         )
     main(args)
+    exit_now(0)  # as async_online_dpo.py ends: everything is closed, so without Python's teardown

@@ -49,7 +49,7 @@ def vllm_engine(args: A.Args, model_path: str, cores: list[int]):
     A.set_up_generator_process(args, cores)
     from vllm import LLM, SamplingParams
 
-    max_model_len = A.check_lengths(args, model_path, AutoTokenizer.from_pretrained(model_path), None, [])
+    max_model_len = A.check_lengths(args, A.read_starting_point(args), None, [])
     llm = LLM(
         model=model_path,
         dtype="float32",

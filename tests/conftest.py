@@ -1,5 +1,6 @@
 """What the tests share: the warm-started model, the one way they launch a program, and readers of a run folder."""
 
+import ast
 import glob
 import json
 import math
@@ -9,12 +10,15 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 import uuid
+from dataclasses import dataclass
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from tokenizers import processors
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -71,14 +75,17 @@ def run_script(script, cache_dir, output_dir, *flags, timeout=300, **kwargs):
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
-def wrapper_script(tmp_path, prelude: str) -> str:
-    """A script that runs async_online_dpo.py's main after `prelude`. The generator is spawned, so it imports this
-    file again as __mp_main__: a patch in the prelude reaches the generator too."""
+def wrapper_script(tmp_path, prelude: str, script: str = "async_online_dpo.py") -> str:
+    """A script that runs `script` (async_online_dpo.py or sync_baseline.py) as its own __main__ after `prelude`. The
+    generator is spawned, so it imports this file again as __mp_main__: a patch in the prelude reaches it too."""
     wrapper = tmp_path / f"wrapper_{uuid.uuid4().hex[:8]}.py"
+    run = {  # the scripts' own __main__; sync_baseline.py calls the main of the module patched here
+        "async_online_dpo.py": "A.main(tyro.cli(A.Args, use_underscores=True))",
+        "sync_baseline.py": f"runpy.run_path({os.path.join(ROOT, script)!r}, run_name='__main__')",
+    }[script]
     wrapper.write_text(
-        f"import sys\nsys.path.insert(0, {ROOT!r})\nimport torch\nimport tyro\nimport async_online_dpo as A\n"
-        f"{prelude}\n"
-        "if __name__ == '__main__':\n    A.main(tyro.cli(A.Args))\n"
+        f"import runpy, sys\nsys.path.insert(0, {ROOT!r})\nimport torch\nimport tyro\nimport async_online_dpo as A\n"
+        f"{prelude}\nif __name__ == '__main__':\n    {run}\n"
     )
     return str(wrapper)
 
@@ -94,6 +101,107 @@ def processes_with(marker):
         except OSError:
             pass
     return found
+
+
+def gone_within(seconds: float, marker) -> bool:
+    """Whether every process that carries the marker has exited within this many seconds (polled, not slept)."""
+    deadline = time.time() + seconds
+    while processes_with(marker) and time.time() < deadline:
+        time.sleep(0.1)
+    return processes_with(marker) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs that several tests read, made once. Each is instrumented: the trainer counts the policy's forward passes and
+# decoder layers run under gradients (its update) and records the dtype of the update's logits, and prints both when
+# it ends; the generator prints the dtype vLLM runs in and is sent at each load (it exits without running atexit
+# handlers). The hooks only count: the run computes what an uninstrumented one does.
+INSTRUMENT = """
+import atexit, collections
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
+counts, dtypes = {"layers": 0, "models": 0}, collections.Counter()
+def count(module, inputs):
+    if torch.is_grad_enabled():  # the policy, forward and recompute; the reference runs without gradients
+        counts["layers"] += isinstance(module, LlamaDecoderLayer)
+        counts["models"] += isinstance(module, LlamaModel)
+torch.nn.modules.module.register_module_forward_pre_hook(count)
+def record(module, inputs, output):
+    if torch.is_grad_enabled() and type(module).__name__ == "LlamaForCausalLM":
+        dtypes["trainer " + str(output.logits.dtype)] += 1
+torch.nn.modules.module.register_module_forward_hook(record)
+load = A.load_weights_into_vllm
+def recording_load(llm, named_tensors):  # the generator alone loads weights into vLLM
+    loaded = {"vllm " + str(llm.model_config.dtype): 1, "snapshot " + str(named_tensors[0][1].dtype): 1}
+    print("GENERATOR DTYPES", loaded, flush=True)
+    load(llm, named_tensors)
+A.load_weights_into_vllm = recording_load
+atexit.register(lambda: print("COUNTS", counts["layers"], counts["models"], "DTYPES", dict(dtypes), flush=True))
+"""
+
+
+@dataclass
+class Run:
+    """A finished run: the process's output, and its run folder read back."""
+
+    result: subprocess.CompletedProcess
+    run_dir: str
+    steps: list[dict]
+    evals: list[dict]
+
+    def counts(self) -> tuple[int, int]:
+        """Decoder layers and policy forward passes run under gradients, in the trainer: the last process to end."""
+        line = [line for line in self.result.stdout.splitlines() if line.startswith("COUNTS")][-1]
+        layers, forwards = line.split()[1:3]
+        return int(layers), int(forwards)
+
+    def dtypes(self) -> set[str]:
+        """The dtypes each process recorded: the trainer's update, vLLM and the snapshots it loaded."""
+        lines = [line for line in self.result.stdout.splitlines() if line.startswith(("COUNTS", "GENERATOR DTYPES"))]
+        return {k for line in lines for k in ast.literal_eval(line.split("DTYPES", 1)[1].strip())}
+
+
+def instrumented_run(tmp_path, cache_dir, *flags, script="async_online_dpo.py") -> Run:
+    """`script` with the TINY settings and these flags, through a wrapper that instrumented it (INSTRUMENT)."""
+    wrapper = wrapper_script(tmp_path, INSTRUMENT, script)
+    result = run_script(wrapper, cache_dir, tmp_path / "out", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Run(result, *read_run(tmp_path / "out"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(cache_dir, tmp_path_factory) -> Run:
+    """The tiny async run with default flags (A = 1): the end-to-end test, the layer count and the ranks' reference."""
+    return instrumented_run(tmp_path_factory.mktemp("tiny_run"), cache_dir)
+
+
+@pytest.fixture(scope="session")
+def bos_model(model_path, tmp_path_factory) -> str:
+    """The built-in model with a tokenizer that puts <s> in front of every text by default, as Llama's does."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.bos_token_id = bos
+    model.generation_config.bos_token_id = bos
+    path = tmp_path_factory.mktemp("bos_model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sync_run(cache_dir, bos_model, tmp_path_factory) -> Run:
+    """sync_baseline.py with the TINY settings on a dataset of prompts that start with <s>, for bos_model: the sync
+    test and the one-BOS test (tests/test_implementation_details.py, detail 3)."""
+    tmp_path = tmp_path_factory.mktemp("sync_run")
+    prompts = ["<s>" + p for p in A.builtin_prompts(A.random.Random(3), 48)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    flags = ["--model_name_or_path", bos_model, "--dataset", str(tmp_path / "data.jsonl")]
+    result = run_script("sync_baseline.py", cache_dir, tmp_path / "out", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Run(result, *read_run(tmp_path / "out"))
 
 
 # ----------------------------------------------------------------------------------------------------

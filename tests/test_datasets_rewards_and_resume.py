@@ -1,6 +1,5 @@
-"""Datasets, reward models, kill-and-resume, bf16 and the input checks of larger runs, proven on the CPU."""
+"""Datasets, reward models and the win-rate, and kill-and-resume, proven on the CPU."""
 
-import ast
 import glob
 import json
 import os
@@ -11,7 +10,6 @@ import uuid
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models
 from transformers import (
     AutoModelForCausalLM,
@@ -22,7 +20,7 @@ from transformers import (
 )
 
 import async_online_dpo as A
-from conftest import max_difference, processes_with, read_run, run_script, start, weights, wrapper_script
+from conftest import ROOT, gone_within, max_difference, read_run, run_script, start, weights
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(cache_dir, tmp_path):
@@ -43,8 +41,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(cache_dir, tmp_path):
     os.kill(p.pid, signal.SIGKILL)  # no chance to clean up
     p.communicate()
     (run_dir,) = glob.glob(str(tmp_path / "killed" / "*"))
-    time.sleep(5)
-    assert processes_with(marker) == []  # the generator noticed and stopped by itself
+    assert gone_within(30, marker)  # the generator noticed and stopped by itself
     # A save that was cut short leaves only a temporary folder, which resume must ignore.
     shutil.copytree(os.path.join(run_dir, "checkpoint-000004"), os.path.join(run_dir, ".tmp-checkpoint-000006"))
     os.truncate(os.path.join(run_dir, ".tmp-checkpoint-000006", "trainer.pt"), 100)
@@ -59,6 +56,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(cache_dir, tmp_path):
     assert [e["eval/version"] for e in evals] == [0, 3, 6]
     assert [e["eval/gold_reward"] for e in evals] == [e["eval/gold_reward"] for e in whole_evals]
     assert max_difference(weights(whole_dir), weights(run_dir)) < 1e-6
+    # Checkpoints are named as the README says: the version in six digits, and only the newest is kept.
+    assert [os.path.basename(c) for c in glob.glob(os.path.join(run_dir, "checkpoint-*"))] == ["checkpoint-000006"]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "`checkpoint-000016/` (the policy version, six digits)" in readme and "only the newest is kept" in readme
 
 
 def make_reward_model(path, seed):
@@ -149,61 +150,11 @@ def test_dataset_reward_models_and_win_rate(cache_dir, model_path, tmp_path):
         wins = [(g > r) + 0.5 * (g == r) for g, r in zip(gold, ref_gold)]
         (logged,) = [e["eval/win_rate"] for e in evals if e["eval/version"] == version]
         assert logged == pytest.approx(sum(wins) / len(wins)), version
-
-
-def test_bad_scale_inputs_give_one_sentence_before_spawning(cache_dir, model_path, tmp_path):
-    with open(tmp_path / "no_prompt.jsonl", "w") as f:
-        f.write(json.dumps({"text": "abc="}) + "\n")
-    cases = [
-        (["--dataset", str(tmp_path / "no_prompt.jsonl")], "--prompt_column"),
-        (["--reward_model_path", model_path], "not a sequence-classification"),
-        (["--trainer_ranks", "64"], "--trainer_ranks"),
-        (["--trainer_ranks", "2", "--batch_size", "7"], "--batch_size 7"),
-        (["--resume", str(tmp_path / "no_such_run")], "--resume"),
+    # ...and it is printed with each evaluation, and kept in summary.json, as the gold reward is.
+    printed = [line for line in result.stdout.splitlines() if line.startswith("eval  policy")]
+    assert [f"win rate {e['eval/win_rate']:.3f}" in line for e, line in zip(evals, printed, strict=True)] == [True] * 3
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert [summary["eval_win_rate_start"], summary["eval_win_rate_end"]] == [
+        evals[0]["eval/win_rate"],
+        evals[-1]["eval/win_rate"],
     ]
-    for flags, message in cases:
-        out_dir = tmp_path / uuid.uuid4().hex
-        out_dir.mkdir()
-        p = start("async_online_dpo.py", cache_dir, out_dir, *flags)
-        out, err = p.communicate(timeout=120)
-        lines = [line for line in err.strip().splitlines() if line.strip()]
-        assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
-            flags,
-            err,
-        )
-        assert "run " not in out and not os.listdir(out_dir)
-
-
-# Records, in each process, the dtype of the policy's logits under gradients (the trainer's update), and the dtype
-# vLLM runs in and that of the snapshots it loads (the generator), and prints them when the process ends.
-RECORD_DTYPES = """
-import atexit, collections
-dtypes = collections.Counter()
-def record(module, inputs, output):
-    if torch.is_grad_enabled() and type(module).__name__ == "LlamaForCausalLM":
-        dtypes["trainer " + str(output.logits.dtype)] += 1
-torch.nn.modules.module.register_module_forward_hook(record)
-load = A.load_weights_into_vllm
-def recording_load(llm, weights):  # the generator alone loads weights into vLLM
-    dtypes["vllm " + str(llm.model_config.dtype)] += 1
-    dtypes["snapshot " + str(weights[0][1].dtype)] += 1
-    load(llm, weights)
-A.load_weights_into_vllm = recording_load
-atexit.register(lambda: print("DTYPES", dict(dtypes), flush=True))
-"""
-
-
-def test_bf16_and_gradient_checkpointing(cache_dir, model_path, tmp_path):
-    """bf16 is used: the update's logits are bfloat16 (autocast), and vLLM runs in bfloat16 and is sent bfloat16
-    snapshots, while the master weights stay float32."""
-    script = wrapper_script(tmp_path, RECORD_DTYPES)
-    result = run_script(script, cache_dir, tmp_path / "out", "--num_steps", "2", "--bf16", "--gradient_checkpointing")
-    assert result.returncode == 0, result.stderr[-3000:]
-    recorded = [line for line in result.stdout.splitlines() if line.startswith("DTYPES")]
-    dtypes = {k for line in recorded for k in ast.literal_eval(line.removeprefix("DTYPES "))}
-    assert dtypes == {"trainer torch.bfloat16", "vllm torch.bfloat16", "snapshot torch.bfloat16"}, recorded
-    run_dir, steps, _ = read_run(tmp_path / "out")
-    assert len(steps) == 2 and all(s["objective/grad_norm"] > 0 for s in steps)
-    trained = weights(run_dir)
-    assert all(w.dtype == torch.float32 for w in trained.values())  # master weights stay float32
-    assert max_difference(trained, load_file(os.path.join(model_path, "model.safetensors"))) > 1e-5

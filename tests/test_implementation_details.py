@@ -1,5 +1,5 @@
 """Implementation details a review once found wrong, each tested where it could go wrong again: gradient
-checkpointing and dropout, reward models that read their score at EOS, one BOS, the missing-EOS penalty, the
+checkpointing, dropout and bf16, reward models that read their score at EOS, one BOS, the missing-EOS penalty, the
 evaluation split and length, resuming a GPU checkpoint on a CPU (into the same W&B run), packed snapshots."""
 
 import glob
@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import (
     AutoModelForCausalLM,
@@ -20,39 +21,35 @@ from transformers import (
 )
 
 import async_online_dpo as A
-from conftest import read_run, run_script, wrapper_script
-
-
-def run_wrapped(cache_dir, tmp_path, prelude, *flags):
-    """Run the script's main through a wrapper file whose top level runs `prelude` first."""
-    return run_script(wrapper_script(tmp_path, prelude), cache_dir, tmp_path / "out", *flags)
+from conftest import Run, instrumented_run, max_difference, read_run, run_script, weights
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Gradient checkpointing really recomputes, and dropout is off.
-COUNT_LAYERS = """
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
-counts = {"layers": 0, "models": 0}
-def count(module, inputs):
-    if torch.is_grad_enabled():  # the policy, forward and recompute; the reference runs without gradients
-        counts["layers"] += isinstance(module, LlamaDecoderLayer)
-        counts["models"] += isinstance(module, LlamaModel)
-torch.nn.modules.module.register_module_forward_pre_hook(count)
-import atexit
-atexit.register(lambda: print("COUNTS", counts["layers"], counts["models"]))
-"""
+# 1. Gradient checkpointing really recomputes, and dropout is off; bf16 is used where it should be.
+@pytest.fixture(scope="module")
+def bf16_run(cache_dir, tmp_path_factory) -> Run:
+    """A tiny run under bf16 autocast and gradient checkpointing, instrumented (conftest.INSTRUMENT)."""
+    flags = "--num_steps 2 --bf16 --gradient_checkpointing".split()
+    return instrumented_run(tmp_path_factory.mktemp("bf16_run"), cache_dir, *flags)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_gradient_checkpointing_recomputes_every_layer(cache_dir, model_path, tmp_path, checkpointing):
-    flags = ["--num_steps", "2"] + ["--gradient_checkpointing"] * checkpointing
-    result = run_wrapped(cache_dir, tmp_path, COUNT_LAYERS, *flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    layers, forwards = map(int, result.stdout.split("COUNTS")[-1].split())
+def test_gradient_checkpointing_recomputes_every_layer(request, model_path, checkpointing):
+    layers, forwards = request.getfixturevalue("bf16_run" if checkpointing else "tiny_run").counts()
     num_layers = AutoModelForCausalLM.from_pretrained(model_path).config.num_hidden_layers
     assert forwards >= 2  # at least one micro-batch per step
     # Each policy forward runs every layer once; under checkpointing the backward pass runs each again.
     assert layers == forwards * num_layers * (2 if checkpointing else 1)
+
+
+def test_bf16_and_gradient_checkpointing(bf16_run, model_path):
+    """bf16 is used: the update's logits are bfloat16 (autocast), and vLLM runs in bfloat16 and is sent bfloat16
+    snapshots, while the master weights stay float32."""
+    assert bf16_run.dtypes() == {"trainer torch.bfloat16", "vllm torch.bfloat16", "snapshot torch.bfloat16"}
+    assert len(bf16_run.steps) == 2 and all(s["objective/grad_norm"] > 0 for s in bf16_run.steps)
+    trained = weights(bf16_run.run_dir)
+    assert all(w.dtype == torch.float32 for w in trained.values())  # master weights stay float32
+    assert max_difference(trained, load_file(os.path.join(model_path, "model.safetensors"))) > 1e-5
 
 
 def test_the_policy_trains_in_train_mode_with_no_dropout(tmp_path):
@@ -166,35 +163,15 @@ def test_a_run_scores_with_the_reward_model_at_eos(cache_dir, model_path, tmp_pa
 
 # ----------------------------------------------------------------------------------------------------
 # 3. One BOS: vLLM and the trainer get the same prompt ids, as the prompt wrote them.
-def make_bos_model(tmp_path, model_path):
-    """The built-in model with a tokenizer that puts <s> in front of every text by default, as Llama's does."""
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokenizer.add_special_tokens({"bos_token": "<s>"})
-    bos = tokenizer.bos_token_id
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    model.resize_token_embeddings(len(tokenizer))
-    model.config.bos_token_id = bos
-    model.generation_config.bos_token_id = bos
-    path = tmp_path / "bos_model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path), tokenizer
-
-
-def test_prompts_reach_vllm_with_the_one_bos_they_were_written_with(cache_dir, model_path, tmp_path):
-    path, tokenizer = make_bos_model(tmp_path, model_path)
+def test_prompts_reach_vllm_with_the_one_bos_they_were_written_with(sync_run, bos_model):
+    """sync_run: the prompts of a dataset start with <s>, and the model's tokenizer would add another."""
+    tokenizer = AutoTokenizer.from_pretrained(bos_model)
     assert tokenizer("ab=")["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer would add one...
-    prompts = ["<s>" + p for p in A.builtin_prompts(A.random.Random(3), 48)]  # ...to prompts that have one already
-    with open(tmp_path / "data.jsonl", "w") as f:
-        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
-    flags = ["--model_name_or_path", path, "--dataset", str(tmp_path / "data.jsonl"), "--async_steps", "0"]
-    result = run_script("async_online_dpo.py", cache_dir, tmp_path / "out", *flags, "--num_steps", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "warning" not in result.stderr  # the prompts carry their BOS: nothing to warn about
-    _, steps, _ = read_run(tmp_path / "out")
+    prompts = [s["prompt"] for s in map(json.loads, open(os.path.join(sync_run.run_dir, "samples.jsonl")))]
+    assert prompts and all(p.startswith("<s>") for p in prompts)  # ...to prompts that have one already
+    assert "warning" not in sync_run.result.stderr  # the prompts carry their BOS: nothing to warn about
     # vLLM's log-probs of the sampled tokens are the trainer's: both saw the very same prompt ids.
-    assert all(s["async/logprob_gap"] < 1e-4 for s in steps)
+    assert all(s["async/logprob_gap"] < 1e-4 for s in sync_run.steps)
     assert A.tokenize(tokenizer, prompts[:1])[0].count(tokenizer.bos_token_id) == 1
 
 

@@ -82,10 +82,10 @@ def test_dpo_loss_gradient_raises_chosen_and_lowers_rejected():
 
 def test_select_pairs_best_and_worst_of_k_and_ties():
     scores = torch.tensor([[0.2, 0.9, 0.1, 0.5], [0.3, 0.3, 0.3, 0.3], [0.0, -1.0, 1.0, 1.0]])
-    chosen, rejected, valid = A.select_pairs(scores)
+    chosen, rejected, valid = A.select_pairs(scores)  # indices into the 3 x 4 completions
     assert chosen.tolist()[0] == 1 and rejected.tolist()[0] == 2
     assert valid.tolist() == [True, False, True]
-    assert scores[2, chosen[2]] == 1.0 and rejected[2] == 1
+    assert scores.flatten()[chosen[2]] == 1.0 and rejected[2] == 2 * 4 + 1
 
 
 def test_missing_eos_penalty_replaces_the_score():
@@ -197,26 +197,14 @@ def test_best_of_k_loss_is_the_negative_log_likelihood_of_the_chosen():
 
 
 def test_each_loss_trains_on_its_own_completions():
+    """What train() picks from select_pairs: DPO and IPO the (chosen, rejected) pair of each prompt whose scores differ,
+    best-of-k the chosen of every prompt. RLOO trains on every completion."""
     scores = torch.tensor([[0.2, 0.9], [0.5, 0.5], [1.0, 0.0]])  # prompt 1 ties
-    assert A.trained_completions("sigmoid", scores) == [(1, 0), (4, 5)]  # (chosen, rejected), the tie left out
-    assert A.trained_completions("ipo", scores) == [(1, 0), (4, 5)]
-    assert A.trained_completions("best_of_k", scores) == [(1,), (2,), (4,)]  # the best, tie or not (first of a tie)
-    assert A.trained_completions("rloo", scores) == [(j,) for j in range(6)]  # all k of every prompt
-    four = torch.tensor([[0.1, 0.7, 0.3, 0.0]])
-    assert A.trained_completions("sigmoid", four) == [(1, 3)]  # best and worst of k = 4
-
-
-def test_loss_terms_dispatch_to_the_losses():
-    logps, ref, old = torch.tensor([-1.0, -2.0, -4.0, -3.0]), torch.tensor([-1.5, -2.5, -3.5, -3.0]), -torch.ones(4)
-    args = A.Args(beta=0.1)
-    losses, stats = A.loss_terms(args, logps, ref, old, torch.zeros(4))  # DPO: the chosen rows, then the rejected
-    assert torch.allclose(losses, A.dpo_loss(logps[:2], logps[2:], ref[:2], ref[2:], 0.1))
-    assert torch.allclose(stats["margin"], 0.1 * ((logps[:2] - ref[:2]) - (logps[2:] - ref[2:])))
-    advantages = torch.tensor([1.0, -1.0, 0.5, 0.0])
-    losses, stats = A.loss_terms(A.Args(loss_type="rloo"), logps, ref, old, advantages)
-    assert torch.allclose(losses, A.rloo_loss(logps, old, advantages, 0.2)[0])
-    losses, _ = A.loss_terms(A.Args(loss_type="best_of_k"), logps, ref, old, advantages)
-    assert torch.equal(losses, -logps)
+    chosen, rejected, valid = A.select_pairs(scores)
+    assert list(zip(chosen[valid].tolist(), rejected[valid].tolist())) == [(1, 0), (4, 5)]  # the tie left out
+    assert chosen.tolist() == [1, 2, 4]  # best-of-k: the best, tie or not (the first of a tie)
+    chosen, rejected, valid = A.select_pairs(torch.tensor([[0.1, 0.7, 0.3, 0.0]]))
+    assert list(zip(chosen[valid].tolist(), rejected[valid].tolist())) == [(1, 3)]  # best and worst of k = 4
 
 
 # ----------------------------------------------------------------------------------------------------

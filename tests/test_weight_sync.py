@@ -30,16 +30,14 @@ def transformers_greedy(model, tokenizer, prompts, max_new_tokens):
 @contextmanager
 def generator_process(args, model_path):
     """The real generator in a spawned process, with its real queues; stopped and reaped afterwards."""
-    ctx = mp.get_context("spawn")
-    weights_queue, samples_queue, snapshot_free, stop = ctx.Queue(), ctx.Queue(), ctx.Semaphore(1), ctx.Event()
-    settings = dict(args=args, model_path=model_path, version=0, first_batch=0, max_model_len=32, cpu_cores=[0])
-    settings["prompts"] = A.load_prompts(args)[:2]
-    queues = dict(weights_queue=weights_queue, snapshot_free=snapshot_free, samples_queue=samples_queue, stop=stop)
-    process = ctx.Process(target=A.generator_process, kwargs=settings | queues)
+    queues = A.new_queues()
+    prompts, _ = A.load_prompts(args)
+    settings = ([0], args, queues, model_path, 0, 0, prompts, 32)  # cores, ..., version 0, from batch 0, context 32
+    process = mp.get_context("spawn").Process(target=A.generator_process, args=settings)
     try:
-        yield process, weights_queue, samples_queue
+        yield process, queues.weights, queues.samples
     finally:
-        stop.set()
+        queues.stop.set()
         if process.is_alive():
             process.join(timeout=10)
             process.kill()
