@@ -6,6 +6,9 @@
     python benchmark/run.py --report_only    # rebuild results.md, results.json and the plots from raw/
 
 It runs the two scripts themselves, one at a time, and builds the report from the folders they write (raw/) alone.
+A benchmark goes to a new folder, runs/benchmark_{mode}_{date-time} unless --results_dir names one, and Ctrl-C stops
+it with its run in progress. With --report_only it rebuilds the committed report, benchmark/results (a full run,
+copied there), or the one in --results_dir.
 README.md, section Benchmark, says what the experiments (after arXiv 2410.18252) measure and what is where.
 """
 
@@ -15,6 +18,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,8 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclass
 class Args:
-    results_dir: str = "benchmark/results"
-    """folder that receives results.md, results.json, the plots, raw/ and logs/; must not hold a benchmark yet"""
+    results_dir: str | None = None
+    """a new folder for results.md, results.json, the plots, raw/ and logs/; None: runs/benchmark_{mode}_{time}"""
     cache_dir: str = ".cache"
     """the scripts' --cache_dir: the warm-started model is built there once and shared by every run"""
     quick: bool = False
@@ -40,7 +44,7 @@ class Args:
     tiny: bool = False
     """seconds a run: checks that everything works (CI), measures nothing"""
     report_only: bool = False
-    """run nothing: rebuild results.md, results.json and the plots from the runs in --results_dir/raw"""
+    """run nothing: rebuild the report from the runs in --results_dir/raw (by default benchmark/results/raw)"""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -98,11 +102,19 @@ def others_cpu_seconds() -> float:
 
 def execute(cmd: list[str], log_path: str) -> dict:
     """Run one subprocess with its output in its log; on failure print the log's tail and stop. Returns its wall
-    time and how many cores other processes kept busy meanwhile: timings are only fair when that is near 0."""
+    time and how many cores other processes kept busy meanwhile: timings are only fair when that is near 0.
+    Ctrl-C reaches the whole process group, so the subprocess gets it too and stops itself: wait for that, then
+    raise KeyboardInterrupt."""
     start = time.time()
     others = others_cpu_seconds()
     with open(log_path, "w") as log:
-        returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            returncode = process.wait()
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave it running unwatched
+            process.wait()
+            raise
     if returncode != 0:
         with open(log_path) as log:
             print("".join(log.readlines()[-40:]), file=sys.stderr)
@@ -114,6 +126,18 @@ def execute(cmd: list[str], log_path: str) -> dict:
 def write_json(path: str, data: dict):
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
+
+
+def new_results_dir(kind: str, mode_name: str) -> str:
+    """Make runs/{kind}_{mode}_{date-time} under the current folder, where the training scripts write their runs too
+    (a second one started within the same second waits for the next)."""
+    while True:
+        path = os.path.join("runs", f"{kind}_{mode_name}_{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            time.sleep(1)
 
 
 def new_record(results_dir: str, mode_name: str, mode: dict, record_name: str, resume=False, **more) -> dict:
@@ -133,8 +157,8 @@ def new_record(results_dir: str, mode_name: str, mode: dict, record_name: str, r
         return record
     if os.path.exists(raw) and os.listdir(raw):
         sys.exit(
-            f"error: {raw} already holds runs; give a new --results_dir, delete it, or add --report_only"
-            + (" or --resume." if record_name == "study.json" else ".")
+            f"error: {raw} already holds runs; leave out --results_dir for a new folder in runs/, delete it, or add "
+            "--report_only" + (" or --resume." if record_name == "study.json" else ".")
         )
     os.makedirs(raw, exist_ok=True)
     os.makedirs(os.path.join(results_dir, "logs"), exist_ok=True)
@@ -164,7 +188,8 @@ def run_in_turn(runs: list[dict], base_cmd, results_dir: str, record: dict, reco
             continue
         for partial in glob.glob(os.path.join(raw, f"{name}__*")):  # left by an interrupted run
             shutil.rmtree(partial)
-        cmd = [*base_cmd(run), "--seed", str(run["seed"]), "--exp_name", run["name"], "--output_dir", raw]
+        cmd = [*base_cmd(run), "--seed", str(run["seed"]), "--exp_name", run["name"]]
+        cmd += ["--output_dir", os.path.abspath(raw)]  # the scripts run in the repository's folder
         print(f"[{i}/{len(runs)}] {run['name']} seed {run['seed']}: {shlex.join(cmd[1:])}", flush=True)
         timing = execute(cmd, f"{logs}/{name}.log")
         (folder,) = glob.glob(os.path.join(raw, f"{name}__*"))
@@ -188,7 +213,8 @@ def run_benchmark(args: Args, mode_name: str):
     # pays for them. Each engine runs in its own process.
     for engine in ("vllm", "transformers"):
         out = os.path.join(raw, f"throughput_{engine}.json")
-        cmd = [sys.executable, os.path.join(ROOT, "benchmark", "throughput.py"), "--engine", engine, "--out", out]
+        cmd = [sys.executable, os.path.join(ROOT, "benchmark", "throughput.py"), "--engine", engine]
+        cmd += ["--out", os.path.abspath(out)]
         print(f"throughput: {engine} ...", flush=True)
         timing = execute([*cmd, "--cache_dir", cache_dir, *mode["throughput_flags"]], f"{logs}/throughput_{engine}.log")
         record["throughput"][engine] = {"file": os.path.relpath(out, args.results_dir), **timing}
@@ -417,8 +443,16 @@ def make_report(results_dir: str):
     speed = tables[1]["rows"][-1]  # the async row
     took = f" (took {record['seconds'] / 60:.1f} min)" if "seconds" in record else ""
     other = [r["other_cores"] for r in record["runs"]] + [e["other_cores"] for e in record["throughput"].values()]
-    better = ", ".join(r["A"] for r in tables[2]["rows"][1:] if r["beats sync?"] == "yes") or "none"
-    worse = ", ".join(r["A"] for r in tables[2]["rows"][1:] if r["beats sync?"] != "yes") or "none"
+    async_rows = tables[2]["rows"][1:]
+    tried = [r["A"] for r in async_rows]
+    better = [r["A"] for r in async_rows if r["beats sync?"] == "yes"]
+    worse = [r["A"] for r in async_rows if r["beats sync?"] != "yes"]
+    if not worse:
+        staleness = f"async beats sync at every A tried ({', '.join(tried)})"
+    elif not better:
+        staleness = f"async does **NOT** beat sync at any A tried ({', '.join(tried)})"
+    else:
+        staleness = f"async beats sync at A = {', '.join(better)}; it does **NOT** at A = {', '.join(worse)}"
     text = f"""# Benchmark: asynchronous against synchronous online DPO
 
 `{record["command"]}`, run {record["date"]}{took} on {machine["cores"]} cores ({machine["cpu"]}), \
@@ -439,7 +473,7 @@ larger standard deviation over seeds of the two; with one seed, any drop counts)
 {speed["beats sync, split cores?"]}. Speedup {render(speed["speedup over sync, per step (×)"])}× per step, against \
 the ideal {render(speed["ideal (G+T)/max(G,T) from sync (×)"])}× from the sync run's G and T.
 - Async (A = 1) against sync on shared cores: {speed["beats sync, shared cores?"]}.
-- Staleness: async beats sync at A = {better}; it does **NOT** at A = {worse}.
+- Staleness: {staleness}.
 - k = 4 reaches a higher final gold reward than k = 2: {tables[3]["rows"][1]["higher reward than k = 2?"]}.
 - vLLM generates {render(tables[4]["rows"][0]["against transformers (×)"])}× the tokens per second of transformers' \
 generate.
@@ -476,6 +510,16 @@ if __name__ == "__main__":
     args = tyro.cli(Args, description=__doc__, use_underscores=True)
     if args.quick and args.tiny:
         sys.exit("error: choose one of --quick and --tiny.")
-    if not args.report_only:
-        run_benchmark(args, "quick" if args.quick else "tiny" if args.tiny else "full")
+    mode_name = "quick" if args.quick else "tiny" if args.tiny else "full"
+    if args.report_only:
+        args.results_dir = args.results_dir or os.path.join(ROOT, "benchmark", "results")
+    else:
+        args.results_dir = args.results_dir or new_results_dir("benchmark", mode_name)
+        print(f"writing the benchmark to {args.results_dir}", flush=True)
+        try:
+            run_benchmark(args, mode_name)
+        except KeyboardInterrupt:
+            sys.exit(
+                f"interrupted: stopped the benchmark and its run in progress; what finished is in {args.results_dir}"
+            )
     make_report(args.results_dir)

@@ -11,11 +11,18 @@ Every run is sync_baseline.py with the paper's N (--batches_per_round N): one po
 which are trained on at lags 0 .. N - 1, as in the paper's own study. It shares run.py's harness (one run at a
 time, the machine and versions recorded, every number kept with the file it came from) and builds the report from
 the run folders alone. README.md, section "The off-policy study", says what each experiment tests.
+
+A study goes to a new folder, runs/study_{mode}_{date-time} unless --results_dir names one, and --resume goes on with
+the newest of its mode there. Ctrl-C stops the study with its run in progress and prints the command that resumes it.
+With --report_only it rebuilds the committed study, benchmark/study_results (a full one, copied there), or the one
+in --results_dir.
 """
 
+import glob
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 from dataclasses import dataclass
@@ -23,13 +30,14 @@ from dataclasses import dataclass
 import tyro
 
 import plots
-from run import ROOT, cell, execute, load_runs, markdown, new_record, per_run, render, run_in_turn, table, write_json
+from run import ROOT, cell, execute, load_runs, markdown, new_record, new_results_dir, per_run, render, run_in_turn
+from run import table, write_json
 
 
 @dataclass
 class Args:
-    results_dir: str = "benchmark/study_results"
-    """folder that receives results.md, results.json, the plots, raw/ and logs/; must not hold a study yet"""
+    results_dir: str | None = None
+    """a new folder for results.md, results.json, the plots, raw/ and logs/; None: runs/study_{mode}_{time}"""
     cache_dir: str = ".cache"
     """the scripts' --cache_dir: each size's warm-started model is built there once and shared by every run"""
     quick: bool = False
@@ -37,9 +45,9 @@ class Args:
     tiny: bool = False
     """seconds a run: checks that everything works (CI), measures nothing"""
     resume: bool = False
-    """go on with an interrupted study in --results_dir: the runs its raw/study.json lists are kept, the others run"""
+    """go on with an interrupted study in --results_dir (None: the newest runs/study_{mode}_*): its runs are kept"""
     report_only: bool = False
-    """run nothing: rebuild results.md, results.json and the plots from the runs in --results_dir/raw"""
+    """run nothing: rebuild the report from the runs in --results_dir/raw (by default benchmark/study_results/raw)"""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,9 +93,15 @@ def run_study(args: Args, mode_name: str):
     mode = MODES[mode_name]
     cache_dir = os.path.abspath(args.cache_dir)
     record = new_record(args.results_dir, mode_name, mode, "study.json", resume=args.resume)
+    done = {(r["name"], r["seed"]) for r in record["runs"]}
+    to_run = [run for run in plan(mode) if (run["name"], run["seed"]) not in done]
+    if not to_run:
+        print(f"nothing left to run: {args.results_dir}/raw/study.json lists every run; only the report is rebuilt")
+        return
 
-    # Each size's warm-started model is built (or found in the cache) first, so that no run's wall time includes it.
-    for size in mode["sizes"]:
+    # The warm-started model of each size with runs to do is built (or found in the cache) first, so that no run's
+    # wall time includes it.
+    for size in [size for size in mode["sizes"] if any(run["size"] == size for run in to_run)]:
         code = "import sys, tyro, async_online_dpo as A; A.warm_start(tyro.cli(A.Args, args=sys.argv[1:]))"
         flags = [*mode["flags"].split(), "--model_size", size, "--cache_dir", cache_dir]
         print(f"warm start: {size} ...", flush=True)
@@ -346,10 +360,40 @@ A difference counts only beyond the noise: the larger standard deviation over se
         print(f"- {claim}: {v}")
 
 
+def newest_study(mode_name: str) -> str:
+    """The folder of the newest study of this mode under runs/ (its name ends in the date and time it started)."""
+    found = sorted(p for p in glob.glob(os.path.join("runs", f"study_{mode_name}_*")) if os.path.isdir(p))
+    if not found:
+        sys.exit(
+            f"error: --resume found no {mode_name} study here (runs/study_{mode_name}_*); give its folder as "
+            "--results_dir, or leave --resume out to start one."
+        )
+    return found[-1]
+
+
+def resume_command(args: Args) -> str:
+    """The command that goes on with this study where it stopped."""
+    mode_flags = ["--quick"] * args.quick + ["--tiny"] * args.tiny
+    cache = [] if args.cache_dir == Args.cache_dir else ["--cache_dir", args.cache_dir]
+    return shlex.join(["python", sys.argv[0], *mode_flags, "--resume", "--results_dir", args.results_dir, *cache])
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args, description=__doc__, use_underscores=True)
     if args.quick and args.tiny:
         sys.exit("error: choose one of --quick and --tiny.")
-    if not args.report_only:
-        run_study(args, "quick" if args.quick else "tiny" if args.tiny else "full")
+    mode_name = "quick" if args.quick else "tiny" if args.tiny else "full"
+    if args.report_only:
+        args.results_dir = args.results_dir or os.path.join(ROOT, "benchmark", "study_results")
+    else:
+        if args.resume:
+            args.results_dir = args.results_dir or newest_study(mode_name)
+            print(f"resuming the study in {args.results_dir}", flush=True)
+        else:
+            args.results_dir = args.results_dir or new_results_dir("study", mode_name)
+            print(f"writing the study to {args.results_dir}", flush=True)
+        try:
+            run_study(args, mode_name)
+        except KeyboardInterrupt:
+            sys.exit(f"interrupted: stopped the study and its run in progress; to go on: {resume_command(args)}")
     make_report(args.results_dir)

@@ -6,13 +6,18 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import statistics
+import subprocess
+import sys
+import uuid
 
 import matplotlib.image
 import pytest
 
-from conftest import ROOT, assert_shows, parse_tables, run_script, table
+from conftest import ROOT, assert_shows, parse_tables, run_script, start, table
+from test_benchmark import RUNS, broken_cache, clean_up_runs, interrupt
 
 STUDY_PY = os.path.join(ROOT, "benchmark", "study.py")
 
@@ -243,3 +248,78 @@ def test_an_interrupted_study_resumes_with_only_its_missing_run(results_dir, cac
     empty = str(tmp_path / "empty")
     result = study("--tiny", "--resume", "--results_dir", empty, timeout=60)
     assert result.returncode != 0 and "--resume found no" in result.stderr
+
+
+def test_the_readme_study_commands_run_as_printed(tmp_path):
+    """`python benchmark/study.py --tiny` as the README prints it, in the repository, where benchmark/study_results
+    holds the committed study: it writes a new folder runs/study_tiny_{date-time} and says where (here it stops in its
+    first run, on broken cached models; what it wrote is deleted). `--resume` goes on with the newest study of its
+    mode under runs/ and says which; where there is none, it says how to name one."""
+    cache = broken_cache(tmp_path, "3m", "10m")
+    runs_existed = os.path.isdir(RUNS)
+    result = study("--tiny", "--cache_dir", cache, timeout=300)
+    made = sorted(set(re.findall(r"runs/study_tiny_\d{8}-\d{6}", result.stdout)))
+    try:
+        assert "already holds runs" not in result.stderr, result.stderr[-3000:]
+        assert result.returncode != 0 and "error: exit code" in result.stderr and "sync_baseline.py" in result.stderr
+        assert len(made) == 1 and os.path.exists(os.path.join(ROOT, made[0], "raw", "study.json"))
+    finally:
+        clean_up_runs(made, runs_existed)
+
+    # Elsewhere: the default folders are relative to where the study runs.
+    def study_in(cwd, *flags):
+        return subprocess.run([sys.executable, STUDY_PY, *flags], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+    for name in ["study_tiny_20000101-000000", "study_tiny_20010101-000000", "study_quick_20990101-000000"]:
+        (tmp_path / "here" / "runs" / name).mkdir(parents=True)
+    result = study_in(tmp_path / "here", "--tiny", "--resume")
+    assert "runs/study_tiny_20010101-000000" in result.stdout, result.stdout + result.stderr
+    assert (
+        result.returncode != 0 and "--resume found no runs/study_tiny_20010101-000000/raw/study.json" in result.stderr
+    )
+    (tmp_path / "empty").mkdir()
+    result = study_in(tmp_path / "empty", "--tiny", "--resume")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "--results_dir" in lines[0], result.stderr
+
+
+def test_ctrl_c_stops_the_study_and_says_how_to_resume_it(cache_dir, tmp_path):
+    marker = uuid.uuid4().hex
+    results = str(tmp_path / "results")
+    p = start(STUDY_PY, None, None, "--tiny", "--results_dir", results, "--cache_dir", cache_dir, marker=marker)
+    line = interrupt(p, "[1/", marker)  # its first training run is under way
+    assert "--resume" in line and f"--results_dir {results}" in line and f"--cache_dir {cache_dir}" in line, line
+    assert "--tiny" in line and os.path.exists(os.path.join(results, "raw", "study.json"))
+
+
+def test_resuming_a_finished_study_runs_nothing_and_rebuilds_its_report(results_dir, cache_dir, tmp_path):
+    """--resume on a study with no run left to do (as the committed one) says so: it builds no warm start and runs
+    nothing, so raw/ and logs/ stay as they were, and it rebuilds results.md as it was."""
+    copy = str(tmp_path / "results")
+    shutil.copytree(results_dir, copy)
+    original = open(os.path.join(copy, "results.md")).read()
+    os.remove(os.path.join(copy, "results.md"))
+
+    def files() -> dict:
+        paths = glob.glob(os.path.join(copy, "raw", "**"), recursive=True)
+        paths += glob.glob(os.path.join(copy, "logs", "**"), recursive=True)
+        return {p: (os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in paths if os.path.isfile(p)}
+
+    before = files()
+    result = study("--tiny", "--resume", "--results_dir", copy, "--cache_dir", cache_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "nothing left to run" in result.stdout
+    assert "warm start" not in result.stdout and "[1/" not in result.stdout and "done in" not in result.stdout
+    assert files() == before
+    assert open(os.path.join(copy, "results.md")).read() == original
+
+
+def test_the_committed_study_report_is_rebuilt_as_committed(tmp_path):
+    """benchmark/study_results, the full study the README quotes: --report_only gives its results.md back from raw/."""
+    copy = str(tmp_path / "results")
+    shutil.copytree(os.path.join(ROOT, "benchmark", "study_results"), copy)
+    os.remove(os.path.join(copy, "results.md"))
+    result = study("--report_only", "--results_dir", copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    committed = open(os.path.join(ROOT, "benchmark", "study_results", "results.md")).read()
+    assert open(os.path.join(copy, "results.md")).read() == committed
