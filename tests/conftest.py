@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -249,6 +250,50 @@ def check_run_folder(run_dir, steps, evals, initial_model, num_steps=4):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The benchmark's and the study's scripts as a user runs them.
+def broken_cache(tmp_path, *sizes: str) -> str:
+    """A --cache_dir whose warm-started models of these sizes cannot be loaded: a run that needs one fails at once."""
+    for size in sizes:
+        broken = tmp_path / "cache" / f"builtin-sort-{size}-sft{SFT_STEPS}"
+        broken.mkdir(parents=True)
+        (broken / "config.json").write_text("not json")
+    return str(tmp_path / "cache")
+
+
+RUNS = os.path.join(ROOT, "runs")
+
+
+def clean_up_runs(folders, runs_existed: bool):
+    """Delete these folders of the repository's runs/, and runs/ itself if it is empty now and was not there before."""
+    for folder in folders:
+        shutil.rmtree(os.path.join(ROOT, folder))
+    if not runs_existed and os.path.isdir(RUNS) and not os.listdir(RUNS):
+        os.rmdir(RUNS)
+
+
+def interrupt(p, started: str, marker: str) -> str:
+    """Ctrl-C as a terminal sends it (SIGINT to the whole process group) to p, started by conftest's `start` with this
+    marker, a few seconds after a line of its output begins with `started`. It must stop within 30 s, with its run,
+    and end with one line on stderr and no traceback; that line is returned."""
+    try:
+        line = next((line for line in p.stdout if line.startswith(started)), None)
+        assert line is not None, p.stderr.read()[-3000:]
+        time.sleep(3)  # the step it announced is under way
+        os.killpg(p.pid, signal.SIGINT)
+        t = time.time()
+        _, err = p.communicate(timeout=60)
+        assert time.time() - t < 30
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode != 0 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("interrupted: "), err
+    assert gone_within(10, marker)  # its run's processes too
+    return lines[-1]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Reading a benchmark report back, independently of benchmark/run.py and benchmark/study.py.
 def parse_tables(markdown: str) -> dict:
     """{table title: {first cell of a row: {column: cell text}}} for every table under a ### heading."""
@@ -263,6 +308,20 @@ def parse_tables(markdown: str) -> dict:
             elif cells[0] != "---":
                 tables[title][cells[0]] = dict(zip(header, cells, strict=True))
     return tables
+
+
+def check_committed_report_rebuilds(script: str, folder: str, tmp_path):
+    """The full report the README quotes (folder, under benchmark/): `script --report_only` gives its results.md back
+    from its raw/ alone."""
+    copy = str(tmp_path / "results")
+    shutil.copytree(os.path.join(ROOT, "benchmark", folder), copy)
+    os.remove(os.path.join(copy, "results.md"))
+    result = run_script(os.path.join(ROOT, "benchmark", script), None, None, "--report_only", "--results_dir", copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        open(os.path.join(copy, "results.md")).read()
+        == open(os.path.join(ROOT, "benchmark", folder, "results.md")).read()
+    )
 
 
 def table(tables: dict, prefix: str) -> dict:

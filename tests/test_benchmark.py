@@ -8,15 +8,25 @@ import math
 import os
 import re
 import shutil
-import signal
 import statistics
-import time
 import uuid
 
 import matplotlib.image
 import pytest
 
-from conftest import ROOT, SFT_STEPS, assert_shows, gone_within, parse_tables, run_script, start, table
+from conftest import (
+    ROOT,
+    RUNS,
+    assert_shows,
+    broken_cache,
+    check_committed_report_rebuilds,
+    clean_up_runs,
+    interrupt,
+    parse_tables,
+    run_script,
+    start,
+    table,
+)
 
 RUN_PY = os.path.join(ROOT, "benchmark", "run.py")
 PLOTS = ["speed_reward.png", "timeline.png", "staleness.png", "num_samples.png"]
@@ -241,15 +251,6 @@ def test_report_is_rebuilt_from_raw_alone(results_dir, tmp_path):
     assert " ± " in table(tables, "Table 1a")["sync, split cores (A = 0)"]["wall time (s)"]
 
 
-def broken_cache(tmp_path, *sizes: str) -> str:
-    """A --cache_dir whose warm-started models of these sizes cannot be loaded: a run that needs one fails at once."""
-    for size in sizes:
-        broken = tmp_path / "cache" / f"builtin-sort-{size}-sft{SFT_STEPS}"
-        broken.mkdir(parents=True)
-        (broken / "config.json").write_text("not json")
-    return str(tmp_path / "cache")
-
-
 def test_a_failed_run_stops_the_benchmark_loudly(tmp_path):
     cache = broken_cache(tmp_path, "10m")
     result = benchmark("--tiny", "--results_dir", str(tmp_path / "results"), "--cache_dir", cache, timeout=300)
@@ -260,17 +261,6 @@ def test_a_failed_run_stops_the_benchmark_loudly(tmp_path):
     (tmp_path / "old" / "raw" / "sync__1__0").mkdir(parents=True)
     result = benchmark("--tiny", "--results_dir", str(tmp_path / "old"), timeout=60)
     assert result.returncode != 0 and "already holds runs" in result.stderr
-
-
-RUNS = os.path.join(ROOT, "runs")
-
-
-def clean_up_runs(folders, runs_existed: bool):
-    """Delete these folders of the repository's runs/, and runs/ itself if it is empty now and was not there before."""
-    for folder in folders:
-        shutil.rmtree(os.path.join(ROOT, folder))
-    if not runs_existed and os.path.isdir(RUNS) and not os.listdir(RUNS):
-        os.rmdir(RUNS)
 
 
 def test_the_readme_commands_run_as_printed_in_the_repository(tmp_path):
@@ -290,28 +280,6 @@ def test_the_readme_commands_run_as_printed_in_the_repository(tmp_path):
         assert all(os.path.exists(os.path.join(ROOT, folder, "raw", "benchmark.json")) for folder in made)
     finally:
         clean_up_runs(set(made), runs_existed)
-
-
-def interrupt(p, started: str, marker: str) -> str:
-    """Ctrl-C as a terminal sends it (SIGINT to the whole process group) to p, started by conftest's `start` with this
-    marker, a few seconds after a line of its output begins with `started`. It must stop within 30 s, with its run,
-    and end with one line on stderr and no traceback; that line is returned. test_study.py uses it too."""
-    try:
-        line = next((line for line in p.stdout if line.startswith(started)), None)
-        assert line is not None, p.stderr.read()[-3000:]
-        time.sleep(3)  # the step it announced is under way
-        os.killpg(p.pid, signal.SIGINT)
-        t = time.time()
-        _, err = p.communicate(timeout=60)
-        assert time.time() - t < 30
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode != 0 and "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("interrupted: "), err
-    assert gone_within(10, marker)  # its run's processes too
-    return lines[-1]
 
 
 def test_ctrl_c_stops_the_benchmark_and_its_run_with_one_line(tmp_path):
@@ -350,10 +318,4 @@ def test_the_staleness_verdict_reads_right_when_every_or_no_A_beats_sync(results
 
 def test_the_committed_report_is_rebuilt_as_committed(tmp_path):
     """benchmark/results, the full benchmark the README quotes: --report_only gives its results.md back from raw/."""
-    copy = str(tmp_path / "results")
-    shutil.copytree(os.path.join(ROOT, "benchmark", "results"), copy)
-    os.remove(os.path.join(copy, "results.md"))
-    result = benchmark("--report_only", "--results_dir", copy)
-    assert result.returncode == 0, result.stderr[-3000:]
-    committed = open(os.path.join(ROOT, "benchmark", "results", "results.md")).read()
-    assert open(os.path.join(copy, "results.md")).read() == committed
+    check_committed_report_rebuilds("run.py", "results", tmp_path)

@@ -16,8 +16,19 @@ import uuid
 import matplotlib.image
 import pytest
 
-from conftest import ROOT, assert_shows, parse_tables, run_script, start, table
-from test_benchmark import RUNS, broken_cache, clean_up_runs, interrupt
+from conftest import (
+    ROOT,
+    RUNS,
+    assert_shows,
+    broken_cache,
+    check_committed_report_rebuilds,
+    clean_up_runs,
+    interrupt,
+    parse_tables,
+    run_script,
+    start,
+    table,
+)
 
 STUDY_PY = os.path.join(ROOT, "benchmark", "study.py")
 
@@ -316,10 +327,4 @@ def test_resuming_a_finished_study_runs_nothing_and_rebuilds_its_report(results_
 
 def test_the_committed_study_report_is_rebuilt_as_committed(tmp_path):
     """benchmark/study_results, the full study the README quotes: --report_only gives its results.md back from raw/."""
-    copy = str(tmp_path / "results")
-    shutil.copytree(os.path.join(ROOT, "benchmark", "study_results"), copy)
-    os.remove(os.path.join(copy, "results.md"))
-    result = study("--report_only", "--results_dir", copy)
-    assert result.returncode == 0, result.stderr[-3000:]
-    committed = open(os.path.join(ROOT, "benchmark", "study_results", "results.md")).read()
-    assert open(os.path.join(copy, "results.md")).read() == committed
+    check_committed_report_rebuilds("study.py", "study_results", tmp_path)
