@@ -1,4 +1,4 @@
-"""The off-policy study end to end in its tiny configuration (about 5 minutes): every number in its results.md must be
+"""The off-policy study end to end in its tiny configuration (about 3 minutes): every number in its results.md must be
 the one the raw run folders give, recomputed here from args.json, metrics.jsonl and summary.json without the study's
 code, and every verdict must follow from those numbers."""
 
