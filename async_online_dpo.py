@@ -126,6 +126,8 @@ class Args:
     # --- evaluation
     eval_every: int = 16
     """evaluate the policy versions that are multiples of this, and the first and last"""
+    eval_every_at_end: int = 0
+    """over the last --eval_every versions, also evaluate every this many (0: no): a steadier final number"""
     eval_prompts: int = 256
     """held-out prompts per evaluation (greedy): the first of --eval_split, else the last of --dataset_split"""
     eval_split: str = ""
@@ -194,15 +196,12 @@ def ended(response_ids: list[list[int]], eos_ids: set[int]) -> list[bool]:
 
 def apply_missing_eos_penalty(rewards, has_eos, penalty: float | None):
     """A completion cut off before EOS gets the penalty as its score, as in the paper's code. None: no penalty."""
-    if penalty is None:
-        return rewards
-    return torch.where(has_eos, rewards, torch.full_like(rewards, penalty))
+    return rewards if penalty is None else torch.where(has_eos, rewards, torch.full_like(rewards, penalty))
 
 
 def select_pairs(scores):
-    """Chosen = highest score, rejected = lowest, per prompt (the first of equal scores), each as an index into the
-    P·k completions, whose scores are scores: (P, k). valid: whether the scores differ, so that the pair says which
-    completion is better."""
+    """Chosen = highest score, rejected = lowest, per prompt (the first of equal scores), as indices into the P·k
+    completions scored by scores (P, k). valid: the scores differ, so the pair says which completion is better."""
     first = scores.shape[1] * torch.arange(len(scores))  # each prompt's first completion
     valid = scores.max(1).values > scores.min(1).values
     return first + scores.argmax(1), first + scores.argmin(1), valid  # (P,) each
@@ -327,8 +326,10 @@ def sampling_version(args: Args, index: int) -> int:
 
 
 def evaluated(args: Args, version: int) -> bool:
-    """The policy versions whose held-out gold reward and KL are measured: every --eval_every, and the last."""
-    return version % args.eval_every == 0 or version == args.num_steps
+    """The policy versions whose held-out gold reward and KL are measured: every --eval_every, the last, and every
+    --eval_every_at_end over the last --eval_every versions (the off-policy study's final numbers are their mean)."""
+    at_end = version > args.num_steps - args.eval_every and version % max(args.eval_every_at_end, 1) == 0
+    return version % args.eval_every == 0 or version == args.num_steps or (args.eval_every_at_end > 0 and at_end)
 
 
 def needed(args: Args, version: int) -> bool:
@@ -1096,6 +1097,8 @@ def check_args(args: Args):
     for size in sizes:
         if getattr(args, size) < 1:
             fail(f"--{size} is {getattr(args, size)}; it must be at least 1.")
+    if args.eval_every_at_end < 0:
+        fail(f"--eval_every_at_end is {args.eval_every_at_end}; it must be 0 (off) or at least 1.")
     R, N = args.trainer_ranks, args.batches_per_round
     here = int(os.environ.get("LOCAL_WORLD_SIZE", R))  # the ranks on this machine
     needs_two = {

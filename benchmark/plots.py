@@ -138,18 +138,18 @@ def timeline(path: str, panels: list, num_steps: int = 6):
     plt.close(fig)
 
 
-def frontier(path: str, panels: list, title: str):
+def frontier(path: str, panels: list, title: str, gold, kl):
     """The paper's presentation of its off-policy study: final gold reward against final KL, one marker per N, one
-    panel per loss or per policy size. panels: [(panel title, {N: runs}, SFT gold reward)]; a marker is the mean over
-    seeds with its std as error bars, the small dots the seeds, the star the SFT policy (KL 0)."""
+    panel per loss or per policy size. panels: [(panel title, {N: runs}, SFT gold reward)]; gold(run) and kl(run) are
+    a run's final values. A marker is the mean over seeds with its std as error bars, the small dots the seeds, the
+    star the SFT policy (KL 0)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharex=True, sharey=True, squeeze=False)
     every_n = sorted({n for _, by_n, _ in panels for n in by_n})
     colors = dict(zip(every_n, plt.cm.viridis(np.linspace(0, 0.9, len(every_n))), strict=True))
     for ax, (panel_title, by_n, start) in zip(axes[0], panels, strict=True):
         ax.scatter([0], [start], marker="*", s=160, color="tab:red", zorder=4, label="SFT policy")
         for n, runs in by_n.items():
-            kls = [r["summary"]["kl_end"] for r in runs]
-            golds = [r["summary"]["eval_gold_reward_end"] for r in runs]
+            kls, golds = [kl(r) for r in runs], [gold(r) for r in runs]
             ax.scatter(kls, golds, s=12, color=colors[n], alpha=0.5, zorder=2)
             spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (kls, golds)]
             ax.errorbar(
@@ -175,26 +175,49 @@ def frontier(path: str, panels: list, title: str):
     plt.close(fig)
 
 
+def drift(path: str, series: dict, gold, gap):
+    """Robustness against how off-policy the batches were: per seed, the drop in final gold reward from N = 1 to each
+    larger N, against that run's mean per-token log-prob gap between trainer and sampler. series: {label: {N: runs}};
+    equal N need not mean equal drift, and this plot tells the two apart."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.cm.tab10(np.arange(len(series)))
+    for color, (label, by_n) in zip(colors, series.items(), strict=True):
+        on_policy = {r["seed"]: gold(r) for r in by_n[1]}
+        xs, ys = [], []
+        for n, runs in by_n.items():
+            if n == 1:
+                continue
+            pairs = [(gap(r), on_policy[r["seed"]] - gold(r)) for r in runs if r["seed"] in on_policy]
+            ax.scatter([p[0] for p in pairs], [p[1] for p in pairs], s=14, color=color, alpha=0.5)
+            xs.append(statistics.fmean(p[0] for p in pairs))
+            ys.append(statistics.fmean(p[1] for p in pairs))
+            ax.annotate(f"N = {n}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.plot(xs, ys, marker="o", color=color, label=label)
+    ax.axhline(0, color="tab:gray", linewidth=1)
+    ax.set_xlabel("log-prob gap, trainer vs sampler (per token, mean over the run)")
+    ax.set_ylabel("drop in final gold reward from N = 1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("The cost of off-policy data against the measured drift (dots: seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def tradeoff(path: str, groups: dict, title: str):
-    """A compute optimization against its baseline: gold reward against updates and against wall time, and the
-    final gold reward against the final KL. groups: {label: (runs, colour)}; bands and error bars are seed std."""
+    """A compute optimization against its baseline: gold reward against updates and against wall time, and gold
+    reward against KL along the evaluations (the frontier the paper draws for it). groups: {label: (runs, colour)};
+    bands are the seeds' std."""
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for label, (runs, color) in groups.items():
-        for ax, x_key in zip(axes[:2], ("eval/version", "eval/wall_time"), strict=True):
+        for ax, x_key in zip(axes, ("eval/version", "eval/wall_time", "eval/kl"), strict=True):
             xs, means, stds = mean_curve(runs, x_key)
             ax.plot(xs, means, marker="o", markersize=3, color=color, label=label)
             if len(runs) > 1:
                 ax.fill_between(xs, means - stds, means + stds, color=color, alpha=0.2)
-        kls = [r["summary"]["kl_end"] for r in runs]
-        golds = [r["summary"]["eval_gold_reward_end"] for r in runs]
-        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (kls, golds)]
-        axes[2].errorbar(
-            statistics.fmean(kls), statistics.fmean(golds), xerr=spread[0], yerr=spread[1], fmt="o", color=color
-        )
-        axes[2].scatter(kls, golds, s=12, color=color, alpha=0.5)
     axes[0].set_xlabel("policy version (batches of prompts trained on)")
     axes[1].set_xlabel("wall-clock seconds since the run started")
-    axes[2].set_xlabel("final KL to the SFT policy")
+    axes[2].set_xlabel("KL to the SFT policy (mean over seeds at each evaluation)")
     for ax in axes:
         ax.set_ylabel("held-out gold reward")
         ax.grid(alpha=0.3)

@@ -403,6 +403,8 @@ def render(entry) -> str:
     """A table entry as results.md shows it: text as it is, a number with ± its std over seeds if there are several."""
     if isinstance(entry, str):
         return entry
+    if "shown" in entry:  # an entry that says how it is shown (the study's intervals)
+        return entry["shown"]
     std = f" ± {entry['std']:.{entry['decimals']}f}" if entry["std"] is not None else ""
     return f"{entry['mean']:.{entry['decimals']}f}{std}"
 

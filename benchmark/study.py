@@ -1,16 +1,18 @@
 """The paper's off-policy study on the built-in task: how much off-policy data each loss tolerates, at three
-policy sizes, and what its two compute optimizations cost.
+policy sizes, and what its two compute optimizations buy and cost, each claim judged by a rule fixed in advance.
 
-    python benchmark/study.py                # full: 2 seeds, 64 updates a run, 34 runs (about 100 min on 2 CPU cores)
-    python benchmark/study.py --quick        # 1 seed, 24 updates, N in {1, 8}, sizes 3m and 10m (under 15 min)
+    python benchmark/study.py                # full: 5 seeds, 64 updates a run, N in {1, 4} (about 4.5 h on 2 CPU cores)
+    python benchmark/study.py --quick        # 1 seed, 32 updates, N in {1, 2}, sizes 3m and 10m: directions only
     python benchmark/study.py --tiny         # seconds a run, for CI (tests/test_study.py)
     python benchmark/study.py --resume       # go on with an interrupted study: its finished runs are kept
     python benchmark/study.py --report_only  # rebuild results.md, results.json and the plots from raw/
 
-Every run is sync_baseline.py with the paper's N (--batches_per_round N): one policy version samples N batches,
-which are trained on at lags 0 .. N - 1, as in the paper's own study. It shares run.py's harness (one run at a
-time, the machine and versions recorded, every number kept with the file it came from) and builds the report from
-the run folders alone. README.md, section "The off-policy study", says what each experiment tests.
+Every run of the off-policy study is sync_baseline.py with the paper's N (--batches_per_round N): one policy version
+samples N batches, trained on at lags 0 .. N - 1, as in the paper's own study. The study runs in three stages, each
+decided by the finished runs of the stages before it: (1) each size's warm start, (2) each size's learning rate,
+from on-policy runs alone, (3) everything else. It shares run.py's harness (one run at a time, the machine and
+versions recorded, every number kept with the file it came from) and builds the report from the run folders alone.
+README.md, section "The off-policy study", states the decision rule and what each experiment tests.
 
 A study goes to a new folder, runs/study_{mode}_{date-time} unless --results_dir names one, and --resume goes on with
 the newest of its mode there. Ctrl-C stops the study with its run in progress and prints the command that resumes it.
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import tyro
 
 import plots
-from run import ROOT, cell, execute, load_runs, markdown, new_record, new_results_dir, per_run, render, run_in_turn
+from run import ROOT, cell, execute, load_runs, markdown, new_record, new_results_dir, per_run, run_in_turn
 from run import table, write_json
 
 
@@ -41,7 +43,7 @@ class Args:
     cache_dir: str = ".cache"
     """the scripts' --cache_dir: each size's warm-started model is built there once and shared by every run"""
     quick: bool = False
-    """a smaller study that finishes in under 15 minutes on 2 cores"""
+    """a smaller study (under 20 minutes on 2 cores): one seed, so it shows directions, not verdicts"""
     tiny: bool = False
     """seconds a run: checks that everything works (CI), measures nothing"""
     resume: bool = False
@@ -51,15 +53,39 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------
-# What to run. Every run is the scripts' defaults (built-in task, k = 2, lr 1e-4, β 0.1) plus the mode's flags and
-# its own. The losses are compared at the middle size; the sizes with online DPO; E and k at N = 1.
+# What to run. Every run is the scripts' defaults (built-in task, k = 2, β 0.1) plus the mode's flags and its own.
+# The losses are compared at the middle size and the default learning rate, as the paper compares them at one rate;
+# the sizes with online DPO, each at the warm start and learning rate its stage chose; E and k at N = 1.
 LOSSES = {"sigmoid": "online DPO", "rloo": "RLOO", "best_of_k": "best-of-2 SFT"}
-SIZES = {"3m": "2.7 M", "10m": "10.6 M", "30m": "29.0 M"}
+SIZES = {"3m": "2.7 M", "10m": "10.6 M", "30m": "29.0 M"}  # smallest first
 BASE_SIZE = "10m"
+LR, SFT_STEPS = 1e-4, 30  # the scripts' --learning_rate and --sft_steps: the default run's, kept for the middle size
+MARGIN = 0.03  # the smallest difference in final gold reward that matters here; the seeds are chosen to resolve it
 MODES = {
-    "full": dict(seeds=[1, 2], steps=64, n=[1, 4, 16], sizes=["3m", "10m", "30m"], batch_size=32, flags=""),
+    "full": dict(
+        seeds=[1, 2, 3, 4, 5],
+        steps=64,
+        n=[1, 4],  # 16 rounds at N = 4, as in the paper's 256 updates at its largest N, 16
+        sizes=["3m", "10m", "30m"],
+        batch_size=32,
+        flags="--eval_every 16 --eval_every_at_end 4",
+        sft_steps=[30, 60, 120],
+        lrs=[5e-5, 1e-4, 2e-4],
+        lr_seeds=[1, 2],
+        bound=dict(num_samples=16, steps=12, seeds=[1, 2, 3]),
+        default_check=dict(seeds=[1, 2]),
+    ),
     "quick": dict(
-        seeds=[1], steps=24, n=[1, 8], sizes=["3m", "10m"], batch_size=32, flags="--eval_every 8 --eval_prompts 128"
+        seeds=[1],
+        steps=32,
+        n=[1, 2],  # 16 rounds at N = 2
+        sizes=["3m", "10m"],
+        batch_size=32,
+        flags="--eval_every 8 --eval_every_at_end 4 --eval_prompts 128",
+        sft_steps=[SFT_STEPS],
+        lrs=[LR],
+        lr_seeds=[1],
+        bound=dict(num_samples=16, steps=8, seeds=[1]),
     ),
     "tiny": dict(
         seeds=[1],
@@ -67,57 +93,231 @@ MODES = {
         n=[1, 2],
         sizes=["3m", "10m"],
         batch_size=8,
-        flags="--micro_batch_size 4 --eval_every 2 --eval_prompts 16 --sft_steps 30",
+        flags="--micro_batch_size 4 --eval_every 2 --eval_every_at_end 1 --eval_prompts 16",
+        sft_steps=[SFT_STEPS],
+        lrs=[LR],  # the stages' rules are tested without runs (tests/test_study.py): each run here costs 20 s of CI
+        lr_seeds=[1],
+        bound=dict(num_samples=8, steps=3, seeds=[1]),
     ),
 }
 
 
-def setting(steps: int, loss="sigmoid", size=BASE_SIZE, n=1, updates=1, k=2) -> dict:
-    """One setting of the study: its name (the runs' --exp_name) and its flags."""
-    name = f"{loss}_{size}_N{n}_E{updates}_k{k}_steps{steps}"
+def setting(steps: int, loss="sigmoid", size=BASE_SIZE, n=1, updates=1, k=2, lr=LR, sft=SFT_STEPS) -> dict:
+    """One setting of the study's sync runs: its name (the runs' --exp_name) and its flags."""
+    name = f"{loss}_{size}" + (f"_sft{sft}" if sft != SFT_STEPS else "") + (f"_lr{lr:g}" if lr != LR else "")
+    name += f"_N{n}_E{updates}_k{k}_steps{steps}"
     flags = f"--loss_type {loss} --model_size {size} --batches_per_round {n} --updates_per_batch {updates}"
-    flags += f" --num_samples {k} --num_steps {steps}"
-    return dict(name=name, loss=loss, size=size, n=n, updates=updates, k=k, steps=steps, flags=flags.split())
+    flags += f" --num_samples {k} --num_steps {steps} --learning_rate {lr:g} --sft_steps {sft}"
+    return dict(name=name, loss=loss, size=size, n=n, updates=updates, k=k, steps=steps, lr=lr, sft=sft, script="sync")
 
 
-def plan(mode: dict) -> list[dict]:
-    """The settings, then the runs, one seed at a time so that a slow spell of the machine hits every setting alike."""
-    steps = mode["steps"]
+def flags_of(run: dict) -> list[str]:
+    if run["script"] == "sync":
+        return (
+            f"--loss_type {run['loss']} --model_size {run['size']} --batches_per_round {run['n']} "
+            f"--updates_per_batch {run['updates']} --num_samples {run['k']} --num_steps {run['steps']} "
+            f"--learning_rate {run['lr']:g} --sft_steps {run['sft']}"
+        ).split()
+    return run["flags"]
+
+
+def probe(size: str, sft: int) -> dict:
+    """Stage 1: one update from a warm start of `sft` SFT steps, for the SFT gold reward (version 0's evaluation)."""
+    return setting(1, size=size, sft=sft) | {"name": f"probe_{size}_sft{sft}", "seed": 1}
+
+
+def bound_setting(mode: dict, updates: int) -> dict:
+    """Generation the bottleneck: the async script with many samples per prompt, of which online DPO trains on two,
+    and no evaluation but the first and last (an evaluation is generator time)."""
+    b = mode["bound"]
+    name = f"bound_sigmoid_{BASE_SIZE}_E{updates}_k{b['num_samples']}_steps{b['steps']}"
+    flags = f"--updates_per_batch {updates} --num_samples {b['num_samples']} --num_steps {b['steps']}"
+    flags += f" --eval_every {b['steps']} --eval_every_at_end 0"
+    return dict(name=name, updates=updates, k=b["num_samples"], steps=b["steps"], script="async", flags=flags.split())
+
+
+def default_check(k: int) -> dict:
+    """The default run as a user starts it (async, 128 batches of 64 prompts, k = 2), or with k = 4 in half the
+    batches: only these flags, none of the study's."""
+    steps = 128 * 2 // k
+    flags = ["--num_samples", str(k), "--num_steps", str(steps)]
+    return dict(name=f"default_k{k}_steps{steps}", k=k, steps=steps, script="default", flags=flags)
+
+
+def sizes_in_order(mode: dict) -> list[str]:
+    return [size for size in SIZES if size in mode["sizes"]]
+
+
+def sft_gold(groups: dict, name: str) -> float | None:
+    return groups[name][0]["evals"][0]["eval/gold_reward"] if name in groups else None
+
+
+def choose_sft(mode: dict, groups: dict) -> dict:
+    """Stage 1's rule. {size: SFT steps, or None where no value of the grid works}; a size not yet decided is missing.
+    The middle size keeps the default run's warm start, a smaller size gets the grid's first value, and a larger size
+    the fewest SFT steps of the grid under which it starts (SFT gold reward) at least as high as the next smaller."""
+    grid, sizes = mode.get("sft_steps", [SFT_STEPS]), sizes_in_order(mode)
+    base = sizes.index(BASE_SIZE)
+    chosen = {size: grid[0] for size in sizes[:base]} | {BASE_SIZE: SFT_STEPS}
+    if len(grid) == 1:  # nothing to choose: the one value, whether a larger size then starts as high or not
+        return chosen | {size: grid[0] for size in sizes[base + 1 :]}
+    for smaller, size in zip(sizes[base:], sizes[base + 1 :]):
+        if smaller not in chosen:
+            break
+        floor = None if chosen[smaller] is None else sft_gold(groups, probe(smaller, chosen[smaller])["name"])
+        if chosen[smaller] is None:
+            chosen[size] = None
+            continue
+        for sft in grid:
+            start = sft_gold(groups, probe(size, sft)["name"])
+            if floor is None or start is None:
+                return chosen  # a probe still to run
+            if start >= floor:
+                chosen[size] = sft
+                break
+        else:
+            chosen[size] = None
+    return chosen
+
+
+def lr_seeds(mode: dict) -> list[int]:
+    return mode.get("lr_seeds", mode["seeds"])
+
+
+def choose_lr(mode: dict, groups: dict, sft: dict) -> dict:
+    """Stage 2's rule, from on-policy (N = 1) runs alone: each size's learning rate is the grid's value with the best
+    mean final gold reward over mode["lr_seeds"]. {size: rate}; a size not yet decided is missing."""
+    lrs, chosen = mode.get("lrs", [LR]), {}
+    for size in sizes_in_order(mode):
+        if sft.get(size) is None:
+            continue
+        if len(lrs) == 1:
+            chosen[size] = lrs[0]
+            continue
+        grid = {lr: groups.get(setting(mode["steps"], size=size, lr=lr, sft=sft[size])["name"], []) for lr in lrs}
+        grid = {lr: [r for r in runs if r["seed"] in lr_seeds(mode)] for lr, runs in grid.items()}
+        if all(len(runs) == len(lr_seeds(mode)) for runs in grid.values()):
+            chosen[size] = max(lrs, key=lambda lr: statistics.fmean(final_gold(r) for r in grid[lr]))
+    return chosen
+
+
+def plan(mode: dict, groups: dict) -> list[dict]:
+    """The runs that the finished ones (groups) decide, in the order to run them: stage 1's probes until every size's
+    warm start is chosen, then stage 2's learning-rate grid until every rate is, then the rest, one seed at a time so
+    that a slow spell of the machine hits every setting alike. A study runs these, then plans again."""
+    steps, sizes, grid = mode["steps"], sizes_in_order(mode), mode.get("sft_steps", [SFT_STEPS])
+    sft = choose_sft(mode, groups)
+    runs = []
+    if len(grid) > 1:
+        base = sizes.index(BASE_SIZE)
+        for smaller, size in zip(sizes[base:], sizes[base + 1 :]):
+            if sft.get(smaller) is None:
+                break
+            runs.append(probe(smaller, sft[smaller]))
+            for value in grid:  # in order, up to the one chosen, or to the first still to run
+                runs.append(probe(size, value))
+                if sft.get(size) == value or probe(size, value)["name"] not in groups:
+                    break
+    if any(size not in sft for size in sizes):
+        return runs
+    lrs = mode.get("lrs", [LR])
+    if len(lrs) > 1:
+        grid_runs = [setting(steps, size=s, lr=lr, sft=sft[s]) for s in sizes if sft[s] is not None for lr in lrs]
+        runs += [g | {"seed": seed} for seed in lr_seeds(mode) for g in grid_runs]
+    lr = choose_lr(mode, groups, sft)
+    if any(sft[size] is not None and size not in lr for size in sizes):
+        return runs
     settings = [setting(steps, loss=loss, n=n) for loss in LOSSES for n in mode["n"]]
-    settings += [setting(steps, size=size, n=n) for size in mode["sizes"] if size != BASE_SIZE for n in mode["n"]]
+    settings += [setting(steps, size=s, n=n, lr=lr[s], sft=sft[s]) for s in sizes if s in lr for n in mode["n"]]
     settings += [setting(steps, updates=2), setting(steps // 2, k=4)]
-    return [s | {"seed": seed} for seed in mode["seeds"] for s in settings]
+    runs += [s | {"seed": seed} for seed in mode["seeds"] for s in settings]
+    if "bound" in mode:
+        runs += [bound_setting(mode, e) | {"seed": seed} for seed in mode["bound"]["seeds"] for e in (1, 2)]
+    if "default_check" in mode:
+        runs += [default_check(k) | {"seed": seed} for seed in mode["default_check"]["seeds"] for k in (2, 4)]
+    return unique(runs)
+
+
+def unique(runs: list[dict]) -> list[dict]:
+    """Each run (name and seed) once, where first planned: the grid's on-policy runs are also stage 3's."""
+    seen, out = set(), []
+    for run in runs:
+        if (run["name"], run["seed"]) not in seen:
+            seen.add((run["name"], run["seed"]))
+            out.append(run)
+    return out
 
 
 def run_study(args: Args, mode_name: str):
     mode = MODES[mode_name]
     cache_dir = os.path.abspath(args.cache_dir)
     record = new_record(args.results_dir, mode_name, mode, "study.json", resume=args.resume)
-    done = {(r["name"], r["seed"]) for r in record["runs"]}
-    to_run = [run for run in plan(mode) if (run["name"], run["seed"]) not in done]
-    if not to_run:
-        print(f"nothing left to run: {args.results_dir}/raw/study.json lists every run; only the report is rebuilt")
-        return
-
-    # The warm-started model of each size with runs to do is built (or found in the cache) first, so that no run's
-    # wall time includes it.
-    for size in [size for size in mode["sizes"] if any(run["size"] == size for run in to_run)]:
-        code = "import sys, tyro, async_online_dpo as A; A.warm_start(tyro.cli(A.Args, args=sys.argv[1:]))"
-        flags = [*mode["flags"].split(), "--model_size", size, "--cache_dir", cache_dir]
-        print(f"warm start: {size} ...", flush=True)
-        execute([sys.executable, "-c", code, *flags], os.path.join(args.results_dir, "logs", f"warm_start_{size}.log"))
 
     def base_cmd(run: dict) -> list[str]:
-        cmd = [sys.executable, os.path.join(ROOT, "sync_baseline.py"), "--batch_size", str(mode["batch_size"])]
-        return [*cmd, *mode["flags"].split(), *run["flags"], "--cache_dir", cache_dir]
+        if run["script"] == "default":  # the default run as a user starts it, with its own flags alone
+            return [sys.executable, os.path.join(ROOT, "async_online_dpo.py"), *run["flags"], "--cache_dir", cache_dir]
+        script = "sync_baseline.py" if run["script"] == "sync" else "async_online_dpo.py"
+        cmd = [sys.executable, os.path.join(ROOT, script), "--batch_size", str(mode["batch_size"])]
+        return [*cmd, *mode["flags"].split(), *flags_of(run), "--cache_dir", cache_dir]  # the run's flags win
 
-    run_in_turn(plan(mode), base_cmd, args.results_dir, record, "study.json")
+    built, ran = set(), False
+    while True:
+        done = {(r["name"], r["seed"]) for r in record["runs"]}
+        to_run = [
+            run for run in plan(mode, load_groups(args.results_dir, record)) if (run["name"], run["seed"]) not in done
+        ]
+        if not to_run:
+            break
+        # The warm starts these runs need are built (or found in the cache) first, so that no run's wall time
+        # includes one.
+        for size, sft in sorted({(r.get("size", BASE_SIZE), r.get("sft", SFT_STEPS)) for r in to_run} - built):
+            code = "import sys, tyro, async_online_dpo as A; A.warm_start(tyro.cli(A.Args, args=sys.argv[1:]))"
+            flags = ["--model_size", size, "--sft_steps", str(sft), "--cache_dir", cache_dir]
+            print(f"warm start: {size}, {sft} SFT steps ...", flush=True)
+            execute(
+                [sys.executable, "-c", code, *flags],
+                os.path.join(args.results_dir, "logs", f"warm_start_{size}_sft{sft}.log"),
+            )
+            built.add((size, sft))
+        run_in_turn(to_run, base_cmd, args.results_dir, record, "study.json")
+        ran = True
+    if not ran:
+        print(f"nothing left to run: {args.results_dir}/raw/study.json lists every run; only the report is rebuilt")
 
 
 # ----------------------------------------------------------------------------------------------------
-# The report, from raw/ alone. Every number is a mean over seeds, kept in results.json with its values and sources.
-def mean_lag(run: dict) -> float:
-    return statistics.fmean(run["summary"]["lags"])
+# What one run shows. Its final gold reward and KL are the means over its final evaluations, those after version
+# num_steps - eval_every (every --eval_every_at_end versions there): one evaluation moves by about 0.01 between
+# neighbouring versions, and a mean of several is steadier than the last alone.
+def final_evals(run: dict) -> list[dict]:
+    return [e for e in run["evals"] if e["eval/version"] > run["args"]["num_steps"] - run["args"]["eval_every"]]
+
+
+def final_gold(run: dict) -> float:
+    return statistics.fmean(e["eval/gold_reward"] for e in final_evals(run))
+
+
+def final_kl(run: dict) -> float:
+    return statistics.fmean(e["eval/kl"] for e in final_evals(run))
+
+
+def sft(run: dict) -> float:
+    return run["evals"][0]["eval/gold_reward"]
+
+
+def curve_gold(run: dict) -> float:
+    """Mean held-out gold reward over the evaluations after version 0: how well a run does per batch of prompts."""
+    return statistics.fmean(e["eval/gold_reward"] for e in run["evals"][1:])
+
+
+def kl_at(run: dict, gold: float) -> float:
+    """The KL at which the run first reaches this gold reward along its evaluations, linear between two."""
+    for before, e in zip(run["evals"], run["evals"][1:]):
+        if e["eval/gold_reward"] >= gold:
+            lo, hi = before["eval/gold_reward"], e["eval/gold_reward"]
+            w = min(1.0, max(0.0, (gold - lo) / (hi - lo))) if hi > lo else 1.0
+            return before["eval/kl"] + w * (e["eval/kl"] - before["eval/kl"])
+    return float("nan")
 
 
 def logprob_gap(run: dict) -> float:
@@ -125,239 +325,477 @@ def logprob_gap(run: dict) -> float:
     return statistics.fmean(g for r in run["steps"] if not math.isnan(g := r["async/logprob_gap"]))
 
 
-def curve_gold(run: dict) -> float:
-    """Mean held-out gold reward over the evaluations after the start: how fast a run learns, per batch of prompts."""
-    return statistics.fmean(e["eval/gold_reward"] for e in run["evals"][1:])
+def summary(key: str):
+    return lambda run: run["summary"][key]
 
 
+GOLD = "metrics.jsonl: mean eval/gold_reward of the final evaluations"
+KL = "metrics.jsonl: mean eval/kl of the final evaluations"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The decision rule (README.md, "How the study decides"). Every comparison is paired by seed: per seed a difference
+# d, and over the seeds its mean and 95% Student t interval, mean ± t(n - 1) · sd / √n. A claim that d > 0 holds if
+# the interval lies above 0, is reversed if it lies below 0, and is undecided otherwise (d < 0 alike). A claim of "as
+# high" (d ≥ -MARGIN) holds if the interval lies above -MARGIN and is reversed if it lies below. One seed gives no
+# interval: its difference is a direction, never a verdict.
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
+
+
+def t_975(dof: int) -> float:
+    """Student's t two-sided 95% quantile for dof degrees of freedom (the table; tests/test_study.py checks it)."""
+    return T_975[dof - 1] if dof <= len(T_975) else 1.96 + 2.5 / dof
+
+
+def decide(values: list[float], claim: str, gold: bool) -> dict:
+    """The rule, for one comparison's per-seed differences. claim: ">" (d > 0), "<" (d < 0), ">=" (d ≥ -MARGIN).
+    For a difference in final gold reward, also the seeds that would resolve MARGIN at this spread."""
+    if len(values) < 2 or any(math.isnan(v) for v in values):
+        return dict(claim=claim, low=None, high=None, outcome="undecided", seeds_for_margin=None)
+    n, mean, sd = len(values), statistics.fmean(values), statistics.stdev(values)
+    low, high = mean - t_975(n - 1) * sd / math.sqrt(n), mean + t_975(n - 1) * sd / math.sqrt(n)
+    bar = -MARGIN if claim == ">=" else 0.0
+    if claim == "<":
+        outcome = "holds" if high < 0 else "reversed" if low > 0 else "undecided"
+    else:
+        outcome = "holds" if low > bar else "reversed" if high < bar else "undecided"
+    needed = next(m for m in range(2, 1000) if t_975(m - 1) * sd / math.sqrt(m) <= MARGIN or m == 999) if gold else None
+    return dict(claim=claim, low=low, high=high, outcome=outcome, seeds_for_margin=needed)
+
+
+def paired(runs: list[dict], reference: list[dict], diff, how: str, source: str, claim: str, decimals=3) -> dict:
+    """diff(run, the reference run of the same seed), per seed that both have, and what the rule makes of it."""
+    pairs = [(r, b) for r in runs for b in reference if b["seed"] == r["seed"]]
+    values = [diff(r, b) for r, b in pairs]
+    sources = [f"{r['folder']} vs {b['folder']}: {source}" for r, b in pairs]
+    return cell(values, sources, decimals, how) | decide(values, claim, gold=source == GOLD)
+
+
+def of(fn):
+    """diff for paired(): fn(run) - fn(reference run)."""
+    return lambda r, b: fn(r) - fn(b)
+
+
+def interval(test: dict) -> str:
+    """A paired difference as the tables and verdicts show it: its mean and interval, or one seed's direction."""
+    d = test["decimals"]
+    if test["low"] is None:
+        return f"{test['mean']:+.{d}f} (one seed: a direction only)"
+    return f"{test['mean']:+.{d}f} [{test['low']:+.{d}f}, {test['high']:+.{d}f}]"
+
+
+def combine(outcomes: list[str]) -> str:
+    """A claim made of several comparisons holds if all hold, is reversed if any is, and is undecided otherwise."""
+    return "holds" if all(o == "holds" for o in outcomes) else "reversed" if "reversed" in outcomes else "undecided"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report, from raw/ alone. Every number is a mean over seeds, kept in results.json with its values and sources.
 def cells(runs: list[dict]) -> dict:
     """What the tables can show of one setting (its runs, one a seed), by column."""
     row = {"seeds": ", ".join(str(r["seed"]) for r in runs)}
-    for column, key, decimals in [
-        ("SFT gold reward", "eval_gold_reward_start", 3),
-        ("final gold reward", "eval_gold_reward_end", 3),
-        ("final KL", "kl_end", 3),
-        ("wall time (s)", "wall_time", 1),
-        ("s/step", "time_per_step", 3),
+    for column, fn, source, decimals in [
+        ("SFT gold reward", sft, "metrics.jsonl: eval/gold_reward at version 0", 3),
+        ("final gold reward", final_gold, GOLD, 3),
+        ("final KL", final_kl, KL, 3),
+        ("mean gold over the run", curve_gold, "metrics.jsonl: mean eval/gold_reward after version 0", 3),
+        ("mean lag (updates)", lambda r: statistics.fmean(r["summary"]["lags"]), "summary.json: mean of lags", 2),
+        ("log-prob gap (per token)", logprob_gap, "metrics.jsonl: mean of async/logprob_gap (NaN steps left out)", 4),
+        ("wall time (s)", summary("wall_time"), "summary.json: wall_time", 1),
+        ("s/step", summary("time_per_step"), "summary.json: time_per_step", 3),
+        ("G (s/step)", summary("generate_per_step"), "summary.json: generate_per_step", 3),
+        ("T (s/step)", summary("train_per_step"), "summary.json: train_per_step", 3),
     ]:
-        row[column] = per_run(runs, [r["summary"][key] for r in runs], f"summary.json: {key}", decimals)
-    row["mean lag (updates)"] = per_run(runs, [mean_lag(r) for r in runs], "summary.json: mean of lags", 2)
-    source = "metrics.jsonl: mean of async/logprob_gap (NaN steps left out)"
-    row["log-prob gap (per token)"] = per_run(runs, [logprob_gap(r) for r in runs], source, 4)
-    source = "metrics.jsonl: mean of eval/gold_reward after version 0"
-    row["mean gold over the run"] = per_run(runs, [curve_gold(r) for r in runs], source, 3)
+        row[column] = per_run(runs, [fn(r) for r in runs], source, decimals)
     return row
 
 
-def paired(runs: list[dict], reference: list[dict], fn, how: str, source: str, decimals: int = 3) -> dict:
-    """fn(run, the reference run of the same seed), per seed that both have."""
-    pairs = [(r, b) for r in runs for b in reference if b["seed"] == r["seed"]]
-    values = [fn(r, b) for r, b in pairs]
-    return cell(values, [f"{r['folder']} vs {b['folder']}: {source}" for r, b in pairs], decimals, how)
+def drop(by_n: dict, n: int) -> dict:
+    """Per seed, the final gold reward at N = 1 minus that at N: how much the off-policy data costs."""
+    how = "final gold at N = 1 - final gold at this N, per seed"
+    return paired(by_n[1], by_n[n], of(final_gold), how, GOLD, ">")
 
 
-def gold(run: dict) -> float:
-    return run["summary"]["eval_gold_reward_end"]
+def drop_difference(more: dict, less: dict, largest: int, how: str) -> dict:
+    """Per seed, more's drop minus less's (more, less: {N: runs}): above 0 when `less` loses less to off-policy data."""
+
+    def drops(by_n):
+        at = {r["seed"]: r for r in by_n[largest]}
+        return {r["seed"]: final_gold(r) - final_gold(at[r["seed"]]) for r in by_n[1] if r["seed"] in at}
+
+    a, b = drops(more), drops(less)
+    seeds = sorted(set(a) & set(b))
+    values = [a[s] - b[s] for s in seeds]
+    folders = {
+        s: [r["folder"] for runs in (more[1], more[largest], less[1], less[largest]) for r in runs if r["seed"] == s]
+        for s in seeds
+    }
+    sources = [f"{', '.join(folders[s])}: {GOLD}" for s in seeds]
+    return cell(values, sources, 3, how) | decide(values, ">", gold=True)
 
 
-def retained(run: dict, on_policy: dict) -> float:
-    """Share of the on-policy run's gain over the SFT policy that this run keeps: 1 = as good as N = 1, 0 = no gain."""
-    sft = on_policy["summary"]["eval_gold_reward_start"]
-    return (gold(run) - sft) / (gold(on_policy) - sft) if gold(on_policy) > sft else float("nan")
+@dataclass
+class Study:
+    """A finished study as the report reads it: its record, its runs by setting (with each run's args.json), each
+    setting's table cells, what stages 1 and 2 chose, and the runs by N of each loss and each size."""
+
+    results_dir: str
+    record: dict
+    mode: dict
+    groups: dict
+    rows: dict
+    sft: dict
+    lr: dict
+    by_loss: dict
+    by_size: dict
+
+    def setting(self, **kw) -> list[dict]:
+        return self.groups[setting(self.mode["steps"], **kw)["name"]]
 
 
-# A difference counts only beyond the noise: the larger std over seeds of the two (with one seed, any difference).
-def noise(*entries: dict) -> float:
-    return max((e["std"] for e in entries if e["std"] is not None), default=0.0)
+def load_groups(results_dir: str, record: dict) -> dict:
+    """The finished runs by setting, as run.py loads them, each with its args.json."""
+    groups = load_runs(results_dir, record)
+    for runs in groups.values():
+        for run in runs:
+            with open(os.path.join(results_dir, run["folder"], "args.json")) as f:
+                run["args"] = json.load(f)
+    return groups
 
 
-def beyond(a: dict, b: dict) -> bool:
-    """a's mean exceeds b's by more than the noise."""
-    return a["mean"] - b["mean"] > noise(a, b)
+def load_study(results_dir: str) -> Study:
+    with open(os.path.join(results_dir, "raw", "study.json")) as f:
+        record = json.load(f)
+    mode, groups = record["mode_config"], load_groups(results_dir, record)
+    steps, ns = mode["steps"], mode["n"]
+    sft_of = choose_sft(mode, groups)
+    lr = choose_lr(mode, groups, sft_of)
+    by_loss = {loss: {n: groups[setting(steps, loss=loss, n=n)["name"]] for n in ns} for loss in LOSSES}
+    by_size = {
+        s: {n: groups[setting(steps, size=s, n=n, lr=lr[s], sft=sft_of[s])["name"]] for n in ns}
+        for s in sizes_in_order(mode)
+        if s in lr
+    }
+    rows = {key: cells(runs) for key, runs in groups.items()}
+    return Study(results_dir, record, mode, groups, rows, sft_of, lr, by_loss, by_size)
 
 
-def robustness(groups: dict, by_n: dict) -> dict:
-    """For one loss or size, by_n {N: settings name}: each N's share of the N = 1 gain kept, and the fall in
-    final gold reward from N = 1, per seed."""
-    on_policy = groups[by_n[1]]
-    out = {}
-    for n, name in by_n.items():
-        source = "summary.json: eval_gold_reward_end, eval_gold_reward_start"
-        how = "(final gold - SFT gold) / (final gold of N = 1 - SFT gold), per seed"
-        out[n] = {"retained": paired(groups[name], on_policy, retained, how, source)}
-        how = "final gold of N = 1 - final gold of this N, per seed"
-        out[n]["drop"] = paired(groups[name], on_policy, lambda r, b: gold(b) - gold(r), how, source)
+def stage_table(st: Study) -> dict:
+    """Table 1: stages 1 and 2, each size's warm start and learning rate as the rules chose them."""
+    grid, lrs = st.mode.get("sft_steps", [SFT_STEPS]), st.mode.get("lrs", [LR])
+    grid = grid if len(grid) > 1 else []  # a grid of one value has no probes
+    entries = []
+    for size in sizes_in_order(st.mode):
+        row = {"SFT steps (stage 1)": "none of the grid" if st.sft[size] is None else str(st.sft[size])}
+        for value in grid:
+            name = probe(size, value)["name"]
+            if name in st.groups:
+                source = "metrics.jsonl: eval/gold_reward at version 0"
+                row[f"SFT gold, {value} SFT steps"] = per_run(st.groups[name], [sft_gold(st.groups, name)], source, 3)
+        if size in st.lr:
+            row["SFT gold reward"] = cells(st.by_size[size][1])["SFT gold reward"]
+            row["learning rate (stage 2)"] = f"{st.lr[size]:g}"
+            for x in lrs:
+                runs = [r for r in st.setting(size=size, lr=x, sft=st.sft[size]) if r["seed"] in lr_seeds(st.mode)]
+                row[f"final gold at N = 1, lr {x:g}"] = per_run(runs, [final_gold(r) for r in runs], GOLD, 3)
+        entries.append((SIZES[size], row))
+    columns = ["size", "SFT steps (stage 1)", *[f"SFT gold, {v} SFT steps" for v in grid], "SFT gold reward"]
+    columns += ["learning rate (stage 2)"] + [f"final gold at N = 1, lr {x:g}" for x in lrs]
+    return table("Table 1. Stages 1 and 2: each size's warm start and learning rate", columns, entries)
+
+
+def robustness_table(st: Study, title: str, what: str, labels: dict, by: dict) -> dict:
+    """Tables 2 and 3: each N's final gold and KL, the paired drop from N = 1 with its interval, the on-policy gain
+    beside it, and how far off-policy the batches were (the log-prob gap)."""
+    ns = st.mode["n"]
+    columns = [what, "seeds", "SFT gold reward", "on-policy gain (final gold at N = 1 - SFT gold)"]
+    columns += [f"final gold, N = {n}" for n in ns] + [f"final KL, N = {n}" for n in ns]
+    columns += [f"drop from N = 1 to {n} [95% interval]" for n in ns[1:]]
+    columns += [f"log-prob gap per token, N = {n}" for n in ns[1:]]
+    entries = []
+    for x, by_n in by.items():
+        on_policy = cells(by_n[1])
+        row = {"seeds": on_policy["seeds"], "SFT gold reward": on_policy["SFT gold reward"]}
+        gains = [final_gold(r) - sft(r) for r in by_n[1]]
+        row["on-policy gain (final gold at N = 1 - SFT gold)"] = per_run(by_n[1], gains, GOLD, 3)
+        row |= {f"final gold, N = {n}": cells(by_n[n])["final gold reward"] for n in ns}
+        row |= {f"final KL, N = {n}": cells(by_n[n])["final KL"] for n in ns}
+        for n in ns[1:]:
+            test = drop(by_n, n)
+            row[f"drop from N = 1 to {n} [95% interval]"] = test | {"shown": interval(test)}
+            row[f"log-prob gap per token, N = {n}"] = cells(by_n[n])["log-prob gap (per token)"]
+        entries.append((labels[x], row))
+    return table(title, columns, entries)
+
+
+def loss_claims(st: Study) -> list[dict]:
+    """Claim 1 (Fig. 4): online DPO loses less to off-policy data than each other loss, from N = 1 to the largest N."""
+    largest, subs = max(st.mode["n"]), []
+    for letter, other in (("a", "rloo"), ("b", "best_of_k")):
+        how = f"per seed, {LOSSES[other]}'s drop from N = 1 to {largest} - online DPO's"
+        test = drop_difference(st.by_loss[other], st.by_loss["sigmoid"], largest, how)
+        text = f"online DPO loses less than {LOSSES[other]} from N = 1 to {largest}"
+        subs.append(judged(f"1{letter}", "Fig. 4", text, test))
+    return [overall("1", "Fig. 4", "Online DPO is the most robust to off-policy data", subs), *subs]
+
+
+def size_claims(st: Study) -> list[dict]:
+    """Claim 2 (Fig. 5): a larger policy loses less, judged only on a size axis that is one: each larger size starts at
+    least as high, and ends higher on-policy (its paired interval above 0)."""
+    largest, sizes, subs, reasons = max(st.mode["n"]), sizes_in_order(st.mode), [], []
+    for letter, (small, large) in zip("abc", zip(sizes, sizes[1:])):
+        if small not in st.by_size or large not in st.by_size:
+            missing = large if small in st.by_size else small
+            reasons.append(
+                f"no warm start of the grid lets the {SIZES[missing]} policy start as high as the next smaller"
+            )
+            continue
+        s1, l1 = st.by_size[small][1], st.by_size[large][1]
+        if sft(l1[0]) < sft(s1[0]):
+            reasons.append(
+                f"the {SIZES[large]} policy starts below the {SIZES[small]} one (SFT gold {sft(l1[0]):.3f} against "
+                f"{sft(s1[0]):.3f})"
+            )
+        rises = paired(
+            l1, s1, of(final_gold), f"per seed, final gold at N = 1: {SIZES[large]} - {SIZES[small]}", GOLD, ">"
+        )
+        if rises["outcome"] != "holds":
+            reasons.append(
+                f"on-policy, the {SIZES[large]} policy does not end higher than the {SIZES[small]} one by the rule "
+                f"({interval(rises)})"
+            )
+        how = f"per seed, the {SIZES[small]} policy's drop from N = 1 to {largest} - the {SIZES[large]} one's"
+        test = drop_difference(st.by_size[small], st.by_size[large], largest, how)
+        text = f"{SIZES[large]} loses less than {SIZES[small]} from N = 1 to {largest}"
+        subs.append(judged(f"2{letter}", "Fig. 5", text, test))
+    return [
+        overall("2", "Fig. 5", "Robustness grows with the policy's size", subs, reasons),
+        *([] if reasons else subs),
+    ]
+
+
+def compute_claims(st: Study) -> list[dict]:
+    """Claims 3 (Fig. 7) and 4 (Fig. 8): the compute optimizations at N = 1 and the middle size, against k = 2, E = 1,
+    each sub-claim on its own."""
+    steps = st.mode["steps"]
+    base, e2, k4 = st.setting(), st.setting(updates=2), st.groups[setting(steps // 2, k=4)["name"]]
+
+    def kl_at_lower_gold(r, b):
+        gold = min(final_gold(r), final_gold(b))
+        return kl_at(r, gold) - kl_at(b, gold)
+
+    how = "per seed, mean gold over the run's evaluations: E = 2 - E = 1"
+    test = paired(e2, base, of(curve_gold), how, "metrics.jsonl: mean eval/gold_reward after version 0", ">")
+    out = [judged("3a", "Fig. 7", "E = 2 has a higher gold reward than E = 1 at an equal number of batches", test)]
+    how = "per seed, the KL at which each run first reaches the lower of the two final golds: E = 2 - E = 1"
+    test = paired(e2, base, kl_at_lower_gold, how, "metrics.jsonl: eval/gold_reward, eval/kl", ">")
+    out.append(judged("3b", "Fig. 7", "E = 2 reaches a given gold reward at a higher KL than E = 1", test))
+    text = "where generation is the bottleneck, the second update costs less wall time than a trainer step"
+    if "bound" not in st.mode:
+        out.append(judged("3c", "Fig. 7", text, None, ["this mode has no generation-bound setting"]))
+    else:
+        b1, b2 = st.groups[bound_setting(st.mode, 1)["name"]], st.groups[bound_setting(st.mode, 2)["name"]]
+        g = statistics.fmean(r["summary"]["generate_per_step"] for r in b1)
+        t = statistics.fmean(r["summary"]["train_per_step"] for r in b1)
+
+        def extra_over_t(r, b):
+            return r["summary"]["time_per_step"] - b["summary"]["time_per_step"] - b["summary"]["train_per_step"]
+
+        how = "per seed, s/step of E = 2 - s/step of E = 1 - T of E = 1"
+        test = paired(b2, b1, extra_over_t, how, "summary.json: time_per_step, train_per_step", "<")
+        reasons = [] if g > t else [f"the setting meant to be generation-bound is not: G {g:.2f} s against T {t:.2f} s"]
+        out.append(judged("3c", "Fig. 7", text, test, reasons))
+
+    test = paired(k4, base, of(final_gold), "per seed, final gold: k = 4 - k = 2", GOLD, ">=")
+    out.append(judged("4a", "Fig. 8", f"k = 4 in half the batches ends as high (within {MARGIN})", test))
+    how = "per seed, wall time: k = 4 - k = 2 (seconds)"
+    test = paired(k4, base, of(summary("wall_time")), how, "summary.json: wall_time", "<", 1)
+    out.append(judged("4b", "Fig. 8", "k = 4 in half the batches takes less wall time", test))
+    test = paired(k4, base, of(final_kl), "per seed, final KL: k = 4 - k = 2", KL, ">")
+    out.append(judged("4c", "Fig. 8", "k = 4 in half the batches ends at a higher KL", test))
     return out
 
 
-def verdict(holds: bool, reasons: list[str]) -> str:
-    return "holds here" if holds else "**does not hold at this scale** (" + "; ".join(reasons) + ")"
+def compute_table(st: Study) -> dict:
+    """Table 4: the compute optimizations beside their baseline, and the generation-bound pair."""
+    columns = ["setting", "seeds", "updates", "completions sampled", "mean gold over the run", "final gold reward"]
+    columns += ["final KL", "wall time (s)", "s/step", "G (s/step)", "T (s/step)"]
+    steps, names = st.mode["steps"], []
+    names += [
+        (setting(steps)["name"], "baseline: k = 2, E = 1"),
+        (setting(steps, updates=2)["name"], "E = 2 updates per batch"),
+    ]
+    names += [(setting(steps // 2, k=4)["name"], "k = 4, half the batches")]
+    if "bound" in st.mode:
+        k = st.mode["bound"]["num_samples"]
+        names += [(bound_setting(st.mode, e)["name"], f"generation-bound (async, k = {k}): E = {e}") for e in (1, 2)]
+    entries = []
+    for key, label in names:
+        a = st.groups[key][0]["args"]
+        row = {"updates": str(a["num_steps"] * a["updates_per_batch"])}
+        row["completions sampled"] = str(a["num_steps"] * a["batch_size"] * a["num_samples"])
+        entries.append((label, st.rows[key] | row))
+    return table(f"Table 4. The compute optimizations (online DPO, size {BASE_SIZE}, N = 1)", columns, entries)
+
+
+def default_check_table(st: Study) -> dict:
+    """Table 5: the default run against k = 4 in half its batches, with the paired differences by the same rule."""
+    d2, d4 = default_check(2)["name"], default_check(4)["name"]
+    entries = [("`python async_online_dpo.py`", st.rows[d2])]
+    entries.append(("`python async_online_dpo.py --num_samples 4 --num_steps 64`", st.rows[d4]))
+    diffs = {"seeds": st.rows[d2]["seeds"]}
+    for column, fn, source, claim, decimals in [
+        ("final gold reward", final_gold, GOLD, ">=", 3),
+        ("final KL", final_kl, KL, ">", 3),
+        ("wall time (s)", summary("wall_time"), "summary.json: wall_time", "<", 1),
+    ]:
+        test = paired(
+            st.groups[d4], st.groups[d2], of(fn), f"per seed, {column}: k = 4 - k = 2", source, claim, decimals
+        )
+        diffs[column] = test | {"shown": interval(test)}
+    entries.append(("difference, k = 4 - k = 2 [95% interval]", diffs))
+    columns = ["run", "seeds", "final gold reward", "final KL", "wall time (s)"]
+    return table("Table 5. The default run against four samples per prompt in half its batches", columns, entries)
+
+
+def every_table(st: Study, number: int) -> dict:
+    columns = ["setting", "loss", "size", "N", "E", "k", "lr", "SFT steps", "updates", "seeds", "SFT gold reward"]
+    columns += ["final gold reward", "final KL", "mean gold over the run", "mean lag (updates)"]
+    columns += ["log-prob gap (per token)", "wall time (s)", "s/step", "G (s/step)", "T (s/step)"]
+    entries = []
+    for key, runs in st.groups.items():
+        a = runs[0]["args"]
+        label = {"loss": LOSSES.get(a["loss_type"], a["loss_type"]), "size": SIZES[a["model_size"]]}
+        label |= {"N": str(a["batches_per_round"]), "E": str(a["updates_per_batch"]), "k": str(a["num_samples"])}
+        label |= {"lr": f"{a['learning_rate']:g}", "SFT steps": str(a["sft_steps"])}
+        entries.append((key, st.rows[key] | label | {"updates": str(a["num_steps"] * a["updates_per_batch"])}))
+    return table(f"Table {number}. Every setting", columns, entries)
+
+
+def draw_plots(st: Study):
+    """The paper's frontier (final gold against final KL, a marker per N), the cost of off-policy data against the
+    measured drift, and the compute optimizations' curves."""
+    path = lambda name: os.path.join(st.results_dir, name)  # noqa: E731
+    panels = [(LOSSES[x], by_n, sft(by_n[1][0])) for x, by_n in st.by_loss.items()]
+    title = f"Final gold reward against final KL across the paper's N, by loss (size {BASE_SIZE})"
+    plots.frontier(path("losses.png"), panels, title, final_gold, final_kl)
+    panels = [(f"online DPO, {SIZES[x]}", by_n, sft(by_n[1][0])) for x, by_n in st.by_size.items()]
+    title = "Final gold reward against final KL across the paper's N, by policy size (online DPO)"
+    plots.frontier(path("sizes.png"), panels, title, final_gold, final_kl)
+    series = {f"{LOSSES[x]} ({SIZES[BASE_SIZE]})": by_n for x, by_n in st.by_loss.items()}
+    series |= {f"online DPO, {SIZES[x]}": by_n for x, by_n in st.by_size.items() if x != BASE_SIZE}
+    plots.drift(path("drift.png"), series, final_gold, logprob_gap)
+    base, e2, k4 = st.setting(), st.setting(updates=2), st.groups[setting(st.mode["steps"] // 2, k=4)["name"]]
+    curves = {"E = 1 (baseline)": (base, "tab:blue"), "E = 2": (e2, "tab:orange")}
+    plots.tradeoff(path("updates_per_batch.png"), curves, "Two updates per batch against one")
+    curves = {"k = 2 (baseline)": (base, "tab:blue"), "k = 4, half the batches": (k4, "tab:green")}
+    plots.tradeoff(path("num_samples.png"), curves, "Four samples per prompt against two")
 
 
 def make_report(results_dir: str):
-    with open(os.path.join(results_dir, "raw", "study.json")) as f:
-        record = json.load(f)
-    mode = record["mode_config"]
-    groups = load_runs(results_dir, record)
-    settings = {s["name"]: s for s in plan(mode)}
-    steps, ns, largest = mode["steps"], mode["n"], max(mode["n"])
-    loss_n = {loss: {n: setting(steps, loss=loss, n=n)["name"] for n in ns} for loss in LOSSES}
-    size_n = {size: {n: setting(steps, size=size, n=n)["name"] for n in ns} for size in mode["sizes"]}
-    rows = {key: cells(runs) for key, runs in groups.items()}
+    st = load_study(results_dir)
+    tables = [stage_table(st)]
+    tables.append(
+        robustness_table(st, f"Table 2. Off-policy robustness by loss (size {BASE_SIZE})", "loss", LOSSES, st.by_loss)
+    )
+    labels = {s: SIZES[s] for s in st.by_size}
+    tables.append(
+        robustness_table(st, "Table 3. Off-policy robustness of online DPO by policy size", "size", labels, st.by_size)
+    )
+    tables.append(compute_table(st))
+    tables += [default_check_table(st)] if "default_check" in st.mode else []
+    tables.append(every_table(st, len(tables) + 1))
+    verdicts = loss_claims(st) + size_claims(st) + compute_claims(st)
+    draw_plots(st)
+    with open(os.path.join(results_dir, "results.md"), "w") as f:
+        f.write(report_text(st.record, st.mode, verdicts, tables))
+    results = {"study": st.record, "margin": MARGIN, "claims": verdicts, "tables": tables}
+    write_json(os.path.join(results_dir, "results.json"), results)
+    print(f"wrote {os.path.join(results_dir, 'results.md')}")
+    for v in verdicts:
+        print(f"- {v['id']}. {v['claim']}: {v['outcome']}")
 
-    # Table 1: every setting.
-    columns = ["setting", "loss", "size", "N", "E", "k", "updates", "seeds", "SFT gold reward", "final gold reward"]
-    columns += ["final KL", "mean gold over the run", "mean lag (updates)", "log-prob gap (per token)"]
-    columns += ["wall time (s)", "s/step"]
-    every = []
-    for key, s in settings.items():
-        label = {"loss": LOSSES[s["loss"]], "size": SIZES[s["size"]], "N": str(s["n"]), "E": str(s["updates"])}
-        label |= {"k": str(s["k"]), "updates": str(s["steps"] * s["updates"])}
-        every.append((key, rows[key] | label))
-    tables = [table("Table 4. Every setting", columns, every)]
 
-    # Tables 2 and 3: robustness to the paper's N, by loss and by size.
-    robust = {"loss": {x: robustness(groups, by_n) for x, by_n in loss_n.items()}}
-    robust["size"] = {x: robustness(groups, by_n) for x, by_n in size_n.items()}
-    for title, what, labels, by in [
-        ("Table 1. Off-policy robustness by loss (size 10m)", "loss", LOSSES, loss_n),
-        ("Table 2. Off-policy robustness of online DPO by policy size", "size", SIZES, size_n),
-    ]:
-        columns = [what, "seeds"] + [f"final gold, N = {n}" for n in ns] + [f"final KL, N = {n}" for n in ns]
-        columns += [f"gold fall from N = 1 to {largest}", f"share of the N = 1 gain kept at N = {largest}"]
-        entries = []
-        for x, by_n in by.items():
-            row = {"seeds": rows[by_n[1]]["seeds"]}
-            row |= {f"final gold, N = {n}": rows[by_n[n]]["final gold reward"] for n in ns}
-            row |= {f"final KL, N = {n}": rows[by_n[n]]["final KL"] for n in ns}
-            row[f"gold fall from N = 1 to {largest}"] = robust[what][x][largest]["drop"]
-            row[f"share of the N = 1 gain kept at N = {largest}"] = robust[what][x][largest]["retained"]
-            entries.append((labels[x], row))
-        tables.append(table(title, columns, entries))
+def judged(id_: str, figure: str, text: str, test: dict | None, reasons=()) -> dict:
+    """One claim or sub-claim, as the rule judges its comparison; reasons: why this setting cannot test it."""
+    if reasons or test is None:
+        return dict(id=id_, figure=figure, claim=text, outcome="not tested here", reasons=list(reasons), test=test)
+    out = dict(id=id_, figure=figure, claim=text, outcome=test["outcome"], reasons=[], test=test)
+    if test["low"] is None:  # one seed: the sign says which way it points, nothing more
+        side = test["mean"] > (-MARGIN if test["claim"] == ">=" else 0) if test["claim"] != "<" else test["mean"] < 0
+        out["direction"] = "as the paper" if side else "against the paper"
+    return out
 
-    # Table 4: the compute optimizations against the N = 1 online DPO run.
-    base, e2, k4_half = (setting(steps)["name"], setting(steps, updates=2)["name"], setting(steps // 2, k=4)["name"])
-    columns = ["setting", "seeds", "updates", "completions sampled", "mean gold over the run", "final gold reward"]
-    columns += ["final KL", "wall time (s)", "wall time against the baseline (×)"]
-    compute = []
-    for key, label in [
-        (base, "baseline: k = 2, E = 1"),
-        (e2, "E = 2 updates per batch"),
-        (k4_half, "k = 4, half the batches"),
-    ]:
-        s = settings[key]
-        row = rows[key] | {"updates": str(s["steps"] * s["updates"])}
-        row["completions sampled"] = str(s["steps"] * mode["batch_size"] * s["k"])
-        how = "wall time / the baseline's, per seed"
-        ratio = paired(
-            groups[key],
-            groups[base],
-            lambda r, b: r["summary"]["wall_time"] / b["summary"]["wall_time"],
-            how,
-            "summary.json: wall_time",
-            2,
-        )
-        compute.append((label, row | {"wall time against the baseline (×)": ratio}))
-    tables.append(table("Table 3. The compute optimizations (online DPO, size 10m, N = 1)", columns, compute))
 
-    # The three claims. 1 and 2: robustness is the share of the on-policy (N = 1) gain over the SFT policy that the
-    # largest N keeps; a loss or size that gains nothing on-policy cannot be compared.
-    def more_robust(a: str, b: str, what: str, labels: dict) -> str | None:
-        """None if a keeps more of its gain at the largest N than b, beyond the noise; else the reason it does not."""
-        ra, rb = robust[what][a][largest]["retained"], robust[what][b][largest]["retained"]
-        for x, r in ((a, ra), (b, rb)):
-            if math.isnan(r["mean"]):
-                return f"{labels[x]} gains nothing over the SFT policy at N = 1, so its share cannot be compared"
-        if beyond(ra, rb):
-            return None
-        return f"{labels[a]} keeps {render(ra)} of its N = 1 gain at N = {largest}, {labels[b]} {render(rb)}"
+def overall(id_: str, figure: str, text: str, subs: list[dict], reasons=()) -> dict:
+    """A claim made of sub-claims (1a, 1b, ...): holds if all hold, reversed if any is reversed, else undecided."""
+    if reasons or not subs:
+        return dict(id=id_, figure=figure, claim=text, outcome="not tested here", reasons=list(reasons), test=None)
+    out = dict(id=id_, figure=figure, claim=text, outcome=combine([s["outcome"] for s in subs]), reasons=[], test=None)
+    if all("direction" in s for s in subs):
+        out["direction"] = combine(["holds" if s["direction"] == "as the paper" else "reversed" for s in subs])
+        out["direction"] = {"holds": "as the paper", "reversed": "against the paper"}.get(out["direction"], "mixed")
+    return out
 
-    claims = []
-    reasons = [r for loss in ("rloo", "best_of_k") if (r := more_robust("sigmoid", loss, "loss", LOSSES))]
-    claims.append(("Online DPO is the most robust to off-policy data", verdict(not reasons, reasons)))
-    pairs = zip(mode["sizes"][1:], mode["sizes"])
-    reasons = [r for large, small in pairs if (r := more_robust(large, small, "size", SIZES))]
-    claims.append(("Robustness grows with the policy's size", verdict(not reasons, reasons)))
 
-    # 3. Faster: E = 2 learns more per batch of prompts, k = 4 needs half the batches and less wall time. At a cost:
-    #    a higher KL (E = 2, k = 4), and for k = 4 no lower final reward than the baseline's beyond the noise.
-    r_base, r_e2, r_k4 = rows[base], rows[e2], rows[k4_half]
-    faster = {
-        "E = 2 learns faster per batch of prompts": beyond(
-            r_e2["mean gold over the run"], r_base["mean gold over the run"]
-        ),
-        "E = 2 ends at a higher KL": beyond(r_e2["final KL"], r_base["final KL"]),
-        "k = 4 in half the batches ends as high": not beyond(r_base["final gold reward"], r_k4["final gold reward"]),
-        "k = 4 in half the batches takes less wall time": r_k4["wall time (s)"]["mean"]
-        < r_base["wall time (s)"]["mean"],
-        "k = 4 in half the batches ends at a higher KL": beyond(r_k4["final KL"], r_base["final KL"]),
-    }
-    reasons = [f"not: {what}" for what, true in faster.items() if not true]
-    claims.append(("The compute optimizations are faster but cost performance (KL)", verdict(not reasons, reasons)))
+def verdict_line(v: dict) -> str:
+    """A claim's row in the verdict table: what the rule says, and the numbers it rests on."""
+    outcome = f"**{v['outcome']}**"
+    if "direction" in v:
+        outcome += f" (one seed; it points {v['direction']})" if v["direction"] != "mixed" else " (one seed; mixed)"
+    evidence = "; ".join(v["reasons"]) if v["reasons"] else interval(v["test"]) if v["test"] else "its sub-claims below"
+    if v["test"] and not v["reasons"] and v["test"]["seeds_for_margin"]:
+        evidence += f"; {v['test']['seeds_for_margin']} seeds would resolve ±{MARGIN} at this spread"
+    return f"| {v['id']} | {v['figure']} | {v['claim']} | {outcome} | {evidence} |"
 
-    # The paper's presentation: final gold against final KL, a marker per N, a panel per loss and per size.
-    sft = {size: groups[by_n[1]][0]["summary"]["eval_gold_reward_start"] for size, by_n in size_n.items()}
-    panels = [(LOSSES[x], {n: groups[name] for n, name in by_n.items()}, sft[BASE_SIZE]) for x, by_n in loss_n.items()]
-    title = "Final gold reward against final KL across the paper's N, by loss (size 10m)"
-    plots.frontier(os.path.join(results_dir, "losses.png"), panels, title)
-    panels = [
-        (f"online DPO, {SIZES[x]}", {n: groups[name] for n, name in by_n.items()}, sft[x]) for x, by_n in size_n.items()
-    ]
-    title = "Final gold reward against final KL across the paper's N, by policy size (online DPO)"
-    plots.frontier(os.path.join(results_dir, "sizes.png"), panels, title)
-    curves = {"E = 1 (baseline)": (groups[base], "tab:blue"), "E = 2": (groups[e2], "tab:orange")}
-    plots.tradeoff(os.path.join(results_dir, "updates_per_batch.png"), curves, "Two updates per batch against one")
-    curves = {"k = 2 (baseline)": (groups[base], "tab:blue"), "k = 4, half the batches": (groups[k4_half], "tab:green")}
-    plots.tradeoff(os.path.join(results_dir, "num_samples.png"), curves, "Four samples per prompt against two")
 
+def report_text(record: dict, mode: dict, verdicts: list[dict], tables: list[dict]) -> str:
     machine, packages = record["machine"], record["packages"]
     took = f" (took {record['seconds'] / 60:.1f} min)" if "seconds" in record else ""
     if record.get("resumed"):
         took += f", interrupted and resumed with `--resume` on {', '.join(record['resumed'])}"
     other = [r["other_cores"] for r in record["runs"]]
-    claim_lines = "\n".join(f"{i}. {claim}: {v}." for i, (claim, v) in enumerate(claims, 1))
-    text = f"""# The off-policy study
+    lines = "\n".join(verdict_line(v) for v in verdicts)
+    sections = "\n\n".join(markdown(t) for t in tables[1:-1])
+    return f"""# The off-policy study
 
 `{record["command"]}`, run {record["date"]}{took} on {machine["cores"]} cores ({machine["cpu"]}), \
 {machine["ram_gib"]:.1f} GiB RAM, GPU: {machine["gpu"]}; torch {packages["torch"]}, vllm {packages["vllm"]}, \
 transformers {packages["transformers"]}. Other processes kept {statistics.fmean(other):.2f} cores busy on average \
 while the runs ran, at most {max(other):.2f} during one run (timings are fair only near 0).
 
-Every run is `sync_baseline.py` with `--batch_size {mode["batch_size"]} {mode["flags"]}`, the paper's N as \
-`--batches_per_round N` (one policy version samples N batches, trained on at lags 0 .. N - 1) and its own \
-flags; seeds {", ".join(map(str, mode["seeds"]))}; ± is the standard deviation over seeds. README.md, section \
-["The off-policy study"](../../README.md#the-off-policy-study), says what each experiment tests and how to read it.
+Every run of the off-policy study is `sync_baseline.py` with `--batch_size {mode["batch_size"]} {mode["flags"]}`, \
+the paper's N as `--batches_per_round N` (one policy version samples N batches, trained on at lags 0 .. N - 1) and \
+its own flags; seeds {", ".join(map(str, mode["seeds"]))}. A number is a mean over seeds, ± their standard \
+deviation; a final gold reward or KL is the mean over a run's final evaluations. README.md, section \
+["The off-policy study"](../../README.md#the-off-policy-study), states the rule and what each experiment tests.
 
 ## The paper's claims at this scale
 
-A difference counts only beyond the noise: the larger standard deviation over seeds of the two numbers compared \
-(with one seed, any difference counts).
+Each comparison is paired by seed: the mean difference and its 95% Student t interval over seeds, [low, high]. A \
+claim holds if the interval lies on its side of 0 (of -{MARGIN} for "as high"), is reversed if it lies on the other \
+side, and is undecided otherwise. One seed gives a direction, never a verdict.
 
-{claim_lines}
-
-{markdown(tables[1])}
+| claim | the paper | what it says | here | the numbers: mean difference [95% interval] |
+| --- | --- | --- | --- | --- |
+{lines}
 
 ![final gold reward against final KL by loss](losses.png)
 
-{markdown(tables[2])}
-
 ![final gold reward against final KL by policy size](sizes.png)
 
-{markdown(tables[3])}
+![the drop from N = 1 against the measured drift](drift.png)
+
+{markdown(tables[0])}
+
+{sections}
 
 ![two updates per batch against one](updates_per_batch.png)
 
 ![four samples per prompt against two](num_samples.png)
 
-{markdown(tables[0])}
+{markdown(tables[-1])}
 """
-    with open(os.path.join(results_dir, "results.md"), "w") as f:
-        f.write(text)
-    results = {"study": record, "claims": [{"claim": c, "verdict": v} for c, v in claims], "tables": tables}
-    write_json(os.path.join(results_dir, "results.json"), results | {"checks": faster})
-    print(f"wrote {os.path.join(results_dir, 'results.md')}")
-    for claim, v in claims:
-        print(f"- {claim}: {v}")
 
 
 def newest_study(mode_name: str) -> str:

@@ -25,6 +25,7 @@ BAD_INPUT = [
     ("--temperature 0", "--temperature"),
     ("--response_length 0", "--response_length"),
     ("--eval_every 0", "--eval_every is 0"),
+    ("--eval_every_at_end -1", "--eval_every_at_end is -1"),
     ("--async_steps -1", "--async_steps"),
     ("--model_name_or_path /no/such/model", "--model_name_or_path"),
     ("--reward_fn no_such_module:score", "--reward_fn"),

@@ -70,3 +70,17 @@ def test_the_kl_of_an_evaluation_is_the_sampling_policys_log_ratio_to_the_refere
     assert abs(kls[0]) < 1e-5
     assert kls[1] == pytest.approx(0.1 * (2 + 3 + 1) / 3, abs=1e-5)
     assert math.isnan(kls[2])
+
+
+def test_evaluations_are_denser_near_the_end_only_when_asked():
+    """The study's final gold reward is a mean over the last evaluations: --eval_every_at_end 4 adds every 4th
+    version over the last --eval_every; without it (the default run) the versions are as they always were."""
+
+    def versions(**flags):
+        args = A.Args(**({"num_steps": 64, "eval_every": 16} | flags))
+        return [v for v in range(args.num_steps + 1) if A.evaluated(args, v)]
+
+    assert versions() == [0, 16, 32, 48, 64]
+    assert versions(eval_every_at_end=4) == [0, 16, 32, 48, 52, 56, 60, 64]
+    # A run that is no whole number of --eval_every keeps its every-16th versions, the last, and every 3rd near the end.
+    assert versions(num_steps=70, eval_every_at_end=3)[3:] == [48, 57, 60, 63, 64, 66, 69, 70]
