@@ -1,7 +1,7 @@
 """The paper's off-policy study on the built-in task: how much off-policy data each loss tolerates, at three
 policy sizes, and what its two compute optimizations buy and cost, each claim judged by a rule fixed in advance.
 
-    python benchmark/study.py                # full: 5 seeds, 64 updates a run, N in {1, 4} (about 4.5 h on 2 CPU cores)
+    python benchmark/study.py                # full: 5 seeds, 64 updates a run, N in {1, 4} (about 5 h on 2 CPU cores)
     python benchmark/study.py --quick        # 1 seed, 32 updates, N in {1, 2}, sizes 3m and 10m: directions only
     python benchmark/study.py --tiny         # seconds a run, for CI (tests/test_study.py)
     python benchmark/study.py --resume       # go on with an interrupted study: its finished runs are kept
@@ -72,7 +72,7 @@ MODES = {
         sft_steps=[30, 60, 120],
         lrs=[5e-5, 1e-4, 2e-4],
         lr_seeds=[1, 2],
-        bound=dict(num_samples=16, steps=12, seeds=[1, 2, 3]),
+        bound=dict(steps=12, seeds=[1, 2, 3], eval_prompts=256),
         default_check=dict(seeds=[1, 2]),
     ),
     "quick": dict(
@@ -85,7 +85,7 @@ MODES = {
         sft_steps=[SFT_STEPS],
         lrs=[LR],
         lr_seeds=[1],
-        bound=dict(num_samples=16, steps=8, seeds=[1]),
+        bound=dict(steps=8, seeds=[1], eval_prompts=256),
     ),
     "tiny": dict(
         seeds=[1],
@@ -97,7 +97,7 @@ MODES = {
         sft_steps=[SFT_STEPS],
         lrs=[LR],  # the stages' rules are tested without runs (tests/test_study.py): each run here costs 20 s of CI
         lr_seeds=[1],
-        bound=dict(num_samples=8, steps=3, seeds=[1]),
+        bound=dict(steps=3, seeds=[1], eval_prompts=16),
     ),
 }
 
@@ -127,13 +127,14 @@ def probe(size: str, sft: int) -> dict:
 
 
 def bound_setting(mode: dict, updates: int) -> dict:
-    """Generation the bottleneck: the async script with many samples per prompt, of which online DPO trains on two,
-    and no evaluation but the first and last (an evaluation is generator time)."""
+    """Generation the bottleneck: the async script, its generator also evaluating eval_prompts held-out prompts at
+    every version. More samples per prompt would not do it on a CPU: the trainer scores every completion and takes
+    the reference's log-probs of each, so T grows with k as G does (k = 16: G 2.2 s, T 5.6 s a step)."""
     b = mode["bound"]
-    name = f"bound_sigmoid_{BASE_SIZE}_E{updates}_k{b['num_samples']}_steps{b['steps']}"
-    flags = f"--updates_per_batch {updates} --num_samples {b['num_samples']} --num_steps {b['steps']}"
-    flags += f" --eval_every {b['steps']} --eval_every_at_end 0"
-    return dict(name=name, updates=updates, k=b["num_samples"], steps=b["steps"], script="async", flags=flags.split())
+    name = f"bound_sigmoid_{BASE_SIZE}_E{updates}_eval{b['eval_prompts']}_steps{b['steps']}"
+    flags = f"--updates_per_batch {updates} --num_steps {b['steps']} --eval_every 1 --eval_every_at_end 0"
+    flags += f" --eval_prompts {b['eval_prompts']}"
+    return dict(name=name, updates=updates, k=2, steps=b["steps"], script="async", flags=flags.split())
 
 
 def default_check(k: int) -> dict:
@@ -559,7 +560,7 @@ def size_claims(st: Study) -> list[dict]:
         rises = paired(
             l1, s1, of(final_gold), f"per seed, final gold at N = 1: {SIZES[large]} - {SIZES[small]}", GOLD, ">"
         )
-        if rises["outcome"] != "holds":
+        if rises["outcome"] != "holds" and not (rises["low"] is None and rises["mean"] > 0):  # one seed: its sign
             reasons.append(
                 f"on-policy, the {SIZES[large]} policy does not end higher than the {SIZES[small]} one by the rule "
                 f"({interval(rises)})"
@@ -627,8 +628,8 @@ def compute_table(st: Study) -> dict:
     ]
     names += [(setting(steps // 2, k=4)["name"], "k = 4, half the batches")]
     if "bound" in st.mode:
-        k = st.mode["bound"]["num_samples"]
-        names += [(bound_setting(st.mode, e)["name"], f"generation-bound (async, k = {k}): E = {e}") for e in (1, 2)]
+        label = f"generation-bound (async, {st.mode['bound']['eval_prompts']} prompts evaluated a version)"
+        names += [(bound_setting(st.mode, e)["name"], f"{label}: E = {e}") for e in (1, 2)]
     entries = []
     for key, label in names:
         a = st.groups[key][0]["args"]
