@@ -107,17 +107,8 @@ def setting(steps: int, loss="sigmoid", size=BASE_SIZE, n=1, updates=1, k=2, lr=
     name += f"_N{n}_E{updates}_k{k}_steps{steps}"
     flags = f"--loss_type {loss} --model_size {size} --batches_per_round {n} --updates_per_batch {updates}"
     flags += f" --num_samples {k} --num_steps {steps} --learning_rate {lr:g} --sft_steps {sft}"
-    return dict(name=name, loss=loss, size=size, n=n, updates=updates, k=k, steps=steps, lr=lr, sft=sft, script="sync")
-
-
-def flags_of(run: dict) -> list[str]:
-    if run["script"] == "sync":
-        return (
-            f"--loss_type {run['loss']} --model_size {run['size']} --batches_per_round {run['n']} "
-            f"--updates_per_batch {run['updates']} --num_samples {run['k']} --num_steps {run['steps']} "
-            f"--learning_rate {run['lr']:g} --sft_steps {run['sft']}"
-        ).split()
-    return run["flags"]
+    s = dict(name=name, loss=loss, size=size, n=n, updates=updates, k=k, steps=steps, lr=lr, sft=sft, script="sync")
+    return s | {"flags": flags.split()}
 
 
 def probe(size: str, sft: int) -> dict:
@@ -166,10 +157,10 @@ def choose_sft(mode: dict, groups: dict) -> dict:
     for smaller, size in zip(sizes[base:], sizes[base + 1 :]):
         if smaller not in chosen:
             break
-        floor = None if chosen[smaller] is None else sft_gold(groups, probe(smaller, chosen[smaller])["name"])
         if chosen[smaller] is None:
             chosen[size] = None
             continue
+        floor = sft_gold(groups, probe(smaller, chosen[smaller])["name"])
         for sft in grid:
             start = sft_gold(groups, probe(size, sft)["name"])
             if floor is None or start is None:
@@ -260,7 +251,7 @@ def run_study(args: Args, mode_name: str):
             return [sys.executable, os.path.join(ROOT, "async_online_dpo.py"), *run["flags"], "--cache_dir", cache_dir]
         script = "sync_baseline.py" if run["script"] == "sync" else "async_online_dpo.py"
         cmd = [sys.executable, os.path.join(ROOT, script), "--batch_size", str(mode["batch_size"])]
-        return [*cmd, *mode["flags"].split(), *flags_of(run), "--cache_dir", cache_dir]  # the run's flags win
+        return [*cmd, *mode["flags"].split(), *run["flags"], "--cache_dir", cache_dir]  # the run's flags win
 
     built, ran = set(), False
     while True:
@@ -454,6 +445,10 @@ class Study:
     def setting(self, **kw) -> list[dict]:
         return self.groups[setting(self.mode["steps"], **kw)["name"]]
 
+    def row(self, runs: list[dict]) -> dict:
+        """The table cells of the setting these runs are (each run's --exp_name is its setting's name)."""
+        return self.rows[runs[0]["args"]["exp_name"]]
+
 
 def load_groups(results_dir: str, record: dict) -> dict:
     """The finished runs by setting, as run.py loads them, each with its args.json."""
@@ -495,7 +490,7 @@ def stage_table(st: Study) -> dict:
                 source = "metrics.jsonl: eval/gold_reward at version 0"
                 row[f"SFT gold, {value} SFT steps"] = per_run(st.groups[name], [sft_gold(st.groups, name)], source, 3)
         if size in st.lr:
-            row["SFT gold reward"] = cells(st.by_size[size][1])["SFT gold reward"]
+            row["SFT gold reward"] = st.row(st.by_size[size][1])["SFT gold reward"]
             row["learning rate (stage 2)"] = f"{st.lr[size]:g}"
             for x in lrs:
                 runs = [r for r in st.setting(size=size, lr=x, sft=st.sft[size]) if r["seed"] in lr_seeds(st.mode)]
@@ -516,16 +511,16 @@ def robustness_table(st: Study, title: str, what: str, labels: dict, by: dict) -
     columns += [f"log-prob gap per token, N = {n}" for n in ns[1:]]
     entries = []
     for x, by_n in by.items():
-        on_policy = cells(by_n[1])
+        on_policy = st.row(by_n[1])
         row = {"seeds": on_policy["seeds"], "SFT gold reward": on_policy["SFT gold reward"]}
         gains = [final_gold(r) - sft(r) for r in by_n[1]]
         row["on-policy gain (final gold at N = 1 - SFT gold)"] = per_run(by_n[1], gains, GOLD, 3)
-        row |= {f"final gold, N = {n}": cells(by_n[n])["final gold reward"] for n in ns}
-        row |= {f"final KL, N = {n}": cells(by_n[n])["final KL"] for n in ns}
+        row |= {f"final gold, N = {n}": st.row(by_n[n])["final gold reward"] for n in ns}
+        row |= {f"final KL, N = {n}": st.row(by_n[n])["final KL"] for n in ns}
         for n in ns[1:]:
             test = drop(by_n, n)
             row[f"drop from N = 1 to {n} [95% interval]"] = test | {"shown": interval(test)}
-            row[f"log-prob gap per token, N = {n}"] = cells(by_n[n])["log-prob gap (per token)"]
+            row[f"log-prob gap per token, N = {n}"] = st.row(by_n[n])["log-prob gap (per token)"]
         entries.append((labels[x], row))
     return table(title, columns, entries)
 
