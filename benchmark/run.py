@@ -181,6 +181,7 @@ def run_in_turn(runs: list[dict], base_cmd, results_dir: str, record: dict, reco
     record, saved after each run."""
     raw, logs = os.path.join(results_dir, "raw"), os.path.join(results_dir, "logs")
     start = time.time() - record.get("seconds", 0.0)
+    machine = describe_machine()  # per run: a resumed study may go on on another machine
     done = {(r["name"], r["seed"]) for r in record["runs"]}
     for i, run in enumerate(runs, 1):
         name = f"{run['name']}__{run['seed']}"
@@ -194,7 +195,7 @@ def run_in_turn(runs: list[dict], base_cmd, results_dir: str, record: dict, reco
         timing = execute(cmd, f"{logs}/{name}.log")
         (folder,) = glob.glob(os.path.join(raw, f"{name}__*"))
         shutil.rmtree(os.path.join(folder, "model"), ignore_errors=True)  # the trained weights: ~40 MB a run, unused
-        record["runs"].append(run | {"folder": os.path.relpath(folder, results_dir)} | timing)
+        record["runs"].append(run | {"folder": os.path.relpath(folder, results_dir), "machine": machine} | timing)
         record["seconds"] = time.time() - start
         write_json(os.path.join(raw, record_name), record)
         print(f"    done in {timing['seconds']:.0f}s; {record['seconds'] / 60:.1f} min so far", flush=True)
@@ -245,6 +246,7 @@ def load_runs(results_dir: str, record: dict) -> dict[str, list[dict]]:
             rows = [json.loads(line) for line in f]
         with open(os.path.join(folder, "summary.json")) as f:
             data = {"seed": run["seed"], "folder": run["folder"], "summary": json.load(f)}
+        data["machine"] = run.get("machine", record["machine"])  # a run recorded without one ran on the record's
         data["steps"] = [r for r in rows if "step" in r]
         data["evals"] = sorted((r for r in rows if "eval/version" in r), key=lambda r: r["eval/version"])
         groups.setdefault(run["name"], []).append(data)

@@ -381,6 +381,28 @@ def test_the_rule_on_several_seeds_is_what_the_readme_states(results_dir, tmp_pa
     assert all("one seed" not in cell for _, shown, cell in verdicts.values()), verdicts
 
 
+def test_a_resumed_study_names_each_machine_and_compares_wall_times_on_one(results_dir, tmp_path):
+    """A study resumed on another machine: the record keeps each run's machine, the report names them all, and a
+    wall-time comparison whose pair of runs ran on two machines is not tested here, while the comparisons in gold
+    still stand."""
+    copy = with_more_seeds(results_dir, str(tmp_path / "seeds"))
+    record_path = os.path.join(copy, "raw", "study.json")
+    record = json.load(open(record_path))
+    assert all(run["machine"]["cpu"] == record["machine"]["cpu"] for run in record["runs"])
+    k4 = S.setting(record["mode_config"]["steps"] // 2, k=4)["name"]
+    for run in record["runs"]:
+        if run["name"] == k4 and run["seed"] == 3:
+            run["machine"] = run["machine"] | {"cpu": "Another CPU"}
+    json.dump(record, open(record_path, "w"))
+    result = study("--report_only", "--results_dir", copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = open(os.path.join(copy, "results.md")).read()
+    assert "2 machines" in text and f"1 run on {record['machine']['cores']} cores (Another CPU)" in text
+    verdicts = verdict_rows(text)
+    assert verdicts["4b"][0] == "not tested here" and "seed 3: the pair's two runs ran on different machines" in text
+    assert verdicts["4a"][0] != "not tested here" and verdicts["4c"][0] != "not tested here"
+
+
 def test_the_t_table_is_students_t():
     for dof, value in enumerate(S.T_975, 1):
         assert abs(value - t_quantile(dof)) < 2e-3, (dof, value)
