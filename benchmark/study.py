@@ -557,7 +557,7 @@ def loss_claims(st: Study) -> list[dict]:
 def size_claims(st: Study) -> list[dict]:
     """Claim 2 (Fig. 5): a larger policy loses less, judged only on a size axis that is one: each larger size starts at
     least as high, and ends higher on-policy (its paired interval above 0)."""
-    largest, sizes, subs, reasons = max(st.mode["n"]), sizes_in_order(st.mode), [], []
+    largest, sizes, subs, reasons, axis = max(st.mode["n"]), sizes_in_order(st.mode), [], [], []
     for letter, (small, large) in zip("abc", zip(sizes, sizes[1:])):
         if small not in st.by_size or large not in st.by_size:
             missing = large if small in st.by_size else small
@@ -579,14 +579,15 @@ def size_claims(st: Study) -> list[dict]:
                 f"on-policy, the {SIZES[large]} policy does not end higher than the {SIZES[small]} one by the rule "
                 f"({interval(rises)})"
             )
+        axis.append(rises | {"text": f"{SIZES[large]} starts at {sft(l1[0]):.3f} against {sft(s1[0]):.3f}"})
         how = f"per seed, the {SIZES[small]} policy's drop from N = 1 to {largest} - the {SIZES[large]} one's"
         test = drop_difference(st.by_size[small], st.by_size[large], largest, how)
         text = f"{SIZES[large]} loses less than {SIZES[small]} from N = 1 to {largest}"
         subs.append(judged(f"2{letter}", "Fig. 5", text, test))
-    return [
-        overall("2", "Fig. 5", "Robustness grows with the policy's size", subs, reasons),
-        *([] if reasons else subs),
-    ]
+    claim = overall("2", "Fig. 5", "Robustness grows with the policy's size", subs, reasons)
+    if not reasons:  # what makes it a size axis, shown beside the verdict: the starts and the on-policy rises
+        claim["axis"] = axis
+    return [claim, *([] if reasons else subs)]
 
 
 def compute_claims(st: Study) -> list[dict]:
@@ -634,8 +635,53 @@ def compute_claims(st: Study) -> list[dict]:
     return out
 
 
-def compute_table(st: Study) -> dict:
-    """Table 4: the compute optimizations beside their baseline, and the generation-bound pair."""
+def drift_table(st: Study, number: int) -> dict:
+    """Neighbouring sizes at their closest drift: of each size's online DPO settings with runs at N = 1 and the largest
+    N (its warm start, any learning rate of the grid), the pair whose log-prob gaps per token at the largest N are
+    closest. Claim 2 compares sizes at equal N; a larger rate moves a policy further per round, so this tells a smaller
+    drop at equal N from one at equal off-policyness. Added after the full study's runs were seen: it describes, and
+    no verdict rests on it."""
+    largest, steps = max(st.mode["n"]), st.mode["steps"]
+    sizes = [s for s in sizes_in_order(st.mode) if s in st.by_size]
+    gap = lambda by_n: statistics.fmean(logprob_gap(r) for r in by_n[largest])  # noqa: E731
+    columns = ["sizes", "learning rates"]
+    columns += [f"log-prob gap per token at N = {largest}, {which} size" for which in ("smaller", "larger")]
+    columns += [f"drop from N = 1 to {largest}, {which} size [95% interval]" for which in ("smaller", "larger")]
+    columns += ["the smaller size's drop - the larger's [95% interval]"]
+    entries = []
+    for small, large in zip(sizes, sizes[1:]):
+        options = {}
+        for size in (small, large):
+            names = {
+                lr: [setting(steps, size=size, n=n, lr=lr, sft=st.sft[size])["name"] for n in (1, largest)]
+                for lr in st.mode.get("lrs", [LR])
+            }
+            options[size] = {
+                lr: {1: st.groups[a], largest: st.groups[b]}
+                for lr, (a, b) in names.items()
+                if a in st.groups and b in st.groups
+            }
+        x, y = min(
+            ((x, y) for x in options[small] for y in options[large]),
+            key=lambda p: abs(gap(options[small][p[0]]) - gap(options[large][p[1]])),
+        )
+        row = {"learning rates": f"{x:g}, {y:g}"}
+        for which, by_n in (("smaller", options[small][x]), ("larger", options[large][y])):
+            row[f"log-prob gap per token at N = {largest}, {which} size"] = st.row(by_n[largest])[
+                "log-prob gap (per token)"
+            ]
+            test = drop(by_n, largest)
+            row[f"drop from N = 1 to {largest}, {which} size [95% interval]"] = test | {"shown": interval(test)}
+        how = f"per seed, the {SIZES[small]} policy's drop from N = 1 to {largest} - the {SIZES[large]} one's"
+        test = drop_difference(options[small][x], options[large][y], largest, how)
+        row["the smaller size's drop - the larger's [95% interval]"] = test | {"shown": interval(test)}
+        entries.append((f"{SIZES[small]}, {SIZES[large]}", row))
+    title = f"Table {number}. Neighbouring sizes at their closest drift (online DPO; described, not judged)"
+    return table(title, columns, entries)
+
+
+def compute_table(st: Study, number: int) -> dict:
+    """The compute optimizations beside their baseline, and the generation-bound pair."""
     columns = ["setting", "seeds", "updates", "completions sampled", "mean gold over the run", "final gold reward"]
     columns += ["final KL", "wall time (s)", "s/step", "G (s/step)", "T (s/step)"]
     steps, names = st.mode["steps"], []
@@ -653,11 +699,11 @@ def compute_table(st: Study) -> dict:
         row = {"updates": str(a["num_steps"] * a["updates_per_batch"])}
         row["completions sampled"] = str(a["num_steps"] * a["batch_size"] * a["num_samples"])
         entries.append((label, st.rows[key] | row))
-    return table(f"Table 4. The compute optimizations (online DPO, size {BASE_SIZE}, N = 1)", columns, entries)
+    return table(f"Table {number}. The compute optimizations (online DPO, size {BASE_SIZE}, N = 1)", columns, entries)
 
 
-def default_check_table(st: Study) -> dict:
-    """Table 5: the default run against k = 4 in half its batches, with the paired differences by the same rule."""
+def default_check_table(st: Study, number: int) -> dict:
+    """The default run against k = 4 in half its batches, with the paired differences by the same rule."""
     d2, d4 = default_check(2)["name"], default_check(4)["name"]
     entries = [("`python async_online_dpo.py`", st.rows[d2])]
     entries.append(("`python async_online_dpo.py --num_samples 4 --num_steps 64`", st.rows[d4]))
@@ -674,7 +720,9 @@ def default_check_table(st: Study) -> dict:
         diffs[column] = test | {"shown": split[0] if split else interval(test)}
     entries.append(("difference, k = 4 - k = 2 [95% interval]", diffs))
     columns = ["run", "seeds", "final gold reward", "final KL", "wall time (s)"]
-    return table("Table 5. The default run against four samples per prompt in half its batches", columns, entries)
+    return table(
+        f"Table {number}. The default run against four samples per prompt in half its batches", columns, entries
+    )
 
 
 def every_table(st: Study, number: int) -> dict:
@@ -723,8 +771,9 @@ def make_report(results_dir: str):
     tables.append(
         robustness_table(st, "Table 3. Off-policy robustness of online DPO by policy size", "size", labels, st.by_size)
     )
-    tables.append(compute_table(st))
-    tables += [default_check_table(st)] if "default_check" in st.mode else []
+    tables.append(drift_table(st, len(tables) + 1))
+    tables.append(compute_table(st, len(tables) + 1))
+    tables += [default_check_table(st, len(tables) + 1)] if "default_check" in st.mode else []
     tables.append(every_table(st, len(tables) + 1))
     verdicts = loss_claims(st) + size_claims(st) + compute_claims(st)
     draw_plots(st)
@@ -765,6 +814,9 @@ def verdict_line(v: dict) -> str:
     if "direction" in v:
         outcome += f" (one seed; it points {v['direction']})" if v["direction"] != "mixed" else " (one seed; mixed)"
     evidence = "; ".join(v["reasons"]) if v["reasons"] else interval(v["test"]) if v["test"] else "its sub-claims below"
+    if v.get("axis"):
+        rises = [f"{a['text']} and ends higher on-policy by {interval(a)}" for a in v["axis"]]
+        evidence += ", on a size axis (SFT gold, then paired final gold at N = 1): " + "; ".join(rises)
     if v["test"] and not v["reasons"] and v["test"]["seeds_for_margin"]:
         evidence += f"; {v['test']['seeds_for_margin']} seeds would resolve ±{MARGIN} at this spread"
     return f"| {v['id']} | {v['figure']} | {v['claim']} | {outcome} | {evidence} |"

@@ -205,6 +205,8 @@ def check_report(results_dir: str):
         (name,) = [x for x, runs in groups.items() if all(runs[0]["args"][key] == v for key, v in want.items())]
         return groups[name]
 
+    every_run = [r for runs in groups.values() for r in runs]
+
     # Every setting, with every column.
     every = table(tables, f"Table {len(tables)}. Every setting")
     assert set(every) == set(groups)
@@ -228,11 +230,23 @@ def check_report(results_dir: str):
         ]:
             assert_shows(row[column], values(runs, key))
 
-    # Stages 1 and 2: the warm starts (one value here: no probes) and each size's learning rate, the grid's best
-    # mean final gold on-policy over the grid's seeds.
-    assert len(mode["sft_steps"]) == 1 and not [x for x in groups if x.startswith("probe_")]
+    # Stage 1: the warm starts. 10.6 M keeps the default run's 30 SFT steps, a smaller size gets the grid's first
+    # value, and a larger one the fewest SFT steps whose probe (one update) starts at least as high as the next
+    # smaller size's. Stage 2: each size's learning rate, the grid's best mean final gold on-policy over its seeds.
+    sizes = [s for s in size_names if s in mode["sizes"]]
+    probes = {
+        (r["args"]["model_size"], r["args"]["sft_steps"]): r["sft"] for r in every_run if r["args"]["num_steps"] == 1
+    }
+    sft = {size: mode["sft_steps"][0] for size in sizes} | {"10m": 30}
+    if len(mode["sft_steps"]) == 1:
+        assert not probes
+    for smaller, size in zip(sizes[sizes.index("10m") :], sizes[sizes.index("10m") + 1 :]):
+        if len(mode["sft_steps"]) > 1:
+            sft[size] = next(x for x in mode["sft_steps"] if probes[(size, x)] >= probes[(smaller, sft[smaller])])
     stages = table(tables, "Table 1")
-    lr, sft = {}, {size: mode["sft_steps"][0] for size in mode["sizes"]} | {"10m": 30}
+    for (size, steps_), gold in probes.items():
+        assert_shows(stages[size_names[size]][f"SFT gold, {steps_} SFT steps"], [gold])
+    lr = {}
     for size in mode["sizes"]:
         grid = {
             x: [r for r in find(size=size, lr=x, sft=sft[size]) if r["seed"] in mode["lr_seeds"]] for x in mode["lrs"]
@@ -263,7 +277,40 @@ def check_report(results_dir: str):
     by_size = {size: {n: find(size=size, n=n, lr=lr[size], sft=sft[size]) for n in ns} for size in mode["sizes"]}
     robustness("Table 3", {s: size_names[s] for s in mode["sizes"]}, lambda size, n: by_size[size][n])
 
+    check_drift_table(table(tables, "Table 4. Neighbouring sizes at their closest drift"), every_run, mode, sft)
     check_verdicts(text, groups, mode, by_loss, by_size, find)
+
+
+def check_drift_table(drift: dict, every_run: list, mode: dict, sft: dict):
+    """Neighbouring sizes at their closest drift: of each size's online DPO runs at N = 1 and the largest N (at its warm
+    start, any learning rate of the grid), the pair of rates whose mean log-prob gaps at the largest N are closest."""
+    size_names = {"3m": "2.7 M", "10m": "10.6 M", "30m": "29.0 M"}
+    sizes, largest = [s for s in size_names if s in mode["sizes"]], max(mode["n"])
+    assert list(drift) == [f"{size_names[a]}, {size_names[b]}" for a, b in zip(sizes, sizes[1:])]
+
+    def runs_of(size, lr, n):
+        want = dict(model_size=size, loss_type="sigmoid", learning_rate=lr, sft_steps=sft[size], batches_per_round=n)
+        want |= dict(num_steps=mode["steps"], updates_per_batch=1, num_samples=2, async_steps=0)
+        return [r for r in every_run if all(r["args"][k] == v for k, v in want.items())]
+
+    for small, large in zip(sizes, sizes[1:]):
+        options = {
+            (size, x): {n: runs_of(size, x, n) for n in (1, largest)} for size in (small, large) for x in mode["lrs"]
+        }
+        options = {key: by_n for key, by_n in options.items() if all(by_n.values())}
+        gap = {key: statistics.fmean(values(by_n[largest], "gap")) for key, by_n in options.items()}
+        pairs = [(a, b) for a in options if a[0] == small for b in options if b[0] == large]
+        a, b = min(pairs, key=lambda p: abs(gap[p[0]] - gap[p[1]]))
+        row = drift[f"{size_names[small]}, {size_names[large]}"]
+        assert row["learning rates"] == f"{a[1]:g}, {b[1]:g}"
+        for which, key in (("smaller", a), ("larger", b)):
+            assert_shows(
+                row[f"log-prob gap per token at N = {largest}, {which} size"], values(options[key][largest], "gap")
+            )
+            shown = row[f"drop from N = 1 to {largest}, {which} size [95% interval]"]
+            assert_interval(shown, list(drops(options[key], largest).values()))
+        diffs = drop_difference(options[a], options[b], largest)
+        assert_interval(row["the smaller size's drop - the larger's [95% interval]"], diffs)
 
 
 def check_verdicts(text, groups, mode, by_loss, by_size, find):
@@ -275,19 +322,29 @@ def check_verdicts(text, groups, mode, by_loss, by_size, find):
     assert verdicts["1"][0] == combine(subs)
 
     sizes = [s for s in ("3m", "10m", "30m") if s in mode["sizes"]]
-    reasons = []
+    reasons, axis = [], []
     for small, large in zip(sizes, sizes[1:]):
         s1, l1 = by_seed(by_size[small][1]), by_seed(by_size[large][1])
         rises = [l1[s]["gold"] - s1[s]["gold"] for s in sorted(set(s1) & set(l1))]
-        starts_lower = by_size[large][1][0]["sft"] < by_size[small][1][0]["sft"]
+        starts = (by_size[large][1][0]["sft"], by_size[small][1][0]["sft"])
         rises_by_sign = len(rises) == 1 and rises[0] > 0  # one seed: the rule gives no interval, its sign stands
-        reasons += [small] * (starts_lower or (rule(rises, ">")[0] != "holds" and not rises_by_sign))
+        reasons += [small] * (starts[0] < starts[1] or (rule(rises, ">")[0] != "holds" and not rises_by_sign))
+        axis.append((starts, rises))
     if reasons:
         assert verdicts["2"][0] == "not tested here" and "2a" not in verdicts
     else:
         pairs = zip("abc", sizes, sizes[1:])
         subs = [check(f"2{x}", drop_difference(by_size[s], by_size[b], largest), ">") for x, s, b in pairs]
         assert verdicts["2"][0] == combine(subs)
+        # beside it, what makes the sizes an axis: each larger size's start and its paired rise on-policy
+        shown = re.findall(
+            r"starts at (\d\.\d+) against (\d\.\d+) and ends higher on-policy by ([^;]+)", verdicts["2"][1]
+        )
+        assert len(shown) == len(axis), verdicts["2"][1]
+        for (large_start, small_start, rise), (starts, rises) in zip(shown, axis, strict=True):
+            assert_shows(large_start, [starts[0]])
+            assert_shows(small_start, [starts[1]])
+            assert_interval(rise, rises)
 
     base, e2, k4 = find(), find(e=2), find(k=4, num_steps=mode["steps"] // 2)
     check("3a", paired(e2, base, lambda r, b: r["curve"] - b["curve"]), ">")
@@ -575,6 +632,12 @@ def test_resuming_a_finished_study_runs_nothing_and_rebuilds_its_report(results_
     assert "warm start" not in result.stdout and "[1/" not in result.stdout and "done in" not in result.stdout
     assert files() == before
     assert open(os.path.join(copy, "results.md")).read() == original
+
+
+def test_the_committed_study_tables_and_verdicts_match_its_raw_metrics():
+    """The full study the README quotes, recomputed from its raw/ by the reader's script above: the stages' probes and
+    learning rates, every table a verdict reads and every verdict."""
+    check_report(os.path.join(ROOT, "benchmark", "study_results"))
 
 
 def test_the_committed_study_report_is_rebuilt_as_committed(tmp_path):
