@@ -2,7 +2,7 @@
 policy sizes, and what its two compute optimizations buy and cost, each claim judged by a rule fixed in advance.
 
     python benchmark/study.py                # full: 5 seeds, 64 updates a run, N in {1, 4} (5.5 h on 2 CPU cores)
-    python benchmark/study.py --quick        # 1 seed, 32 updates, N in {1, 2}, sizes 3m, 10m: directions only (19 min)
+    python benchmark/study.py --quick        # 1 seed, 32 updates, N in {1, 2}, sizes 3m, 10m: directions only (18 min)
     python benchmark/study.py --tiny         # seconds a run, for CI (tests/test_study.py)
     python benchmark/study.py --resume       # go on with an interrupted study: its finished runs are kept
     python benchmark/study.py --report_only  # rebuild results.md, results.json and the plots from raw/
