@@ -26,6 +26,22 @@ sys.path.insert(0, ROOT)
 
 import async_online_dpo as A  # noqa: E402
 
+
+def keep_to_this_workers_cores():
+    """The test command runs two test files at a time (pytest-xdist's -n 2): each worker, and every process its tests
+    start, keeps to its own share of the cores, so that the runs of two workers do not crowd onto one core while the
+    other idles."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= count:
+            share = cores[int(worker.removeprefix("gw")) % count :: count]
+            os.sched_setaffinity(0, share)
+            torch.set_num_threads(len(share))
+
+
+keep_to_this_workers_cores()
+
 # Small but real: the built-in model with a short warm start, shared by every test in the session.
 SFT_STEPS = 30
 TINY = "--num_steps 4 --batch_size 8 --micro_batch_size 4 --eval_every 2 --eval_prompts 16".split()
