@@ -27,10 +27,13 @@ sys.path.insert(0, ROOT)
 import async_online_dpo as A  # noqa: E402
 
 
+ALL_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
 def keep_to_this_workers_cores():
     """The test command runs two test files at a time (pytest-xdist's -n 2): each worker, and every process its tests
     start, keeps to its own share of the cores, so that the runs of two workers do not crowd onto one core while the
-    other idles."""
+    other idles. Tests that need more cores ask for `every_core`."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if worker and count > 1 and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
@@ -41,6 +44,21 @@ def keep_to_this_workers_cores():
 
 
 keep_to_this_workers_cores()
+
+
+@pytest.fixture
+def every_core():
+    """The test's processes may use every core of the machine (several trainer ranks need a core each)."""
+    if ALL_CORES is None:
+        yield
+        return
+    share = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, ALL_CORES)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, share)
+
 
 # Small but real: the built-in model with a short warm start, shared by every test in the session.
 SFT_STEPS = 30

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import gone_within, max_difference, processes_with, read_run, run_script, start, weights
 
+pytestmark = pytest.mark.usefixtures("every_core")  # two trainer ranks want a core each
+
 
 def free_port() -> int:
     with socket.socket() as s:
