@@ -150,9 +150,11 @@ def gone_within(seconds: float, marker) -> bool:
 # Runs that several tests read, made once. Each is instrumented: the trainer counts the policy's forward passes and
 # decoder layers run under gradients (its update) and records the dtype of the update's logits, and prints both when
 # it ends; the generator prints the dtype vLLM runs in and is sent at each load (it exits without running atexit
-# handlers). The hooks only count: the run computes what an uninstrumented one does.
+# handlers). The hooks only count: the run computes what an uninstrumented one does. Trainer and generator share one
+# stdout, and print() writes a line in pieces that the other process can split, so each record is one write, found
+# anywhere in the output.
 INSTRUMENT = """
-import atexit, collections
+import atexit, collections, os
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
 counts, dtypes = {"layers": 0, "models": 0}, collections.Counter()
 def count(module, inputs):
@@ -167,10 +169,10 @@ torch.nn.modules.module.register_module_forward_hook(record)
 load = A.load_weights_into_vllm
 def recording_load(llm, named_tensors):  # the generator alone loads weights into vLLM
     loaded = {"vllm " + str(llm.model_config.dtype): 1, "snapshot " + str(named_tensors[0][1].dtype): 1}
-    print("GENERATOR DTYPES", loaded, flush=True)
+    os.write(1, f"GENERATOR DTYPES {loaded}\\n".encode())
     load(llm, named_tensors)
 A.load_weights_into_vllm = recording_load
-atexit.register(lambda: print("COUNTS", counts["layers"], counts["models"], "DTYPES", dict(dtypes), flush=True))
+atexit.register(lambda: os.write(1, f"COUNTS {counts['layers']} {counts['models']} DTYPES {dict(dtypes)}\\n".encode()))
 """
 
 
@@ -185,14 +187,13 @@ class Run:
 
     def counts(self) -> tuple[int, int]:
         """Decoder layers and policy forward passes run under gradients, in the trainer: the last process to end."""
-        line = [line for line in self.result.stdout.splitlines() if line.startswith("COUNTS")][-1]
-        layers, forwards = line.split()[1:3]
+        layers, forwards, _ = re.findall(r"COUNTS (\d+) (\d+) DTYPES (\{[^}]*\})", self.result.stdout)[-1]
         return int(layers), int(forwards)
 
     def dtypes(self) -> set[str]:
         """The dtypes each process recorded: the trainer's update, vLLM and the snapshots it loaded."""
-        lines = [line for line in self.result.stdout.splitlines() if line.startswith(("COUNTS", "GENERATOR DTYPES"))]
-        return {k for line in lines for k in ast.literal_eval(line.split("DTYPES", 1)[1].strip())}
+        records = re.findall(r"(?:COUNTS \d+ \d+|GENERATOR) DTYPES (\{[^}]*\})", self.result.stdout)
+        return {k for record in records for k in ast.literal_eval(record)}
 
 
 def instrumented_run(tmp_path, cache_dir, *flags, script="async_online_dpo.py") -> Run:
