@@ -35,12 +35,10 @@ def keep_to_this_workers_cores():
     start, keeps to its own share of the cores, so that the runs of two workers do not crowd onto one core while the
     other idles. Tests that need more cores ask for `every_core`."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        if len(cores) >= count:
-            share = cores[int(worker.removeprefix("gw")) % count :: count]
-            os.sched_setaffinity(0, share)
-            torch.set_num_threads(len(share))
+    if worker and count > 1 and ALL_CORES and len(ALL_CORES) >= count:
+        share = ALL_CORES[int(worker.removeprefix("gw")) % count :: count]
+        os.sched_setaffinity(0, share)
+        torch.set_num_threads(len(share))
 
 
 keep_to_this_workers_cores()
@@ -187,7 +185,7 @@ class Run:
 
     def counts(self) -> tuple[int, int]:
         """Decoder layers and policy forward passes run under gradients, in the trainer: the last process to end."""
-        layers, forwards, _ = re.findall(r"COUNTS (\d+) (\d+) DTYPES (\{[^}]*\})", self.result.stdout)[-1]
+        layers, forwards = re.findall(r"COUNTS (\d+) (\d+) DTYPES", self.result.stdout)[-1]
         return int(layers), int(forwards)
 
     def dtypes(self) -> set[str]:
