@@ -9,7 +9,7 @@ It runs the two scripts themselves, one at a time, and builds the report from th
 A benchmark goes to a new folder, runs/benchmark_{mode}_{date-time} unless --results_dir names one, and Ctrl-C stops
 it with its run in progress. With --report_only it rebuilds the committed report, benchmark/results (a full run,
 copied there), or the one in --results_dir.
-README.md, section Benchmark, says what the experiments (after arXiv 2410.18252) measure and what is where.
+docs/benchmark.md says what the experiments (after arXiv 2410.18252) measure and what is where.
 """
 
 import glob
@@ -465,8 +465,8 @@ transformers {packages["transformers"]}. Other processes on the machine kept {st
 busy on average while the runs ran, at most {max(other):.2f} during one run (timings are fair only near 0).
 
 Every run is a script's defaults plus `{" ".join(record["mode_config"]["flags"])}` and its own flags; ± is the \
-standard deviation over seeds. README.md, section ["Benchmark"](../../README.md#benchmark), says what each \
-experiment, setting and column means.
+standard deviation over seeds. [docs/benchmark.md](../../docs/benchmark.md) says what each experiment, setting \
+and column means.
 
 ## Verdicts
 

@@ -12,7 +12,7 @@ samples N batches, trained on at lags 0 .. N - 1, as in the paper's own study. T
 decided by the finished runs of the stages before it: (1) each size's warm start, (2) each size's learning rate,
 from on-policy runs alone, (3) everything else. It shares run.py's harness (one run at a time, the machine and
 versions recorded, every number kept with the file it came from) and builds the report from the run folders alone.
-README.md, section "The off-policy study", states the decision rule and what each experiment tests.
+docs/study.md states the decision rule and what each experiment tests.
 
 A study goes to a new folder, runs/study_{mode}_{date-time} unless --results_dir names one, and --resume goes on with
 the newest of its mode there. Ctrl-C stops the study with its run in progress and prints the command that resumes it.
@@ -328,7 +328,7 @@ KL = "metrics.jsonl: mean eval/kl of the final evaluations"
 
 
 # ----------------------------------------------------------------------------------------------------
-# The decision rule (README.md, "How the study decides"). Every comparison is paired by seed: per seed a difference
+# The decision rule (docs/study.md, "How the study decides"). Every comparison is paired by seed: per seed a difference
 # d, and over the seeds its mean and 95% Student t interval, mean ± t(n - 1) · sd / √n. A claim that d > 0 holds if
 # the interval lies above 0, is reversed if it lies below 0, and is undecided otherwise (d < 0 alike). A claim of "as
 # high" (d ≥ -MARGIN) holds if the interval lies above -MARGIN and is reversed if it lies below. One seed gives no
@@ -845,8 +845,8 @@ while the runs ran, at most {max(other):.2f} during one run (timings are fair on
 Every run of the off-policy study is `sync_baseline.py` with `--batch_size {mode["batch_size"]} {mode["flags"]}`, \
 the paper's N as `--batches_per_round N` (one policy version samples N batches, trained on at lags 0 .. N - 1) and \
 its own flags; seeds {", ".join(map(str, mode["seeds"]))}. A number is a mean over seeds, ± their standard \
-deviation; a final gold reward or KL is the mean over a run's final evaluations. README.md, section \
-["The off-policy study"](../../README.md#the-off-policy-study), states the rule and what each experiment tests.
+deviation; a final gold reward or KL is the mean over a run's final evaluations. \
+[docs/study.md](../../docs/study.md#how-the-study-decides) states the rule and what each experiment tests.
 
 ## The paper's claims at this scale
 

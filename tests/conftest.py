@@ -228,7 +228,7 @@ def bos_model(model_path, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def sync_run(cache_dir, bos_model, tmp_path_factory) -> Run:
     """sync_baseline.py with the TINY settings on a dataset of prompts that start with <s>, for bos_model: the sync
-    test and the one-BOS test (tests/test_implementation_details.py, detail 3)."""
+    test and the one-BOS test (implementation detail 11)."""
     tmp_path = tmp_path_factory.mktemp("sync_run")
     prompts = ["<s>" + p for p in A.builtin_prompts(A.random.Random(3), 48)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))

@@ -263,10 +263,11 @@ def test_a_failed_run_stops_the_benchmark_loudly(tmp_path):
     assert result.returncode != 0 and "already holds runs" in result.stderr
 
 
-def test_the_readme_commands_run_as_printed_in_the_repository(tmp_path):
-    """`python benchmark/run.py --tiny` as the README prints it, run twice in the repository, where benchmark/results
-    holds the committed benchmark: each time it writes a new folder runs/benchmark_tiny_{date-time} and says where.
-    Here each stops in its first step, throughput.py, on a broken cached model; what they wrote is deleted."""
+def test_the_benchmark_commands_run_as_printed_in_the_repository(tmp_path):
+    """`python benchmark/run.py --tiny` as docs/benchmark.md prints it, run twice in the repository, where
+    benchmark/results holds the committed benchmark: each time it writes a new folder runs/benchmark_tiny_{date-time}
+    and says where. Here each stops in its first step, throughput.py, on a broken cached model; what they wrote is
+    deleted."""
     cache = broken_cache(tmp_path, "10m")
     runs_existed = os.path.isdir(RUNS)
     made = []
@@ -317,5 +318,6 @@ def test_the_staleness_verdict_reads_right_when_every_or_no_A_beats_sync(results
 
 
 def test_the_committed_report_is_rebuilt_as_committed(tmp_path):
-    """benchmark/results, the full benchmark the README quotes: --report_only gives its results.md back from raw/."""
+    """benchmark/results, the full benchmark docs/benchmark.md quotes: --report_only gives its results.md back from
+    raw/."""
     check_committed_report_rebuilds("run.py", "results", tmp_path)

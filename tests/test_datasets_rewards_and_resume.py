@@ -56,10 +56,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(cache_dir, tmp_path):
     assert [e["eval/version"] for e in evals] == [0, 3, 6]
     assert [e["eval/gold_reward"] for e in evals] == [e["eval/gold_reward"] for e in whole_evals]
     assert max_difference(weights(whole_dir), weights(run_dir)) < 1e-6
-    # Checkpoints are named as the README says: the version in six digits, and only the newest is kept.
+    # Checkpoints are named as implementation detail 22 says: the version in six digits, and only the newest is kept.
     assert [os.path.basename(c) for c in glob.glob(os.path.join(run_dir, "checkpoint-*"))] == ["checkpoint-000006"]
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    assert "`checkpoint-000016/` (the policy version, six digits)" in readme and "only the newest is kept" in readme
+    details = open(os.path.join(ROOT, "docs", "implementation_details.md")).read()
+    assert "`checkpoint-000016/` (the policy version, six digits)" in details and "only the newest is kept" in details
 
 
 def make_reward_model(path, seed):

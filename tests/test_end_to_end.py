@@ -27,10 +27,10 @@ def test_async_run(tiny_run, model_path):
     check_async_lags_and_gaps(tiny_run.steps, async_steps=1)
     assert "step   4/4" in tiny_run.result.stdout and "overlap speedup" in tiny_run.result.stdout
     # What a run prints on stderr is worth reading: no warning about Triton, which the CPU install leaves out, and the
-    # README says what the one warning left (vLLM's NUMA binding) means.
+    # docs/metrics.md says what the one warning left (vLLM's NUMA binding) means.
     assert "Triton not available" not in tiny_run.result.stderr
     if "NUMA binding" in tiny_run.result.stderr:
-        assert "Warning: NUMA binding: Using MEMBIND policy" in open(os.path.join(ROOT, "README.md")).read()
+        assert "Warning: NUMA binding: Using MEMBIND policy" in open(os.path.join(ROOT, "docs", "metrics.md")).read()
 
 
 def test_online_dpo_starts_at_the_reference(tiny_run):
@@ -44,7 +44,7 @@ def test_online_dpo_starts_at_the_reference(tiny_run):
 
 
 def test_sync_run(sync_run, bos_model):
-    """sync_baseline.py, on a dataset and with a tokenizer that adds BOS (test_implementation_details.py, detail 3)."""
+    """sync_baseline.py, on a dataset and with a tokenizer that adds BOS (implementation detail 11: one BOS)."""
     check_run_folder(sync_run.run_dir, sync_run.steps, sync_run.evals, bos_model)
     assert [r["async/lag"] for r in sync_run.steps] == [0, 0, 0, 0]
     assert all(r["async/logprob_gap"] < 1e-4 for r in sync_run.steps)  # vLLM serves each pushed version exactly

