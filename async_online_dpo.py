@@ -30,6 +30,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -1871,7 +1872,7 @@ def from_a_collective(error: BaseException) -> bool:
 
 def reason_to_stop(args: Args, rank: int, error: BaseException) -> str:
     """What stopped a rank, in one sentence (empty for the ranks but 0 where every rank meets the same check, so rank 0
-    alone says it); anything else is a bug, raised again with its traceback."""
+    alone says it); anything else is a bug, given with its traceback."""
     if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or SIGTERM: `kill`, or torchrun stopping the ranks
         return "interrupted: stopped the trainer and the generator" if rank == 0 else ""
     if isinstance(error, (GeneratorError, WeightSyncError)):
@@ -1882,16 +1883,17 @@ def reason_to_stop(args: Args, rank: int, error: BaseException) -> str:
             f"error: trainer rank {rank}: a rank failed, or this one waited longer than --dist_timeout "
             f"{args.dist_timeout}s for the others in a collective ({what})"
         )
-    raise error
+    return "".join(traceback.format_exception(error)).rstrip()
 
 
 @contextmanager
 def rank_lifetime(args: Args, rank: int):
     """Around a trainer rank: `kill` (or torchrun stopping the ranks) acts as Ctrl-C; whatever stops the rank becomes
     one sentence (reason_to_stop); and what was handed to close_at_exit (the generator, the run folder) is closed,
-    and the process group left, however it ended."""
+    however it ended. Only a rank that ends cleanly leaves the process group: see shut_down."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    opened = []
+    opened, stopping = [], threading.Event()
+    stop_when_stuck(opened, rank, stopping)
 
     def close_at_exit(thing):
         opened.append(thing)
@@ -1899,16 +1901,21 @@ def rank_lifetime(args: Args, rank: int):
 
     try:
         yield close_at_exit
-    except BaseException as error:  # Ctrl-C, a generator crash, a broken weight sync, a lost rank
-        reason = reason_to_stop(args, rank, error)  # a bug is raised again, and the run shut down below
+    except SystemExit:  # bad input found on the way (check_lengths), before any collective: its sentence is the exit's
+        stopping.set()
+        shut_down(opened)
+        raise
+    except BaseException as error:  # Ctrl-C, a generator crash, a broken weight sync, a lost rank, a bug
+        stopping.set()
+        reason = reason_to_stop(args, rank, error)
         shut_down(opened)
         if reason:
             print(reason, file=sys.stderr)
-        # The run is over: exit at once. After a failed collective, torch's teardown of its process group waits out
-        # the broken connection, which kept a rank alive for most of a minute, and torchrun with it.
-        exit_now(1)
-    finally:
-        shut_down(opened)
+        exit_now(1)  # the run is over: without leaving the process group (see shut_down), and at once
+    stopping.set()
+    shut_down(opened)
+    if dist.is_initialized():
+        dist.destroy_process_group()  # every rank ends here together
 
 
 def exit_now(code: int):
@@ -1921,15 +1928,44 @@ def exit_now(code: int):
 
 
 def shut_down(opened: list):
-    """However the run ended: close what was opened, newest first, and leave the process group; a second call does
-    nothing. Signals wait until this is done (the generator is joined for at most 10 s), so a second Ctrl-C cannot
-    cut it short."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """However the run ended: close what was opened, newest first; a second call does nothing. Signals wait until
+    this is done (the generator is joined for at most 10 s), so a second Ctrl-C cannot cut it short.
+
+    It does not leave the process group. Under NCCL, destroy_process_group() runs ncclCommFinalize, which waits for
+    this rank's own NCCL kernels (torch ProcessGroupNCCL::shutdown), and NCCL documents ncclCommDestroy as a
+    collective of the node's ranks. A rank that failed while its peers wait elsewhere would wait there until the
+    watchdog's --dist_timeout. gloo's returns at once, which is why only the clean path, where every rank ends
+    together, leaves the group (rank_lifetime)."""
+    if threading.current_thread() is threading.main_thread():  # signal.signal works there alone
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while opened:
         opened.pop().close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+
+
+STUCK_SECONDS = 5  # how long a signal may wait for the main thread before stop_when_stuck acts on it
+
+
+def stop_when_stuck(opened: list, rank: int, stopping: threading.Event):
+    """Make Ctrl-C and torchrun's SIGTERM work while the main thread is blocked in torch's C++: a Python signal
+    handler runs only once the main thread runs Python again, and under NCCL a rank can wait for good in a
+    collective whose peer is gone, or on the GPU behind one. CPython's C handler writes each signal's number to the
+    wakeup fd at once (Modules/signalmodule.c, trip_signal); a thread woken by it shuts the run down and exits, unless
+    the main thread has begun to stop within STUCK_SECONDS."""
+    woken, wakeup = os.pipe()
+    os.set_blocking(wakeup, False)
+    signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
+
+    def watch():
+        os.read(woken, 1)
+        if stopping.wait(STUCK_SECONDS):
+            return
+        if rank == 0:
+            print("interrupted while waiting in torch: stopped the trainer and the generator", file=sys.stderr)
+        shut_down(opened)
+        exit_now(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def launch_ranks(args: Args):
@@ -1951,7 +1987,7 @@ def launch_ranks(args: Args):
         rdzv_backend="c10d",
         rdzv_endpoint="localhost:0",
         max_restarts=0,
-        shutdown_timeout=15,  # seconds a rank has to stop after another failed, before it is killed
+        shutdown_timeout=15,  # after Ctrl-C, seconds a rank has to stop before it is killed (30 after a failure)
     )
     try:
         elastic_launch(config, sys.executable)(*sys.argv)

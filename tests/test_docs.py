@@ -12,7 +12,8 @@ unbound number. A SOURCE is one of:
     bench TABLE|ROW|COLUMN&COLUMN...   cells of benchmark/results/results.json (a table by its number, "Table 1a", a
     study TABLE|ROW|COLUMN&COLUMN...   row by its first cell, a column by its header; each a unique prefix will do),
                                        or of benchmark/study_results/results.json; a cell is its mean, then its std or
-                                       its interval [low, high], as results.md shows it; CELL@mean picks one part
+                                       its interval [low, high], as results.md shows it; CELL@mean picks one part,
+                                       CELL@values its per-seed values
     study claim ID[@PART]              a verdict of the study: its mean [low, high]; @outcome its verdict, @axis1 and
                                        @axis2 claim 2's size axis, @mean, @low, @high one part
     summary RUN_FOLDER KEY             a key of a committed run's summary.json
@@ -152,8 +153,12 @@ def resolve(source: str) -> list[tuple[str, object]]:
     row = row[unique(list(row), row_key, "row")]
     items = []
     for column in columns.split("&"):
-        values = parts(row[unique(table["columns"], column, "column")])
-        items += [("number", values[part])] if part else [("number", v) for v in values.values()]
+        cell = row[unique(table["columns"], column, "column")]
+        if part == "values":
+            numbers = cell["values"]
+        else:
+            numbers = [parts(cell)[part]] if part else list(parts(cell).values())
+        items += [("number", v) for v in numbers]
     return items
 
 

@@ -11,7 +11,7 @@ import uuid
 import pytest
 from safetensors.torch import load_file
 
-from conftest import gone_within, max_difference, processes_with, read_run, run_script, start, weights
+from conftest import gone_within, max_difference, processes_with, read_run, run_script, start, weights, wrapper_script
 
 pytestmark = pytest.mark.usefixtures("every_core")  # two trainer ranks want a core each
 
@@ -101,3 +101,92 @@ def test_dist_timeout_stops_a_run_cleanly(cache_dir, tmp_path):
     assert any(line.startswith("error: ") and "--dist_timeout 2s" in line for line in err.splitlines()), err[-3000:]
     assert err.strip().splitlines()[-1].startswith("error: trainer rank"), err[-3000:]  # the launcher's last word
     assert gone_within(10, marker)
+
+
+# NCCL's process-group teardown is not gloo's. destroy_process_group() runs ncclCommFinalize, which waits for this
+# rank's own NCCL kernels, and NCCL documents ncclCommDestroy as "an intra-node collective call, which all ranks on
+# the same node should call to avoid a hang". gloo's returns at once. So this prelude gives gloo NCCL's teardown:
+# destroy_process_group returns only once every rank has called it.
+COLLECTIVE_TEARDOWN = """
+import time
+import torch.distributed as dist
+destroy = dist.destroy_process_group
+def destroy_as_nccl_does(group=None):
+    store = dist.distributed_c10d._get_default_store()
+    store.add("ranks in destroy_process_group", 1)
+    while store.add("ranks in destroy_process_group", 0) < dist.get_world_size():
+        time.sleep(0.1)
+    destroy(group)
+dist.destroy_process_group = destroy_as_nccl_does
+"""
+
+VLLM_FAILS_TO_START = """
+def generator_that_fails(*settings):
+    raise RuntimeError("vLLM failed to start, on purpose")
+A.generator = generator_that_fails
+"""
+
+
+def test_a_generator_that_fails_to_start_ends_every_rank_under_a_collective_teardown(cache_dir, tmp_path):
+    """The likeliest first failure on GPUs: vLLM does not start, so rank 0 raises while rank 1 waits for it in a
+    broadcast. With NCCL's teardown (above), a rank that left through destroy_process_group would wait there for rank
+    1, and rank 1 for rank 0, for --dist_timeout. Every process must be gone within seconds, with the generator's
+    error said once."""
+    marker = uuid.uuid4().hex
+    script = wrapper_script(tmp_path, COLLECTIVE_TEARDOWN + VLLM_FAILS_TO_START)
+    flags = "--num_steps 4 --batch_size 8 --micro_batch_size 4 --eval_prompts 8 --dist_timeout 120".split()
+    p = start(script, cache_dir, tmp_path, *flags, marker=marker, torchrun=["--standalone", "--nproc_per_node", "2"])
+    try:
+        _, err = p.communicate(timeout=100)
+        assert p.returncode != 0 and "vLLM failed to start, on purpose" in err, err[-3000:]
+        assert gone_within(10, marker)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+RANK_1_HANGS_AT_STEP_3 = """
+import os, time
+steps = 0
+check_reloads = A.check_reloads
+def check_reloads_or_hang(args, checks):  # every rank calls it once a step, after the batch has reached it
+    global steps
+    steps += 1
+    if os.environ.get("RANK") == "1" and steps == 3:
+        while True:  # stuck in Python, elsewhere than its peers: a bug, or a long evaluation
+            time.sleep(1)
+    check_reloads(args, checks)
+A.check_reloads = check_reloads_or_hang
+"""
+
+
+def test_a_rank_waiting_in_a_collective_still_stops_when_told(cache_dir, tmp_path):
+    """Rank 1 hangs, so rank 0 waits in a collective for it, inside C++, where no Python signal handler runs. torchrun
+    stops the ranks with SIGTERM when one fails; here rank 0 alone gets it. It must end within seconds, with its
+    generator, and torchrun then stops rank 1: nothing may wait for --dist_timeout."""
+    marker = uuid.uuid4().hex
+    script = wrapper_script(tmp_path, RANK_1_HANGS_AT_STEP_3)
+    flags = "--num_steps 20 --batch_size 8 --micro_batch_size 4 --eval_prompts 8 --dist_timeout 300".split()
+    p = start(script, cache_dir, tmp_path, *flags, marker=marker, torchrun=["--standalone", "--nproc_per_node", "2"])
+    try:
+        for line in p.stdout:  # step 3 is under way
+            if line.startswith("step   2/"):
+                break
+        time.sleep(5)  # rank 0 is waiting for rank 1
+        (rank_0,) = [pid for pid in processes_with(marker) if parent(pid) == p.pid and rank_of(pid) == "0"]
+        os.kill(rank_0, signal.SIGTERM)
+        t = time.time()
+        assert gone_within(60, marker)
+        stopped_in = time.time() - t
+        assert stopped_in < 20, stopped_in
+        assert p.wait(timeout=10) != 0
+        print(f"the run stopped {stopped_in:.1f} s after rank 0 was told to")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def rank_of(pid: int) -> str:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    return variables.get(b"RANK", b"").decode()
