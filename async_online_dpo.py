@@ -5,15 +5,16 @@ Reference implementation of "Asynchronous RLHF: Faster and More Efficient Off-Po
 while the trainer learns from earlier batches with online DPO, so generation and training overlap.
 `sync_baseline.py` runs the same code in lockstep for comparison.
 
-    python async_online_dpo.py     # CPU: generator, trainer on separate cores (5-7 min); 1 GPU: both share GPU 0
+    python async_online_dpo.py     # CPU: generator and trainer on separate cores; 1 GPU: both share GPU 0
     CUDA_VISIBLE_DEVICES=0,1 python async_online_dpo.py   # 2 GPUs: generator on GPU 0, trainer on GPU 1
     torchrun --nproc_per_node 4 async_online_dpo.py --fsdp --bf16   # 5 GPUs: generator, 4 FSDP2 trainer ranks
     python async_online_dpo.py --async_steps 4      # let the generator run 4 batches ahead
     python sync_baseline.py --batches_per_round 4   # the paper's off-policy N: one version samples 4 batches
     python async_online_dpo.py --loss_type rloo     # or ipo, best_of_k; --updates_per_batch 2, --model_size 30m
 
-Part I, the method, reads top to bottom in the order things happen. README.md has the GPU and several-machine
-recipes, datasets and reward models, resume, the off-policy study and what every logged metric means.
+Part I, the method, reads top to bottom in the order things happen; Part II, below one divider, is support code.
+README.md is the tutorial. docs/ is the reference: metrics.md (every logged quantity), implementation_details.md
+(each detail's reason and source), gpus.md (GPU recipes, memory, ranks, failures), benchmark.md and study.md.
 """
 
 import datetime
@@ -46,6 +47,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers import GenerationConfig
 
@@ -98,7 +100,7 @@ class Args:
     temperature: float = 0.7
     """sampling temperature; policy and reference logits are divided by it too, as in the paper's code"""
     missing_eos_penalty: float | None = -1.0
-    """score that *replaces* the reward of a completion cut off before EOS (the paper: -1); None: off. See README"""
+    """score that *replaces* the reward of a completion cut off before EOS (the paper: -1); None: off. See docs/"""
     loss_type: Literal["sigmoid", "ipo", "rloo", "best_of_k"] = "sigmoid"
     """sigmoid: online DPO on the best and worst of k; ipo: IPO on them; rloo: RLOO on all k; best_of_k: SFT on best"""
     beta: float = 0.1
@@ -151,12 +153,14 @@ class Args:
     """train under bfloat16 autocast (weights and Adam state stay float32) and run vLLM in bfloat16"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
-    vllm_gpu_memory_utilization: float = 0.4
-    """share of GPU 0's memory vLLM reserves; keep it low when the trainer shares GPU 0"""
+    vllm_gpu_memory_utilization: float | None = None
+    """share of GPU 0's memory vLLM reserves; None: 0.4 when the trainer shares GPU 0, else 0.9 less the snapshot's"""
+    vllm_async_scheduling: bool = True
+    """let vLLM schedule its next step while the GPU runs this one (its default on GPUs; a CPU never does)"""
     vllm_cpu_kv_cache_gib: int = 1
     """GiB of RAM vLLM reserves for its KV cache on a CPU (vLLM's own default takes most of the RAM)"""
     dist_timeout: int = 3600
-    """seconds a rank waits for the others in a collective before the run fails (rank 0 may take long: see README)"""
+    """seconds a rank waits for the others in a collective before the run fails (rank 0 may take long: docs/gpus.md)"""
     cpu_share_cores: bool = False
     """on a CPU, give generator and trainer every core, not half each: for sync runs, where they take turns"""
 
@@ -167,7 +171,8 @@ def token_logprobs(model, input_ids, attention_mask, response_width: int, temper
     """log π(y_t | x, y_<t) of the last T = `response_width` tokens of each row, (B, T), logits divided by the sampling
     temperature as in the paper's code. A row is a prompt, left-padded, then its response, right-padded (pad_batch),
     so every response starts in the same column, and positions start at 0 after the padding. So only the last T + 1
-    columns need logits: all of them would take GBs at a 128k vocabulary."""
+    columns need logits: all of them would take GBs at a 128k vocabulary. The float32 log-softmax, three copies of
+    them, then runs a row at a time, recomputed in the backward pass (docs/gpus.md, Memory)."""
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -175,14 +180,20 @@ def token_logprobs(model, input_ids, attention_mask, response_width: int, temper
         logits_to_keep=response_width + 1,
         use_cache=False,
     ).logits[:, :-1]  # (B, T, V): the logits at column t predict the token at t + 1
-    logps = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return torch.gather(logps, 2, input_ids[:, -response_width:, None]).squeeze(2)  # (B, T)
+    targets = input_ids[:, -response_width:]  # (B, T)
+    rows = [checkpoint(row_logprobs, x, y, temperature, use_reentrant=False) for x, y in zip(logits, targets)]
+    return torch.stack(rows)  # (B, T)
+
+
+def row_logprobs(logits, targets, temperature: float):
+    """(T, V) logits and (T,) tokens -> (T,) log-probs of those tokens."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
 def completion_logprobs(model, prompt_ids, response_ids, rows, args: Args, device):
     """log π(y|x) = Σ_t log π(y_t | x, y_<t) of the completions `rows` (indices into response_ids, each with its prompt
     in prompt_ids), (B,), with their tokens' log-probs, (B, T), and the mask of those tokens."""
-    ids, mask = (t.to(device) for t in pad_batch([prompt_ids[j] for j in rows], [response_ids[j] for j in rows]))
+    ids, mask = to_device(device, *pad_batch([prompt_ids[j] for j in rows], [response_ids[j] for j in rows]))
     width = max(len(response_ids[j]) for j in rows)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
         token_logps = token_logprobs(model, ids, mask, width, args.temperature)  # (B, T)
@@ -243,12 +254,13 @@ def best_of_k_loss(chosen_logps):
 # The one place that touches vLLM internals, written against vLLM 0.32.0 (V1 engine on a CPU, runner V2 on GPUs).
 def load_weights_into_vllm(llm, named_tensors: list):
     """reload_weights copies (transformers name, tensor) pairs into the running engine's parameters in place: no
-    restart, no disk, and CUDA graphs over them stay valid; tensors on the trainer's GPU are copied across directly.
-    The prefix cache holds keys and values of the old weights, so it must be dropped."""
+    restart, no disk, and CUDA graphs over them stay valid. The prefix cache holds keys and values of the old
+    weights, so it must be dropped."""
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
     llm.reset_prefix_cache()
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # every copy out of the trainer's buffer is done before we let go of it
+        torch.cuda.empty_cache()  # the reload built each layer anew, outside vLLM's share (reload/layerwise.py)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,7 +347,7 @@ def evaluated(args: Args, version: int) -> bool:
 
 def needed(args: Args, version: int) -> bool:
     """The push rule: the trainer pushes, and the generator loads, only the versions that sample a batch (multiples of
-    N, up to the last batch's) and those to evaluate. In a sync run that is every version."""
+    N, up to the last batch's) and those to evaluate. With N = 1 and A = 0 (sync), that is every version."""
     samples = version % args.batches_per_round == 0 and version <= sampling_version(args, args.num_steps - 1)
     return samples or evaluated(args, version)
 
@@ -354,7 +366,8 @@ def generator(args: Args, queues: Queues, policy_path: str, version: int, first_
         enforce_eager=not torch.cuda.is_available(),  # CUDA graphs on GPUs; on a CPU compiling only slows the start
         enable_prefix_caching=False,
         logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,  # resolved by plan_gpu_memory
+        async_scheduling=args.vllm_async_scheduling,  # off on a CPU whatever we ask (vllm/platforms/cpu.py)
     )
     queues.samples.put(Ready())  # on a GPU it shares, the trainer may allocate now: vLLM has sized its KV cache
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
@@ -417,10 +430,9 @@ def generator(args: Args, queues: Queues, policy_path: str, version: int, first_
 
 # ----------------------------------------------------------------------------------------------------
 # The weight-sync check. Each time vLLM loads pushed weights it scores a probe completion, whose log-probs the
-# trainer computed with those weights; and at lag 0 the trainer's log-probs of a batch's tokens must be vLLM's.
-# Where they differ by more than float error, vLLM is not serving what was pushed: the run stops. The error is small
-# because both compute the same thing: the policy's dropout is zeroed (load_policy), and vLLM's float32 attention on
-# GPUs, a Triton kernel, keeps full precision instead of TF32 (TRITON_F32_DEFAULT, set_up_generator_process).
+# trainer computed with those weights; and at lag 0 the trainer's log-probs of a batch's tokens must be vLLM's. Where
+# they differ by more than float error, vLLM is not serving what was pushed: the run stops. Both compute the same
+# thing: the policy's dropout is zeroed (load_policy), and vLLM's float32 attention keeps full precision on GPUs.
 @dataclass
 class Probe:
     prompt_ids: list[int]
@@ -431,10 +443,9 @@ class Probe:
 def check_weight_sync(args: Args, gap: float, version: int, probe: bool = False):
     """Stop where vLLM and the trainer should agree up to float error, but don't: on a batch sampled by the weights
     the trainer holds (lag 0), or on the probe after vLLM loaded pushed weights."""
-    tolerance = args.logprob_gap_tolerance
-    tolerance = (0.1 if args.bf16 else 1e-3) if tolerance is None else tolerance
+    tolerance = args.logprob_gap_tolerance or (0.1 if args.bf16 else 1e-3)  # None: the default (it must be > 0)
     if gap > tolerance:
-        raise WeightSyncError(gap, tolerance, version, probe)
+        raise WeightSyncError(gap, tolerance, version, probe, args.vllm_async_scheduling and torch.cuda.is_available())
 
 
 def check_reloads(args: Args, checks: list[tuple[int, float]]):
@@ -498,24 +509,23 @@ def train(args: Args, rank: int, device, starting_point: "StartingPoint", run=No
         #    over all terms, whatever the micro-batch size or R.
         logprobs_of = partial(completion_logprobs, wrapped_policy, prompt_ids, responses, args=args, device=device)
         lr = scheduler.get_last_lr()[0]  # that of the first update
-        per_term, grad_norms = defaultdict(list), []
-        gap_sum = gap_tokens = torch.zeros((), device=device)  # for the weight-sync check, 5.
+        per_term, grad_norms, first_update = defaultdict(list), [], []  # first_update: for the weight-sync check, 5.
         for update in range(args.updates_per_batch):
             for begin in range(0, len(is_real), args.micro_batch_size):
                 mb = slice(begin, begin + args.micro_batch_size)
-                real = is_real[mb].to(device)
+                (real,) = to_device(device, is_real[mb])
                 if args.loss_type in ("sigmoid", "ipo"):  # online DPO: the chosen and the rejected, in one forward pass
                     rows = chosen[mb] + rejected[mb]
                     logps, token_logps, mask = logprobs_of(rows)
                     chosen_logps, rejected_logps = logps.chunk(2)
-                    ref_chosen, ref_rejected = ref_logps[chosen[mb]].to(device), ref_logps[rejected[mb]].to(device)
+                    ref_chosen, ref_rejected = to_device(device, ref_logps[chosen[mb]], ref_logps[rejected[mb]])
                     losses = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.loss_type)
                     margin = args.beta * ((chosen_logps - ref_chosen) - (rejected_logps - ref_rejected))
                     stats = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "margin": margin}
                 elif args.loss_type == "rloo":  # RLOO: every completion, π_old being the sampler
                     rows = completions[mb]
                     logps, token_logps, mask = logprobs_of(rows)
-                    old, advantage = old_logps[rows].to(device), advantages[rows].to(device)
+                    old, advantage = to_device(device, old_logps[rows], advantages[rows])
                     losses, ratio, clipped = rloo_loss(logps, old, advantage, args.clip_range)
                     stats = {"ratio": ratio, "clipped": clipped.float()}
                 else:  # best-of-k: SFT on the chosen
@@ -523,23 +533,22 @@ def train(args: Args, rank: int, device, starting_point: "StartingPoint", run=No
                     logps, token_logps, mask = logprobs_of(rows)
                     losses, stats = best_of_k_loss(logps), {"chosen_logps": logps}
                 ((losses * real).sum() * R / all_terms).backward()
-                for name, value in {"loss": losses, **stats}.items():  # the real terms, for the log
-                    per_term[name].append(value.detach()[real > 0].float().cpu())
+                for name, value in {"loss": losses, **stats, "is_real": real}.items():  # on the device until the step
+                    per_term[name].append(value.detach().float())  # ends: a copy to the CPU waits for the GPU
                 if update == 0:  # the batch as it arrived; later updates see a policy that has learned from it
-                    gap, tokens = sampler_gap(token_logps, mask, [vllm_logprobs[j] for j in rows], real)
-                    gap_sum, gap_tokens = gap_sum + gap, gap_tokens + tokens
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item())
+                    first_update.append((token_logps.detach(), mask, rows, real))
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm))
             optimizer.step()  # with every pair tied there are no gradients, and AdamW leaves the weights be
             scheduler.step()
             optimizer.zero_grad()
+        real = torch.cat(per_term.pop("is_real", [torch.zeros(0)])) > 0  # none where every pair tied
+        per_term = {name: torch.cat(values)[real].cpu() for name, values in per_term.items()}  # the real terms
         t_trained = time.time()
 
         # 5. The weight-sync check, on the first update's forward passes. At lag 0 vLLM sampled with the weights the
         #    trainer held, so the two agree up to float error; if not, vLLM is not serving what was pushed, and the run
         #    stops before the new weights go anywhere. At lag > 0 the gap measures how off-policy the batch is.
-        dist.all_reduce(gap_sum)
-        dist.all_reduce(gap_tokens)
-        logprob_gap = (gap_sum / gap_tokens).item()  # NaN when no token was compared (DPO, every pair tied)
+        logprob_gap = batch_logprob_gap(first_update, vllm_logprobs, device)  # NaN if DPO's pairs all tied
         if batch.version == step:
             check_weight_sync(args, logprob_gap, step)
 
@@ -580,7 +589,7 @@ def measure_kl(args: Args, ref_policy, evals: list[Evaluation], device) -> list[
 
 
 def step_metrics(args: Args, step: int, batch: Batch, per_completion, per_term, grad_norms, lr, logprob_gap) -> dict:
-    """What is logged of a step (README: Metrics), over every rank's share: per_completion holds a value per
+    """What is logged of a step (docs/metrics.md), over every rank's share: per_completion holds a value per
     completion (per prompt for scores and valid), per_term a value per term of the loss, in each micro-batch of each
     update. Every rank computes it; rank 0 logs it."""
     per_completion, per_term = gather_shares(args.trainer_ranks, per_completion, per_term)
@@ -596,7 +605,7 @@ def step_metrics(args: Args, step: int, batch: Batch, per_completion, per_term, 
         "async/reload_gap": max((gap for _, gap in batch.checks), default=float("nan")),  # of the probe, per load
         "objective/loss": mean("loss"),
         "objective/kl": per_completion["kl"].mean().item(),  # Σ_t log π_old - log π_ref of the sampled completions
-        "objective/grad_norm": sum(grad_norms) / len(grad_norms),
+        "objective/grad_norm": sum(g.item() for g in grad_norms) / len(grad_norms),
         "objective/lr": lr,
         "rewards/score": per_completion["scores"].mean().item(),  # the reward, with the missing-EOS penalty
         "rewards/unpenalized": per_completion["rewards"].mean().item(),  # the reward, without it
@@ -638,6 +647,7 @@ def main(args: Args):
             starting_point = read_starting_point(args)
             prompts, references = load_prompts(args)  # (training, held-out), and the held-out prompts' references
             max_model_len = check_lengths(args, starting_point, *prompts)
+            args = plan_gpu_memory(args, starting_point, max_model_len)  # GPUs: each one's needs, and vLLM's share
             queues = new_queues()
             link = close_at_exit(start_generator(args, queues, starting_point, prompts, max_model_len))
             run = close_at_exit(RunFolder(args, starting_point, references, t_start))
@@ -879,6 +889,14 @@ def pad_batch(prompts: list[list[int]], responses: list[list[int]]):
     return ids, mask
 
 
+def to_device(device, *tensors) -> tuple:
+    """The tensors on the device. To a GPU through pinned memory, without waiting: a copy from ordinary (pageable)
+    memory first waits for all the work queued on the GPU (ATen's copy_kernel_cuda, memcpy_and_sync)."""
+    if device.type != "cuda":
+        return tensors
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+
+
 def position_ids(attention_mask):
     """Positions that start at 0 after the left padding: a padded row is computed as it would be alone."""
     return (attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -892,8 +910,8 @@ def reference_logprobs(ref_policy, prompt_ids, response_ids, args: Args, device)
     for begin in range(0, len(response_ids), chunk):
         rows = range(begin, min(begin + chunk, len(response_ids)))
         logps, _, _ = completion_logprobs(ref_policy, prompt_ids, response_ids, rows, args, device)
-        sums.append(logps.float().cpu())
-    return torch.cat(sums)
+        sums.append(logps.float())
+    return torch.cat(sums).cpu()  # one copy: a copy to the CPU waits for the GPU
 
 
 def pad_pairs_over_ranks(chosen: list[int], rejected: list[int]):
@@ -922,10 +940,22 @@ def sampler_gap(token_logps, response_mask, vllm_logprobs: list[list[float]], is
     or two (DPO: the chosen rows, then the rejected)."""
     tokens = response_mask.bool()
     real_rows = is_real.repeat(len(token_logps) // len(is_real))
-    vllm_logps = torch.tensor([x for row in vllm_logprobs for x in row], device=token_logps.device)
+    (vllm_logps,) = to_device(token_logps.device, torch.tensor([x for row in vllm_logprobs for x in row]))
     token_gap = (token_logps.detach()[tokens] - vllm_logps).abs()
     real_tokens = real_rows.repeat_interleave(tokens.sum(1))
     return (token_gap * real_tokens).sum(), real_tokens.sum()
+
+
+def batch_logprob_gap(first_update: list, vllm_logprobs: list[list[float]], device) -> float:
+    """Mean |log π_trainer - log π_vLLM| per sampled token of the batch's real terms, over every rank, from the first
+    update's forward passes: (token log-probs, their mask, their rows, is_real) of each micro-batch."""
+    gap_sum = gap_tokens = torch.zeros((), device=device)
+    for token_logps, mask, rows, real in first_update:
+        gap, tokens = sampler_gap(token_logps, mask, [vllm_logprobs[j] for j in rows], real)
+        gap_sum, gap_tokens = gap_sum + gap, gap_tokens + tokens
+    dist.all_reduce(gap_sum)
+    dist.all_reduce(gap_tokens)
+    return (gap_sum / gap_tokens).item()
 
 
 def from_rank_0(obj):
@@ -980,24 +1010,37 @@ def join_trainer_ranks(args: Args, rank: int):
     gives (MASTER_ADDR, MASTER_PORT); a lone `python async_online_dpo.py` is a group of one, which needs no address.
     Then the ranks wait for rank 0 to have built the warm start: they find it, or build the same on their machine."""
     device = place_rank(split_cpu_cores(args.cpu_share_cores)[1])
+    if device.type == "cuda" and on_generator_node() and torch.cuda.device_count() == 1:
+        # On a GPU it shares with vLLM, the trainer keeps out of vLLM's share and of the 5% vLLM and the two processes'
+        # CUDA contexts take beyond it: if it runs out, it fails with its own traceback, not vLLM in mid-generation.
+        torch.cuda.set_per_process_memory_fraction(1 - args.vllm_gpu_memory_utilization - 0.05, device)
     store = None if UNDER_TORCHRUN else dist.HashStore()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=args.dist_timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=args.trainer_ranks, timeout=timeout)
+    # device_id binds NCCL to this rank's GPU and forms its communicator here, at once, not at the first collective:
+    # without it, the barrier below guesses the device, and says so (torch distributed_c10d.py, barrier).
+    device_id = device if device.type == "cuda" else None
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=args.trainer_ranks, timeout=timeout, device_id=device_id
+    )
     dist.barrier()
     return device
 
 
-def load_policy(path: str, device, gradient_checkpointing: bool):
+def load_policy(path: str, device, gradient_checkpointing: bool, sharded: bool = False, mp_policy=None):
     """The policy, ready to train. Train mode, since transformers recomputes activations under gradient
     checkpointing only in train mode; but every dropout probability is 0, as in the paper's code and TRL, so
     that its log-probs are those of the reference and of vLLM. Dropout kept in the config (attention dropout,
-    read when a layer is built) is zeroed before loading, dropout modules after."""
+    read when a layer is built) is zeroed before loading, dropout modules after. `sharded`: with FSDP2, and its
+    mixed precision (load_sharded)."""
     config = AutoConfig.from_pretrained(path)
     for key, value in config.to_dict().items():
         if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
             setattr(config, key, 0.0)
-    policy = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).to(device)
+    if sharded:
+        policy = load_sharded(path, config, torch.float32, device, mp_policy=mp_policy)
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).to(device)
     for module in policy.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -1011,18 +1054,48 @@ def load_policies(args: Args, starting_point: StartingPoint, device):
     which averages gradients over ranks in backward, or the FSDP2-sharded policy itself), and the frozen reference
     in vLLM's dtype."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    policy = load_policy(starting_point.policy_path, device, args.gradient_checkpointing)
-    ref_policy = (
-        AutoModelForCausalLM.from_pretrained(starting_point.base_model, dtype=dtype)
-        .to(device)
-        .eval()
-        .requires_grad_(False)
-    )
+    path, base_model = starting_point.policy_path, starting_point.base_model
     if not args.fsdp:
-        return policy, DistributedDataParallel(policy), ref_policy
-    shard(policy)  # FSDP2: a rank keeps 1/R of every weight, gradient and Adam moment
-    shard(ref_policy)
-    return policy, policy, ref_policy
+        policy = load_policy(path, device, args.gradient_checkpointing)
+        ref_policy = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device)
+        # The gradients are views into DDP's buckets, not copies beside them: one float32 copy of the policy less.
+        wrapped_policy = DistributedDataParallel(policy, gradient_as_bucket_view=True)
+        return policy, wrapped_policy, ref_policy.eval().requires_grad_(False)
+    # FSDP2: a rank keeps 1/R of every weight, gradient and Adam moment. Under --bf16 the policy's weights are gathered
+    # in bfloat16 (the dtype autocast computes in), and its gradients reduced in float32.
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    mixed_precision = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
+    )
+    policy = load_policy(path, device, args.gradient_checkpointing, sharded=True, mp_policy=mixed_precision)
+    # The reference never runs backward, which is where FSDP2 frees the root's gathered weights (embeddings, head):
+    # it frees them after each forward pass instead (torch fsdp/_fully_shard/_fsdp_state.py, _lazy_init).
+    ref_policy = load_sharded(base_model, AutoConfig.from_pretrained(base_model), dtype, device, reshard_root=True)
+    return policy, policy, ref_policy.eval().requires_grad_(False)
+
+
+def load_sharded(path: str, config, dtype, device, mp_policy=None, reshard_root=None):
+    """A model sharded with FSDP2, without its whole on any device, nor in any rank's memory but rank 0's (where
+    torch's fully_shard would start from: it shards what it is given). Every rank builds the model on the meta
+    device and shards it (shard); rank 0 reads the weights into CPU memory, and every rank takes its shard of each
+    weight from it, one weight at a time (torch distributed/checkpoint/state_dict.py, set_model_state_dict with
+    broadcast_from_rank0). Buffers are in no state dict that way (a rotary table is computed as a model is built,
+    not saved), so they come from rank 0 too."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    whole = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype) if dist.get_rank() == 0 else None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    shard(model, mp_policy, reshard_root)
+    model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole.state_dict() if whole else {}, options=options)
+    for name, buffer in model.named_buffers():
+        if whole is not None:
+            buffer.copy_(whole.get_buffer(name))
+        dist.broadcast(buffer, src=0)
+    return model
 
 
 def load_rewards(args: Args, starting_point: StartingPoint, device, is_rank_0: bool):
@@ -1035,15 +1108,16 @@ def load_rewards(args: Args, starting_point: StartingPoint, device, is_rank_0: b
     return reward_fn, load_reward(args, args.gold_reward_model_path, device, tokenizer, eos_ids)
 
 
-def shard(model):
-    """FSDP2 over the trainer ranks: each transformer block, then the rest. A block gathers its full weights
-    only while it runs."""
+def shard(model, mp_policy=None, reshard_root=None):
+    """FSDP2 over the trainer ranks: each transformer block, then the rest (the root). A block gathers its full
+    weights only while it runs; the root keeps its own until the backward pass, unless reshard_root."""
     from torch.distributed.fsdp import fully_shard
 
+    precision = {"mp_policy": mp_policy} if mp_policy else {}
     for module in model.modules():
         if type(module).__name__ in (model._no_split_modules or []):
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, **precision)
+    fully_shard(model, reshard_after_forward=reshard_root, **precision)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1473,12 +1547,13 @@ def read_checkpoint(checkpoint: str) -> dict:
 
 
 def full_state_dict(args: Args, is_rank_0: bool, policy) -> dict:
-    """The whole float32 policy on rank 0, to save. Under FSDP every rank helps gather it into CPU memory."""
+    """The whole float32 policy on rank 0, to save, in CPU memory: a copy on the GPU would need room for all of it.
+    Under FSDP every rank helps gather it, a weight at a time (torch's get_model_state_dict, cpu_offload)."""
     if args.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {name: w.detach().clone() for name, w in policy.state_dict().items()} if is_rank_0 else {}
+    return {name: w.detach().to("cpu", copy=True) for name, w in policy.state_dict().items()} if is_rank_0 else {}
 
 
 def save_checkpoint(args: Args, is_rank_0: bool, version: int, policy, optimizer, scheduler, run, link):
@@ -1542,7 +1617,7 @@ def push_weights(args: Args, is_rank_0: bool, version: int, policy, batch: Batch
     dtype = torch.bfloat16 if args.bf16 else torch.float32  # vLLM's
     if args.fsdp or is_rank_0:  # under FSDP every rank holds a shard of the weights, so every rank helps gather them
         probe = make_probe(policy, batch, args.num_samples, device, args.bf16)
-        packed = pack_weights(policy, dtype, device, is_rank_0)  # None but on rank 0
+        packed = pack_weights(policy, dtype, snapshot_device(device), is_rank_0)  # None but on rank 0
     if is_rank_0:
         link.push(Snapshot(version, packed, probe))
     return t_push
@@ -1553,6 +1628,12 @@ def snapshot_weights(model) -> dict:
     once, since vLLM ties it again on its side."""
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
     return {name: w for name, w in model.state_dict().items() if w.is_floating_point() and name not in tied}
+
+
+def snapshot_device(device):
+    """Where rank 0 packs a snapshot: on GPUs, GPU 0, whose vLLM reads it there. Rank 0's own GPU is its fullest, and
+    GPU 0 has room beside vLLM's share (plan_gpu_memory). Each weight crosses once, GPU to GPU."""
+    return torch.device("cuda", 0) if device.type == "cuda" else device
 
 
 def pack_weights(model, dtype, device, is_rank_0: bool):
@@ -1611,6 +1692,125 @@ def logprobs_of(token_ids, positions) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# GPU memory, estimated before anything is loaded, from the models' configs and the flags: what each GPU of the
+# generator's machine needs (docs/gpus.md, "Memory"), printed as a run starts, and vLLM's share of GPU 0.
+GB = 1e9
+CONTEXT_GB = 1.0  # a process's CUDA context, NCCL's buffers and the allocator's slack, on each GPU it uses
+
+
+@dataclass
+class ModelShape:
+    params: int  # every parameter, a tied one once
+    block: int  # those of its largest transformer block: FSDP2 gathers a block, and the next, at a time
+    root: int  # those outside the blocks (embeddings, head, last norm): FSDP2's root unit
+    layers: int
+    hidden: int
+    vocab: int
+    kv_per_token: int  # keys and values a token keeps in vLLM's cache, over all layers
+
+
+def model_shape(path: str, model_class=AutoModelForCausalLM) -> ModelShape:
+    """A model's shape from its config alone: it is built on the meta device, which holds no weights."""
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = model_class.from_config(config)
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    blocks = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    block = max(map(count, blocks), default=0)
+    root = count(model) - sum(map(count, blocks))
+    return ModelShape(
+        count(model), block, root, len(blocks), text.hidden_size, text.vocab_size, 2 * len(blocks) * kv_heads * head_dim
+    )
+
+
+def memory_needs(args: Args, shapes: dict, longest: int, gpus: int, gpu_gb: float) -> dict[str, dict[str, float]]:
+    """GB by item on each GPU of the generator's machine (gpus of gpu_gb each), for the models' shapes ("policy",
+    "reward", "gold": None where there is no such model) and the longest prompt plus response, in tokens. The rule,
+    item by item, is docs/gpus.md's "Memory"."""
+    policy, reward, gold = shapes["policy"], shapes.get("reward"), shapes.get("gold")
+    dtype_bytes = 2 if args.bf16 else 4  # vLLM's, the reference's and the reward models' dtype, and autocast's
+    share = args.trainer_ranks if args.fsdp else 1  # FSDP2 keeps 1/R of a model on each rank
+    rows = args.micro_batch_size * (2 if args.loss_type in ("sigmoid", "ipo") else 1)  # sequences in a micro-batch
+    logits = rows * (args.response_length + 1) * policy.vocab
+    # Activations kept for the backward pass, per token of a sequence: about 17 values of the width in each layer
+    # (Korthikanti et al. 2022, 34 bytes at 16 bits, less the attention scores that fused attention never keeps);
+    # with checkpointing, one per layer, the layer's input, and a whole layer's while it is recomputed.
+    kept = policy.layers + 17 if args.gradient_checkpointing else 17 * policy.layers
+    rank = {
+        "policy, gradients and Adam (float32)": 16 * policy.params / share,
+        "reference": policy.params * dtype_bytes / share,
+        "reward model": reward.params * dtype_bytes if reward else 0,
+        "logits and their gradient": 2 * logits * dtype_bytes + 3 * 4 * logits / rows,  # + one row's float32 work
+        "activations": rows * longest * policy.hidden * kept * dtype_bytes,
+        "FSDP2's gathered root and blocks": 2 * (policy.root + 2 * policy.block) * dtype_bytes if args.fsdp else 0,
+        "CUDA context": CONTEXT_GB * GB,
+    }
+    rank_0 = rank | {"gold reward model": gold.params * dtype_bytes if gold else 0}
+    vllm_share = vllm_gpu_share(args, policy, gpus, gpu_gb)
+    generator = {
+        f"vLLM's share ({vllm_share:.2f} of the GPU)": vllm_share * gpu_gb * GB,
+        # beyond its share, vLLM builds a layer anew to reload it, and scores the probe 1024 tokens at a time
+        "vLLM beyond its share": policy.block * dtype_bytes + 1024 * policy.vocab * 4,
+        "weight snapshot": policy.params * dtype_bytes,
+    }
+    if gpus == 1:
+        needs = {"GPU 0": generator | rank_0}
+    else:
+        needs = {"GPU 0": generator | {"rank 0's CUDA context": CONTEXT_GB * GB}, "GPU 1": rank_0}
+        needs |= {f"GPU {g}": rank for g in range(2, min(gpus, args.trainer_ranks + 1))}
+    return {gpu: {item: b / GB for item, b in items.items() if b} for gpu, items in needs.items()}
+
+
+def vllm_gpu_share(args: Args, policy: ModelShape, gpus: int, gpu_gb: float) -> float:
+    """--vllm_gpu_memory_utilization, or its default: 0.4 of a GPU the trainer shares, else 0.9 less the weight
+    snapshot that rank 0 packs on GPU 0 (snapshot_device), rank 0's CUDA context there and vLLM's needs beyond its
+    share (about as much again)."""
+    if args.vllm_gpu_memory_utilization is not None:
+        return args.vllm_gpu_memory_utilization
+    snapshot_gb = policy.params * (2 if args.bf16 else 4) / GB
+    return 0.4 if gpus == 1 else round(0.9 - (snapshot_gb + 2 * CONTEXT_GB) / gpu_gb, 2)
+
+
+def plan_gpu_memory(args: Args, starting_point: StartingPoint, longest: int) -> Args:
+    """On GPUs: print what each GPU of this machine needs, warn in one sentence for each that has too little, and
+    return the flags with vLLM's share of GPU 0 resolved. On a CPU, where vLLM sizes its cache by
+    --vllm_cpu_kv_cache_gib instead, the share stays the default's for one GPU."""
+    if not torch.cuda.is_available():
+        return replace(args, vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization or 0.4)
+    shapes = {"policy": model_shape(starting_point.policy_path)}
+    for key, path in [("reward", args.reward_model_path), ("gold", args.gold_reward_model_path)]:
+        shapes[key] = model_shape(path, AutoModelForSequenceClassification) if path else None
+    gpus, gpu_gb = torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GB
+    lines, warnings = memory_report(memory_needs(args, shapes, longest, gpus, gpu_gb), gpus, gpu_gb)
+    print("\n".join(lines))
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    return replace(args, vllm_gpu_memory_utilization=vllm_gpu_share(args, shapes["policy"], gpus, gpu_gb))
+
+
+def memory_report(needs: dict, gpus: int, gpu_gb: float) -> tuple[list[str], list[str]]:
+    """The estimate as printed, a line a GPU, and a one-sentence warning for each GPU that may need more than it has."""
+    lines, warnings = [f"memory, estimated (docs/gpus.md, Memory), in GB of the {gpu_gb:.1f} of each GPU here:"], []
+    for gpu, items in needs.items():
+        total = sum(items.values())
+        lines.append(f"  {gpu}: {total:.1f}: " + ", ".join(f"{item} {gb:.1f}" for item, gb in items.items()))
+        if total > gpu_gb:
+            fix = "lower --vllm_gpu_memory_utilization" if gpu == "GPU 0" and gpus > 1 else "lower --micro_batch_size"
+            warnings.append(
+                f"warning: {gpu} may need {total:.0f} GB, more than its {gpu_gb:.0f}: {fix}, or add "
+                "--gradient_checkpointing, --bf16, or --fsdp over more ranks (docs/gpus.md, Memory)."
+            )
+    return lines, warnings
+
+
+# ----------------------------------------------------------------------------------------------------
 # Process plumbing: CPU cores, the generator's process and its end of the queues, the trainer ranks, and
 # stopping all of them cleanly whatever happens.
 def pin_to_cores(cores: list[int]):
@@ -1655,14 +1855,16 @@ class GeneratorError(RuntimeError):
 class WeightSyncError(RuntimeError):
     """vLLM's log-probs disagree with the trainer's where they should not: vLLM is not serving the pushed weights."""
 
-    def __init__(self, gap: float, tolerance: float, version: int, probe: bool):
+    def __init__(self, gap: float, tolerance: float, version: int, probe: bool, async_scheduling: bool = False):
         what = f"after loading policy version {version}, vLLM's log-probs of the probe completion"
         if not probe:
             what = f"batch {version} was sampled by policy version {version}, the very weights the trainer holds, yet "
             what += "vLLM's log-probs of its tokens"
+        # vLLM's async scheduling is on by default on GPUs, and no CPU runs it (docs/gpus.md): the first suspect.
+        first = "; try --no_vllm_async_scheduling first" if async_scheduling else ""
         super().__init__(
             f"the weight sync is broken: {what} differ from the trainer's by {gap:.3g} per token on average, more "
-            f"than --logprob_gap_tolerance {tolerance:g}; vLLM is not serving the pushed weights."
+            f"than --logprob_gap_tolerance {tolerance:g}; vLLM is not serving the pushed weights{first}."
         )
 
 

@@ -213,3 +213,11 @@ A.load_policy = other_policy
         "error: the weight sync is broken: batch 0 was sampled by policy version 0"
     ), errors
     assert read_run(tmp_path / "out")[1] == []  # nothing trained
+
+
+def test_a_broken_weight_sync_on_a_gpu_names_vllms_async_scheduling_first():
+    """vLLM schedules ahead on GPUs by default, and no CPU runs that path: the one sentence names its flag there."""
+    on_gpu = str(A.WeightSyncError(0.5, 1e-3, 3, probe=True, async_scheduling=True))
+    on_cpu = str(A.WeightSyncError(0.5, 1e-3, 3, probe=True))
+    assert on_gpu.endswith("vLLM is not serving the pushed weights; try --no_vllm_async_scheduling first.")
+    assert "async" not in on_cpu and on_cpu.endswith("vLLM is not serving the pushed weights.")
