@@ -366,7 +366,7 @@ def generator(args: Args, queues: Queues, policy_path: str, version: int, first_
         enforce_eager=not torch.cuda.is_available(),  # CUDA graphs on GPUs; on a CPU compiling only slows the start
         enable_prefix_caching=False,
         logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization,  # resolved by plan_gpu_memory
+        gpu_memory_utilization=vllm_share_of_gpu_0(args, policy_path),  # docs/gpus.md, Memory
         async_scheduling=args.vllm_async_scheduling,  # off on a CPU whatever we ask (vllm/platforms/cpu.py)
     )
     queues.samples.put(Ready())  # on a GPU it shares, the trainer may allocate now: vLLM has sized its KV cache
@@ -647,7 +647,7 @@ def main(args: Args):
             starting_point = read_starting_point(args)
             prompts, references = load_prompts(args)  # (training, held-out), and the held-out prompts' references
             max_model_len = check_lengths(args, starting_point, *prompts)
-            args = plan_gpu_memory(args, starting_point, max_model_len)  # GPUs: each one's needs, and vLLM's share
+            plan_gpu_memory(args, starting_point, max_model_len)  # GPUs: what each needs, and a warning if too much
             queues = new_queues()
             link = close_at_exit(start_generator(args, queues, starting_point, prompts, max_model_len))
             run = close_at_exit(RunFolder(args, starting_point, references, t_start))
@@ -1013,7 +1013,7 @@ def join_trainer_ranks(args: Args, rank: int):
     if device.type == "cuda" and on_generator_node() and torch.cuda.device_count() == 1:
         # On a GPU it shares with vLLM, the trainer keeps out of vLLM's share and of the 5% vLLM and the two processes'
         # CUDA contexts take beyond it: if it runs out, it fails with its own traceback, not vLLM in mid-generation.
-        torch.cuda.set_per_process_memory_fraction(1 - args.vllm_gpu_memory_utilization - 0.05, device)
+        torch.cuda.set_per_process_memory_fraction(1 - (args.vllm_gpu_memory_utilization or 0.4) - 0.05, device)
     store = None if UNDER_TORCHRUN else dist.HashStore()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=args.dist_timeout)
@@ -1220,6 +1220,11 @@ def check_args(args: Args):
             "(--trainer_ranks, or torchrun's --nproc_per_node).",
         ),
         (args.eval_split and not args.dataset, "--eval_split names a split of --dataset; give --dataset too."),
+        (
+            not 0 < (args.vllm_gpu_memory_utilization or 0.4) < 0.95,
+            f"--vllm_gpu_memory_utilization is {args.vllm_gpu_memory_utilization}; give vLLM's share of GPU 0 as a "
+            "number above 0 and below 0.95 (on one GPU the trainer needs the rest).",
+        ),
     ]:
         if wrong:
             fail(message)
@@ -1723,10 +1728,11 @@ def model_shape(path: str, model_class=AutoModelForCausalLM) -> ModelShape:
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    block = max(map(count, blocks), default=0)
+    block = max(map(count, blocks), default=0)  # none: shard() wraps the whole model as one unit
     root = count(model) - sum(map(count, blocks))
+    layers = text.num_hidden_layers
     return ModelShape(
-        count(model), block, root, len(blocks), text.hidden_size, text.vocab_size, 2 * len(blocks) * kv_heads * head_dim
+        count(model), block, root, layers, text.hidden_size, text.vocab_size, 2 * layers * kv_heads * head_dim
     )
 
 
@@ -1739,16 +1745,23 @@ def memory_needs(args: Args, shapes: dict, longest: int, gpus: int, gpu_gb: floa
     share = args.trainer_ranks if args.fsdp else 1  # FSDP2 keeps 1/R of a model on each rank
     rows = args.micro_batch_size * (2 if args.loss_type in ("sigmoid", "ipo") else 1)  # sequences in a micro-batch
     logits = rows * (args.response_length + 1) * policy.vocab
-    # Activations kept for the backward pass, per token of a sequence: about 17 values of the width in each layer
-    # (Korthikanti et al. 2022, 34 bytes at 16 bits, less the attention scores that fused attention never keeps);
-    # with checkpointing, one per layer, the layer's input, and a whole layer's while it is recomputed.
-    kept = policy.layers + 17 if args.gradient_checkpointing else 17 * policy.layers
+    # Activations kept for the backward pass, per token of a sequence: about 24 values of the width in each layer of
+    # a Llama block (its two norms, attention's inputs and outputs, the SwiGLU MLP's four at 3.5 times the width; a
+    # GPT block keeps fewer). With checkpointing, a layer keeps its input, and one layer is recomputed at a time. Under
+    # autocast the residual stream, and so a layer's input, stays float32 unless FSDP2 gathers bfloat16 weights.
+    residual_bytes = 2 if args.bf16 and args.fsdp else 4
+    per_token = rows * longest * policy.hidden
+    if args.gradient_checkpointing:
+        activations = per_token * (policy.layers * residual_bytes + 24 * dtype_bytes)
+    else:
+        activations = per_token * policy.layers * 24 * dtype_bytes
     rank = {
         "policy, gradients and Adam (float32)": 16 * policy.params / share,
+        "autocast's bfloat16 weights": 2 * policy.params if args.bf16 and not args.fsdp else 0,
         "reference": policy.params * dtype_bytes / share,
         "reward model": reward.params * dtype_bytes if reward else 0,
         "logits and their gradient": 2 * logits * dtype_bytes + 3 * 4 * logits / rows,  # + one row's float32 work
-        "activations": rows * longest * policy.hidden * kept * dtype_bytes,
+        "activations": activations,
         "FSDP2's gathered root and blocks": 2 * (policy.root + 2 * policy.block) * dtype_bytes if args.fsdp else 0,
         "CUDA context": CONTEXT_GB * GB,
     }
@@ -1771,41 +1784,71 @@ def memory_needs(args: Args, shapes: dict, longest: int, gpus: int, gpu_gb: floa
 def vllm_gpu_share(args: Args, policy: ModelShape, gpus: int, gpu_gb: float) -> float:
     """--vllm_gpu_memory_utilization, or its default: 0.4 of a GPU the trainer shares, else 0.9 less the weight
     snapshot that rank 0 packs on GPU 0 (snapshot_device), rank 0's CUDA context there and vLLM's needs beyond its
-    share (about as much again)."""
+    share (about as much again). At least 0.1: a GPU with less room fails the check in memory_report."""
     if args.vllm_gpu_memory_utilization is not None:
         return args.vllm_gpu_memory_utilization
     snapshot_gb = policy.params * (2 if args.bf16 else 4) / GB
-    return 0.4 if gpus == 1 else round(0.9 - (snapshot_gb + 2 * CONTEXT_GB) / gpu_gb, 2)
+    return 0.4 if gpus == 1 else max(0.1, round(0.9 - (snapshot_gb + 2 * CONTEXT_GB) / gpu_gb, 2))
 
 
-def plan_gpu_memory(args: Args, starting_point: StartingPoint, longest: int) -> Args:
-    """On GPUs: print what each GPU of this machine needs, warn in one sentence for each that has too little, and
-    return the flags with vLLM's share of GPU 0 resolved. On a CPU, where vLLM sizes its cache by
-    --vllm_cpu_kv_cache_gib instead, the share stays the default's for one GPU."""
+def vllm_share_of_gpu_0(args: Args, policy_path: str) -> float:
+    """vLLM's share of GPU 0, resolved as a run starts (a resumed run may be on other GPUs): vllm_gpu_share."""
+    if not torch.cuda.is_available():  # vLLM sizes its cache by --vllm_cpu_kv_cache_gib on a CPU
+        return args.vllm_gpu_memory_utilization or 0.4
+    gpu_gb = torch.cuda.get_device_properties(0).total_memory / GB
+    return vllm_gpu_share(args, model_shape(policy_path), torch.cuda.device_count(), gpu_gb)
+
+
+def plan_gpu_memory(args: Args, starting_point: StartingPoint, longest: int):
+    """On GPUs: print what each GPU of this machine needs, and warn in one sentence for each that has too little."""
     if not torch.cuda.is_available():
-        return replace(args, vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization or 0.4)
+        return
     shapes = {"policy": model_shape(starting_point.policy_path)}
     for key, path in [("reward", args.reward_model_path), ("gold", args.gold_reward_model_path)]:
         shapes[key] = model_shape(path, AutoModelForSequenceClassification) if path else None
     gpus, gpu_gb = torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GB
-    lines, warnings = memory_report(memory_needs(args, shapes, longest, gpus, gpu_gb), gpus, gpu_gb)
+    needs = memory_needs(args, shapes, longest, gpus, gpu_gb)
+    lines, warnings = memory_report(args, needs, shapes, longest, gpus, gpu_gb)
     print("\n".join(lines))
     for warning in warnings:
         print(warning, file=sys.stderr)
-    return replace(args, vllm_gpu_memory_utilization=vllm_gpu_share(args, shapes["policy"], gpus, gpu_gb))
 
 
-def memory_report(needs: dict, gpus: int, gpu_gb: float) -> tuple[list[str], list[str]]:
-    """The estimate as printed, a line a GPU, and a one-sentence warning for each GPU that may need more than it has."""
+def memory_report(args: Args, needs: dict, shapes: dict, longest: int, gpus: int, gpu_gb: float) -> tuple[list, list]:
+    """The estimate as printed, a line a GPU, and a one-sentence warning for each GPU that may need more than it has;
+    for vLLM's share, if it cannot hold vLLM's weights and one sequence's keys and values; on one GPU, if the trainer
+    needs more than the rest (join_trainer_ranks caps it there)."""
     lines, warnings = [f"memory, estimated (docs/gpus.md, Memory), in GB of the {gpu_gb:.1f} of each GPU here:"], []
+    unset = [
+        flag
+        for flag, on in [("--gradient_checkpointing", args.gradient_checkpointing), ("--bf16", args.bf16)]
+        if not on
+    ]
+    unset += ["more ranks under --fsdp" if args.fsdp else "--fsdp over several ranks"] if gpus > 1 else []
+    advice = "lower --micro_batch_size" + (f", or use {', '.join(unset)}" if unset else "")
     for gpu, items in needs.items():
         total = sum(items.values())
         lines.append(f"  {gpu}: {total:.1f}: " + ", ".join(f"{item} {gb:.1f}" for item, gb in items.items()))
         if total > gpu_gb:
-            fix = "lower --vllm_gpu_memory_utilization" if gpu == "GPU 0" and gpus > 1 else "lower --micro_batch_size"
+            fix = "lower --vllm_gpu_memory_utilization" if gpu == "GPU 0" and gpus > 1 else advice
             warnings.append(
-                f"warning: {gpu} may need {total:.0f} GB, more than its {gpu_gb:.0f}: {fix}, or add "
-                "--gradient_checkpointing, --bf16, or --fsdp over more ranks (docs/gpus.md, Memory)."
+                f"warning: {gpu} may need {total:.0f} GB, more than its {gpu_gb:.0f}: {fix} (docs/gpus.md)."
+            )
+    policy, dtype_bytes = shapes["policy"], 2 if args.bf16 else 4
+    vllm_gb = vllm_gpu_share(args, policy, gpus, gpu_gb) * gpu_gb
+    vllm_needs = (policy.params + policy.kv_per_token * longest) * dtype_bytes / GB
+    if vllm_gb < vllm_needs:
+        warnings.append(
+            f"warning: vLLM's share of GPU 0, {vllm_gb:.0f} GB, cannot hold its weights and one sequence's keys and "
+            f"values ({vllm_needs:.0f} GB): raise --vllm_gpu_memory_utilization, or use --bf16 (docs/gpus.md)."
+        )
+    if gpus == 1:
+        trainer = sum(gb for item, gb in needs["GPU 0"].items() if not item.startswith("vLLM")) - CONTEXT_GB
+        cap = (1 - vllm_gb / gpu_gb - 0.05) * gpu_gb
+        if trainer > cap:
+            warnings.append(
+                f"warning: the trainer may need {trainer:.0f} GB of GPU 0, more than the {cap:.0f} that vLLM's share "
+                f"leaves it: lower --vllm_gpu_memory_utilization, or {advice} (docs/gpus.md)."
             )
     return lines, warnings
 
@@ -2114,10 +2157,10 @@ def rank_lifetime(args: Args, rank: int):
         if reason:
             print(reason, file=sys.stderr)
         exit_now(1)  # the run is over: without leaving the process group (see shut_down), and at once
+    if dist.is_initialized():  # every rank ends here together; a signal still stops a rank that waits in it
+        dist.destroy_process_group()
     stopping.set()
     shut_down(opened)
-    if dist.is_initialized():
-        dist.destroy_process_group()  # every rank ends here together
 
 
 def exit_now(code: int):
@@ -2127,6 +2170,9 @@ def exit_now(code: int):
     sys.stderr.flush()
     multiprocessing.util._exit_function()
     os._exit(code)
+
+
+CLOSING = threading.Lock()  # shut_down's: the main thread and stop_when_stuck's may both call it
 
 
 def shut_down(opened: list):
@@ -2141,8 +2187,9 @@ def shut_down(opened: list):
     if threading.current_thread() is threading.main_thread():  # signal.signal works there alone
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    while opened:
-        opened.pop().close()
+    with CLOSING:
+        while opened:
+            opened.pop().close()
 
 
 STUCK_SECONDS = 5  # how long a signal may wait for the main thread before stop_when_stuck acts on it
@@ -2159,7 +2206,8 @@ def stop_when_stuck(opened: list, rank: int, stopping: threading.Event):
     signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
 
     def watch():
-        os.read(woken, 1)
+        while os.read(woken, 1)[0] not in (signal.SIGINT, signal.SIGTERM):  # any signal with a Python handler writes
+            pass
         if stopping.wait(STUCK_SECONDS):
             return
         if rank == 0:

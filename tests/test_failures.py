@@ -34,6 +34,7 @@ BAD_INPUT = [
     ("--batches_per_round 3", "--num_steps 128 is not a whole number of rounds of --batches_per_round 3"),
     ("--trainer_ranks 64", "--trainer_ranks"),
     ("--trainer_ranks 2 --batch_size 7", "--batch_size 7"),
+    ("--vllm_gpu_memory_utilization 0.97", "--vllm_gpu_memory_utilization is 0.97; give vLLM's share"),
 ]
 
 
