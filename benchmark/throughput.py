@@ -57,7 +57,7 @@ def vllm_engine(args: A.Args, model_path: str, cores: list[int]):
         max_model_len=max_model_len,
         enforce_eager=True,
         enable_prefix_caching=False,
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        gpu_memory_utilization=A.vllm_share_of_gpu_0(args, model_path),
     )
     params = SamplingParams(n=args.num_samples, temperature=args.temperature, max_tokens=args.response_length)
 
