@@ -319,16 +319,16 @@ class Done:  # no more batches: what the generator did since the last one
 # N), and the generator may run A = --async_steps rounds ahead. With N = 1 and A = 1 (the defaults) it samples
 # batch i+1 while the trainer learns from batch i, one version behind:
 #
-#   generator | b0 (v0) | b1 (v0) | b2 (v1) | b3 (v2) | ...        b_i (v_j): batch i sampled by version j
-#   trainer   |  wait   | train b0 | train b1 | train b2 | ...      training b_i makes version i+1
-#                                 ^ push v1  ^ push v2
+#   generator | b0 (v0)  | b1 (v0)  | b2 (v1)  | b3 (v2)  | ...      b_i (v_j): batch i sampled by version j
+#   trainer   |   wait   | train b0 | train b1 | train b2 | ...      training b_i makes version i+1
+#                                   ^ push v1  ^ push v2
 #
 # With A = 0 the generator waits for the version that starts each round. N = 1 is then synchronous, on-policy
 # RLHF (sync_baseline.py); N = 4 is the paper's off-policy setting, each round trained at lags 0, 1, 2, 3:
 #
-#   generator | b0 (v0) | b1 (v0) | b2 (v0) | b3 (v0) |   wait   | b4 (v4) | b5 (v4) | ...
-#   trainer   |  wait   | train b0 | train b1 | train b2 | train b3 |  wait   | train b4 | ...
-#                                                          ^ push v4
+#   generator | b0 (v0)  | b1 (v0)  | b2 (v0)  | b3 (v0)  |   wait   | b4 (v4)  | b5 (v4)  | ...
+#   trainer   |   wait   | train b0 | train b1 | train b2 | train b3 |   wait   | train b4 | ...
+#                                                                    ^ push v4
 #
 # The version is exact, not "at least": with per-prompt sampling seeds, a run is then reproducible, and a resumed
 # run samples what the uninterrupted one would have.
