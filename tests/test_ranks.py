@@ -141,8 +141,7 @@ def test_a_generator_that_fails_to_start_ends_every_rank_under_a_collective_tear
         assert p.returncode != 0 and "vLLM failed to start, on purpose" in err, err[-3000:]
         assert gone_within(10, marker)
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+        kill_every_process(p, marker)
 
 
 RANK_1_HANGS_AT_STEP_3 = """
@@ -182,11 +181,21 @@ def test_a_rank_waiting_in_a_collective_still_stops_when_told(cache_dir, tmp_pat
         assert p.wait(timeout=10) != 0
         print(f"the run stopped {stopped_in:.1f} s after rank 0 was told to")
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+        kill_every_process(p, marker)
 
 
 def rank_of(pid: int) -> str:
     with open(f"/proc/{pid}/environ", "rb") as f:
         variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
     return variables.get(b"RANK", b"").decode()
+
+
+def kill_every_process(p, marker: str):
+    """After a test, whatever it left: torchrun's workers are in sessions of their own, out of reach of its group."""
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+    for pid in processes_with(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
