@@ -17,6 +17,7 @@ unbound number. A SOURCE is one of:
     study claim ID[@PART]              a verdict of the study: its mean [low, high]; @outcome its verdict, @axis1 and
                                        @axis2 claim 2's size axis, @mean, @low, @high one part
     summary RUN_FOLDER KEY             a key of a committed run's summary.json
+    eval RUN_FOLDER VERSION            the gold reward of that version's evaluation in the run's metrics.jsonl
     'TEXT'                             a constant the page states, not a measurement (the study's margin, say)
 
 Model sizes ("10.6 M") and versions ("0.32.0") are names, not quoted numbers.
@@ -36,7 +37,7 @@ RESULTS = {"bench": "benchmark/results/results.json", "study": "benchmark/study_
 # The sections whose every quoted number must be bound (a table that names its machine and date needs none).
 RESULT_SECTIONS = {
     "README.md": ["The benchmark", "The off-policy study"],
-    "docs/benchmark.md": ["Results", "The default run"],
+    "docs/benchmark.md": ["Results", "The default runs"],
     "docs/study.md": ["Results"],
 }
 NUMBER = re.compile(r"(?<![\w.])[+-]?\d+\.\d+(?!\w|\.\d)(?! M\b)")
@@ -138,6 +139,11 @@ def resolve(source: str) -> list[tuple[str, object]]:
     if kind == "summary":
         folder, key = rest.split()
         return [("number", json.load(open(os.path.join(ROOT, folder, "summary.json")))[key])]
+    if kind == "eval":
+        folder, version = rest.split()
+        rows = [json.loads(line) for line in open(os.path.join(ROOT, folder, "metrics.jsonl"))]
+        (row,) = [r for r in rows if r.get("eval/version") == int(version)]
+        return [("number", row["eval/gold_reward"])]
     results = json.load(open(os.path.join(ROOT, RESULTS[kind])))
     if rest.startswith("claim "):
         claim = {c["id"]: c for c in results["claims"]}[rest.removeprefix("claim ")]
