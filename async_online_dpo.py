@@ -12,9 +12,8 @@ while the trainer learns from earlier batches with online DPO, so generation and
     python sync_baseline.py --batches_per_round 4   # the paper's off-policy N: one version samples 4 batches
     python async_online_dpo.py --loss_type rloo     # or ipo, best_of_k; --updates_per_batch 2, --model_size 30m
 
-Part I, the method, reads top to bottom in the order things happen; Part II, below one divider, is support code.
-README.md is the tutorial. docs/ is the reference: metrics.md (every logged quantity), implementation_details.md
-(each detail's reason and source), gpus.md (GPU recipes, memory, ranks, failures), benchmark.md and study.md.
+Part I, the method, reads top to bottom in the order things happen; Part II, below a divider, is support code.
+README.md is the tutorial; docs/ is the reference: metrics, implementation details, GPUs, benchmark, study.
 """
 
 import datetime
@@ -171,8 +170,8 @@ def token_logprobs(model, input_ids, attention_mask, response_width: int, temper
     """log π(y_t | x, y_<t) of the last T = `response_width` tokens of each row, (B, T), logits divided by the sampling
     temperature as in the paper's code. A row is a prompt, left-padded, then its response, right-padded (pad_batch),
     so every response starts in the same column, and positions start at 0 after the padding. So only the last T + 1
-    columns need logits: all of them would take GBs at a 128k vocabulary. The float32 log-softmax, three copies of
-    them, then runs a row at a time, recomputed in the backward pass (docs/gpus.md, Memory)."""
+    columns need logits (all would take GBs at a 128k vocabulary), and their float32 log-softmax runs a row at a time,
+    recomputed in the backward pass."""
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -253,9 +252,8 @@ def best_of_k_loss(chosen_logps):
 # ----------------------------------------------------------------------------------------------------
 # The one place that touches vLLM internals, written against vLLM 0.32.0 (V1 engine on a CPU, runner V2 on GPUs).
 def load_weights_into_vllm(llm, named_tensors: list):
-    """reload_weights copies (transformers name, tensor) pairs into the running engine's parameters in place: no
-    restart, no disk, and CUDA graphs over them stay valid. The prefix cache holds keys and values of the old
-    weights, so it must be dropped."""
+    """reload_weights copies (transformers name, tensor) pairs into the engine's parameters in place: no restart, no
+    disk, and CUDA graphs over them stay valid. The prefix cache holds the old weights' keys and values: dropped."""
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
     llm.reset_prefix_cache()
     if torch.cuda.is_available():
@@ -431,8 +429,8 @@ def generator(args: Args, queues: Queues, policy_path: str, version: int, first_
 # ----------------------------------------------------------------------------------------------------
 # The weight-sync check. Each time vLLM loads pushed weights it scores a probe completion, whose log-probs the
 # trainer computed with those weights; and at lag 0 the trainer's log-probs of a batch's tokens must be vLLM's. Where
-# they differ by more than float error, vLLM is not serving what was pushed: the run stops. Both compute the same
-# thing: the policy's dropout is zeroed (load_policy), and vLLM's float32 attention keeps full precision on GPUs.
+# they differ by more than float error (both compute the same thing: dropout is zeroed, and vLLM's float32 attention
+# keeps full precision on GPUs), vLLM is not serving what was pushed: the run stops.
 @dataclass
 class Probe:
     prompt_ids: list[int]
@@ -541,8 +539,8 @@ def train(args: Args, rank: int, device, starting_point: "StartingPoint", run=No
             optimizer.step()  # with every pair tied there are no gradients, and AdamW leaves the weights be
             scheduler.step()
             optimizer.zero_grad()
-        real = torch.cat(per_term.pop("is_real", [torch.zeros(0)])) > 0  # none where every pair tied
-        per_term = {name: torch.cat(values)[real].cpu() for name, values in per_term.items()}  # the real terms
+        kept = torch.cat(per_term.pop("is_real", [torch.zeros(0)])) > 0  # the real terms; none if every pair tied
+        per_term = {name: torch.cat(values)[kept].cpu() for name, values in per_term.items()}
         t_trained = time.time()
 
         # 5. The weight-sync check, on the first update's forward passes. At lag 0 vLLM sampled with the weights the
@@ -642,8 +640,7 @@ def main(args: Args):
     run = link = None
     with rank_lifetime(args, rank) as close_at_exit:  # however it ends: one sentence, and every process stopped
         if rank == 0:
-            # The task: where training starts, its prompts, and the context they need. Then the generator, which takes
-            # longest to start: it loads the policy from disk once, and weights arrive by queue from then on.
+            # The task (policy, prompts, lengths), then the generator, slowest to start: weights come by queue later.
             starting_point = read_starting_point(args)
             prompts, references = load_prompts(args)  # (training, held-out), and the held-out prompts' references
             max_model_len = check_lengths(args, starting_point, *prompts)
