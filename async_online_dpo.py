@@ -1008,9 +1008,10 @@ def join_trainer_ranks(args: Args, rank: int):
     Then the ranks wait for rank 0 to have built the warm start: they find it, or build the same on their machine."""
     device = place_rank(split_cpu_cores(args.cpu_share_cores)[1])
     if device.type == "cuda" and on_generator_node() and torch.cuda.device_count() == 1:
-        # On a GPU it shares with vLLM, the trainer keeps out of vLLM's share and of the 5% vLLM and the two processes'
-        # CUDA contexts take beyond it: if it runs out, it fails with its own traceback, not vLLM in mid-generation.
-        torch.cuda.set_per_process_memory_fraction(1 - (args.vllm_gpu_memory_utilization or 0.4) - 0.05, device)
+        # On a GPU it shares with vLLM, the trainer keeps out of vLLM's share and of the slack beyond it: if it runs
+        # out, it fails with its own traceback, not vLLM in mid-generation.
+        vllm_share = args.vllm_gpu_memory_utilization or SHARED_GPU_VLLM_SHARE
+        torch.cuda.set_per_process_memory_fraction(1 - vllm_share - SHARED_GPU_SLACK, device)
     store = None if UNDER_TORCHRUN else dist.HashStore()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=args.dist_timeout)
@@ -1218,9 +1219,9 @@ def check_args(args: Args):
         ),
         (args.eval_split and not args.dataset, "--eval_split names a split of --dataset; give --dataset too."),
         (
-            not 0 < (args.vllm_gpu_memory_utilization or 0.4) < 0.95,
+            not 0 < (args.vllm_gpu_memory_utilization or SHARED_GPU_VLLM_SHARE) < 1 - SHARED_GPU_SLACK,
             f"--vllm_gpu_memory_utilization is {args.vllm_gpu_memory_utilization}; give vLLM's share of GPU 0 as a "
-            "number above 0 and below 0.95 (on one GPU the trainer needs the rest).",
+            f"number above 0 and below {1 - SHARED_GPU_SLACK:g} (on one GPU the trainer needs the rest).",
         ),
     ]:
         if wrong:
@@ -1698,6 +1699,8 @@ def logprobs_of(token_ids, positions) -> list[float]:
 # generator's machine needs (docs/gpus.md, "Memory"), printed as a run starts, and vLLM's share of GPU 0.
 GB = 1e9
 CONTEXT_GB = 1.0  # a process's CUDA context, NCCL's buffers and the allocator's slack, on each GPU it uses
+SHARED_GPU_VLLM_SHARE = 0.4  # vLLM's default share of a GPU the trainer shares
+SHARED_GPU_SLACK = 0.05  # of that GPU, what vLLM takes beyond its share, and the two processes' CUDA contexts
 
 
 @dataclass
@@ -1785,13 +1788,13 @@ def vllm_gpu_share(args: Args, policy: ModelShape, gpus: int, gpu_gb: float) -> 
     if args.vllm_gpu_memory_utilization is not None:
         return args.vllm_gpu_memory_utilization
     snapshot_gb = policy.params * (2 if args.bf16 else 4) / GB
-    return 0.4 if gpus == 1 else max(0.1, round(0.9 - (snapshot_gb + 2 * CONTEXT_GB) / gpu_gb, 2))
+    return SHARED_GPU_VLLM_SHARE if gpus == 1 else max(0.1, round(0.9 - (snapshot_gb + 2 * CONTEXT_GB) / gpu_gb, 2))
 
 
 def vllm_share_of_gpu_0(args: Args, policy_path: str) -> float:
     """vLLM's share of GPU 0, resolved as a run starts (a resumed run may be on other GPUs): vllm_gpu_share."""
     if not torch.cuda.is_available():  # vLLM sizes its cache by --vllm_cpu_kv_cache_gib on a CPU
-        return args.vllm_gpu_memory_utilization or 0.4
+        return args.vllm_gpu_memory_utilization or SHARED_GPU_VLLM_SHARE
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / GB
     return vllm_gpu_share(args, model_shape(policy_path), torch.cuda.device_count(), gpu_gb)
 
@@ -1841,7 +1844,7 @@ def memory_report(args: Args, needs: dict, shapes: dict, longest: int, gpus: int
         )
     if gpus == 1:
         trainer = sum(gb for item, gb in needs["GPU 0"].items() if not item.startswith("vLLM")) - CONTEXT_GB
-        cap = (1 - vllm_gb / gpu_gb - 0.05) * gpu_gb
+        cap = (1 - vllm_gb / gpu_gb - SHARED_GPU_SLACK) * gpu_gb
         if trainer > cap:
             warnings.append(
                 f"warning: the trainer may need {trainer:.0f} GB of GPU 0, more than the {cap:.0f} that vLLM's share "
