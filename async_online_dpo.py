@@ -108,6 +108,8 @@ class Args:
     """RLOO: the KL penalty in its reward, score - kl_coef · Σ_t (log π_old - log π_ref) (the paper: 0.05)"""
     clip_range: float = 0.2
     """RLOO: ε, the sequence ratio π_θ / π_old is clipped to [1 - ε, 1 + ε] (the paper: 0.2)"""
+    tis_cap: float | None = None
+    """online DPO's off-policy correction: weigh each pair by π_θ / π_sampler, truncated at this cap; None: off"""
     learning_rate: float = 1e-4
     """AdamW learning rate, decayed linearly to 0 over all --num_steps × --updates_per_batch updates"""
     updates_per_batch: int = 1
@@ -226,6 +228,18 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     if loss_type == "ipo":
         return (logits - 1 / (2 * beta)) ** 2
     return -F.logsigmoid(beta * logits)
+
+
+def tis_ratio(pair_logps, sampler_pair_logps, cap: float | None):
+    """The off-policy correction for online DPO (--tis_cap C; None: off, w = 1), a truncated importance ratio per pair:
+        w = min(C, π_θ(y_c|x) π_θ(y_r|x) / (μ(y_c|x) μ(y_r|x))),   detached: it weighs the pair's loss
+    μ sampled the pair (vLLM's log-probs come with the batch), π_θ is trained; at lag 0, w = 1. With k = 2 the pair is
+    all its prompt sampled, so before the cap w is that sample's exact likelihood ratio. Truncated importance sampling
+    (Yao et al. 2025, fengyao.notion.site/off-policy-rl; verl's sequence-level rollout IS caps at 2) on DPO's pairs.
+    IcePop (arXiv 2510.18855) would drop pairs outside a band instead: few are left of a few pairs an update."""
+    if cap is None:
+        return torch.ones_like(pair_logps)
+    return torch.exp(pair_logps.detach() - sampler_pair_logps).clamp(max=cap)
 
 
 def rloo_advantages(rewards):
@@ -520,6 +534,11 @@ def train(args: Args, rank: int, device, starting_point: "StartingPoint", run=No
                     losses = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.loss_type)
                     margin = args.beta * ((chosen_logps - ref_chosen) - (rejected_logps - ref_rejected))
                     stats = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "margin": margin}
+                    # The off-policy correction, --tis_cap (off: w = 1, the loss as it was): each pair's truncated ratio
+                    (sampler,) = to_device(device, old_logps[chosen[mb]] + old_logps[rejected[mb]])
+                    ratio = tis_ratio(chosen_logps + rejected_logps, sampler, args.tis_cap)
+                    losses = losses * ratio
+                    stats |= {"tis_ratio": ratio, "pair_logps": chosen_logps + rejected_logps, "sampler_logps": sampler}
                 elif args.loss_type == "rloo":  # RLOO: every completion, π_old being the sampler
                     rows = completions[mb]
                     logps, token_logps, mask = logprobs_of(rows)
@@ -617,6 +636,9 @@ def step_metrics(args: Args, step: int, batch: Batch, per_completion, per_term, 
         metrics["rewards/dpo_accuracy"] = (per_term["margin"] > 0).float().mean().item() if per_term else float("nan")
         metrics["logps/chosen"] = mean("chosen_logps")
         metrics["logps/rejected"] = mean("rejected_logps")
+        if args.tis_cap is not None:  # the correction's mean ratio, and each pair's, to check by hand (docs/metrics.md)
+            metrics["offpolicy/tis_ratio"] = mean("tis_ratio")
+            metrics["offpolicy/pairs"] = pair_records(per_term)
     elif args.loss_type == "rloo":
         charged = per_completion["scores"].flatten() - args.kl_coef * per_completion["kl"]  # with its KL charge
         metrics["rloo/reward"] = charged.mean().item()
@@ -884,6 +906,14 @@ def pad_batch(prompts: list[list[int]], responses: list[list[int]]):
         ids[i, prompt_width - len(p) : prompt_width + len(r)] = torch.tensor(p + r, dtype=torch.long)
         mask[i, prompt_width - len(p) : prompt_width + len(r)] = 1
     return ids, mask
+
+
+def pair_records(per_term: dict) -> list[list[float]]:
+    """[log π_θ(y_c|x) + log π_θ(y_r|x), the same under the sampler (vLLM's), tis_ratio] of each pair of the step, in
+    every update: what a reader needs to recompute the ratio by hand."""
+    if not per_term:  # every pair tied
+        return []
+    return torch.stack([per_term[name] for name in ("pair_logps", "sampler_logps", "tis_ratio")], 1).tolist()
 
 
 def to_device(device, *tensors) -> tuple:
@@ -1186,6 +1216,15 @@ def check_args(args: Args):
         (args.kl_coef < 0, f"--kl_coef is {args.kl_coef}; it must be at least 0 (the paper's RLOO uses 0.05)."),
         (args.clip_range <= 0, f"--clip_range is {args.clip_range}; it must be positive (the paper's RLOO uses 0.2)."),
         (
+            args.tis_cap is not None and args.loss_type not in ("sigmoid", "ipo"),
+            f"--tis_cap weighs online DPO's pairs, and --loss_type {args.loss_type} has none; drop --tis_cap, or use "
+            "--loss_type sigmoid or ipo.",
+        ),
+        (
+            args.tis_cap is not None and args.tis_cap <= 0,
+            f"--tis_cap is {args.tis_cap}; it must be positive (truncated IS commonly caps at 2), or None: off.",
+        ),
+        (
             args.num_steps % N,
             f"--num_steps {args.num_steps} is not a whole number of rounds of --batches_per_round {N}; make it a "
             f"multiple of {N}.",
@@ -1368,6 +1407,7 @@ class RunFolder:
 
     def log_step(self, step: int, metrics: dict, batch: Batch, times: "StepTimes"):
         """One dict to TensorBoard and metrics.jsonl, and one printed line; then what the generator sent."""
+        pairs = {"pairs": metrics.pop("offpolicy/pairs")} if "offpolicy/pairs" in metrics else {}  # to the file alone
         metrics = metrics | {
             "time/wait_samples": times.got_batch - times.began,
             "time/train": times.trained - times.got_batch,
@@ -1386,7 +1426,7 @@ class RunFolder:
         }
         self.version_time[step + 1] = t3
         self.step_log.append(metrics)
-        self.metrics_file.write(json.dumps({"step": step, **metrics, "timeline": timeline}) + "\n")
+        self.metrics_file.write(json.dumps({"step": step, **metrics, **pairs, "timeline": timeline}) + "\n")
         m = metrics
         print(
             f"step {step + 1:3d}/{self.args.num_steps}  policy v{step:<3d} on batch v{batch.version:<3d} "

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -24,14 +25,15 @@ from conftest import ROOT, gone_within, max_difference, read_run, run_script, st
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(cache_dir, tmp_path):
-    """IPO in rounds of N = 2 batches, one round ahead: batch i is sampled by version max(0, 2 (i // 2 - 1)), so a
-    checkpoint at version 4 holds batches 4 and 5, sampled by version 2. Version 3 starts no round, but is pushed
-    to be evaluated."""
+    """IPO with the off-policy correction, in rounds of N = 2 batches, one round ahead: batch i is sampled by version
+    max(0, 2 (i // 2 - 1)), so a checkpoint at version 4 holds batches 4 and 5, sampled by version 2. Version 3 starts
+    no round, but is pushed to be evaluated."""
     flags = "--num_steps 6 --batch_size 8 --micro_batch_size 4 --eval_every 3 --eval_prompts 16 --save_every 2".split()
-    flags += "--loss_type ipo --batches_per_round 2".split()
+    flags += "--loss_type ipo --batches_per_round 2 --tis_cap 2".split()
     result = run_script("async_online_dpo.py", cache_dir, tmp_path / "whole", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     whole_dir, whole_steps, whole_evals = read_run(tmp_path / "whole")
+    check_the_correction_by_hand(whole_steps, cap=2.0)
 
     marker = uuid.uuid4().hex
     p = start("async_online_dpo.py", cache_dir, tmp_path / "killed", *flags, marker=marker)
@@ -60,6 +62,21 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(cache_dir, tmp_path):
     assert [os.path.basename(c) for c in glob.glob(os.path.join(run_dir, "checkpoint-*"))] == ["checkpoint-000006"]
     details = open(os.path.join(ROOT, "docs", "implementation_details.md")).read()
     assert "`checkpoint-000016/` (the policy version, six digits)" in details and "only the newest is kept" in details
+
+
+def check_the_correction_by_hand(steps, cap):
+    """Each logged pair's ratio is min(cap, exp(log π_θ - log μ)) of its own logged log-probs; it is 1 up to float error
+    at lag 0, where the trainer holds the weights that sampled, and moves off 1 at a lag; the step's mean is theirs."""
+    for step in steps:
+        assert step["pairs"], step  # every step of this run has pairs whose scores differ
+        for trained, sampled, ratio in step["pairs"]:
+            assert ratio == pytest.approx(min(cap, math.exp(trained - sampled)), rel=1e-5)
+        ratios = [ratio for _, _, ratio in step["pairs"]]
+        assert step["offpolicy/tis_ratio"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-6)
+        if step["async/lag"] == 0:
+            assert max(abs(r - 1) for r in ratios) < 1e-3, step["pairs"]
+    stale = [abs(r - 1) for step in steps if step["async/lag"] > 0 for _, _, r in step["pairs"]]
+    assert max(stale) > 0.01  # this test could not fail if the ratio stayed 1
 
 
 def make_reward_model(path, seed):

@@ -121,6 +121,9 @@ def test_track_without_the_wandb_client_names_the_install(capsys, cache_dir, tmp
         ),
         (dict(kl_coef=-0.1), "--kl_coef is -0.1; it must be at least 0"),
         (dict(clip_range=0.0), "--clip_range is 0.0; it must be positive"),
+        (dict(tis_cap=0.0), "--tis_cap is 0.0; it must be positive"),
+        (dict(tis_cap=2.0, loss_type="rloo"), "--tis_cap weighs online DPO's pairs, and --loss_type rloo has none"),
+        (dict(tis_cap=2.0, loss_type="best_of_k"), "--tis_cap weighs online DPO's pairs, and --loss_type best_of_k"),
     ],
 )
 def test_bad_settings_of_the_off_policy_study_give_one_sentence(capsys, fields, message):

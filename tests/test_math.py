@@ -196,6 +196,37 @@ def test_best_of_k_loss_is_the_negative_log_likelihood_of_the_chosen():
     assert A.best_of_k_loss(logps).tolist() == pytest.approx(expected, abs=1e-4)
 
 
+def test_the_off_policy_correction_is_the_truncated_pair_ratio_by_hand():
+    """tis_ratio against the formula written out: w = min(C, exp(Σ log π_θ(chosen, rejected) - Σ log μ(the same))),
+    per pair, from token log-probs as vLLM sends them (lists of floats), detached."""
+    trainer = {"chosen": [[-0.5, -1.0, -0.25], [-2.0, -0.1]], "rejected": [[-1.5, -0.75], [-0.2, -0.3, -0.4]]}
+    sampler = {"chosen": [[-0.6, -1.2, -0.3], [-3.0, -0.1]], "rejected": [[-1.0, -0.5], [-0.2, -0.3, -0.4]]}
+    pair_logps = torch.tensor([sum(trainer["chosen"][i]) + sum(trainer["rejected"][i]) for i in range(2)])
+    pair_logps.requires_grad_(True)
+    sampler_logps = torch.tensor([sum(sampler["chosen"][i]) + sum(sampler["rejected"][i]) for i in range(2)])
+    cap = 1.5
+    by_hand = []
+    for i in range(2):
+        log_ratio = sum(trainer["chosen"][i]) - sum(sampler["chosen"][i])
+        log_ratio += sum(trainer["rejected"][i]) - sum(sampler["rejected"][i])
+        by_hand.append(min(cap, math.exp(log_ratio)))
+    got = A.tis_ratio(pair_logps, sampler_logps, cap)
+    assert got.tolist() == pytest.approx(by_hand, rel=1e-6)
+    assert by_hand[0] == pytest.approx(math.exp(0.35 - 0.75)) and by_hand[0] < cap  # not capped
+    assert by_hand[1] == cap  # exp(1.0) = 2.72, capped
+    assert not got.requires_grad  # a weight on the loss: no gradient flows through it
+
+
+def test_the_off_policy_correction_is_1_at_lag_0_and_when_off():
+    """Where the trainer holds the weights that sampled (lag 0), π_θ = μ and every pair weighs 1; off (cap None), every
+    pair weighs exactly 1 whatever the log-probs, so the loss is the one without the correction, to the bit."""
+    logps = torch.tensor([-3.25, -10.5, -0.125])
+    assert A.tis_ratio(logps, logps.clone(), 2.0).tolist() == [1.0, 1.0, 1.0]
+    assert A.tis_ratio(logps, logps - 5.0, None).tolist() == [1.0, 1.0, 1.0]
+    losses = A.dpo_loss(logps, logps - 1, logps + 0.5, logps - 2, 0.1)
+    assert torch.equal(losses * A.tis_ratio(logps, logps + 3, None), losses)
+
+
 def test_each_loss_trains_on_its_own_completions():
     """What train() picks from select_pairs: DPO and IPO the (chosen, rejected) pair of each prompt whose scores differ,
     best-of-k the chosen of every prompt. RLOO trains on every completion."""
