@@ -2,8 +2,7 @@
 
 Reference implementation of "Asynchronous RLHF: Faster and More Efficient Off-Policy RL for Language Models"
 (Noukhovitch et al., ICLR 2025, arXiv 2410.18252). A vLLM generator samples completions with an older policy
-while the trainer learns from earlier batches with online DPO, so generation and training overlap.
-`sync_baseline.py` runs the same code in lockstep for comparison.
+while the trainer learns from earlier batches (online DPO), so they overlap; `sync_baseline.py` is the same in lockstep.
 
     python async_online_dpo.py     # CPU: generator and trainer on separate cores; 1 GPU: both share GPU 0
     CUDA_VISIBLE_DEVICES=0,1 python async_online_dpo.py   # 2 GPUs: generator on GPU 0, trainer on GPU 1
@@ -169,11 +168,10 @@ class Args:
 # ----------------------------------------------------------------------------------------------------
 # The math: log-probs, scores, pairs and the losses. Pure functions, checked in tests/.
 def token_logprobs(model, input_ids, attention_mask, response_width: int, temperature: float):
-    """log π(y_t | x, y_<t) of the last T = `response_width` tokens of each row, (B, T), logits divided by the sampling
-    temperature as in the paper's code. A row is a prompt, left-padded, then its response, right-padded (pad_batch),
-    so every response starts in the same column, and positions start at 0 after the padding. So only the last T + 1
-    columns need logits (all would take GBs at a 128k vocabulary), and their float32 log-softmax runs a row at a time,
-    recomputed in the backward pass."""
+    """log π(y_t | x, y_<t), (B, T), of the last T = `response_width` tokens of each row, logits divided by the sampling
+    temperature as in the paper's code. A row is a left-padded prompt, positions from 0 after the padding, then its
+    right-padded response (pad_batch): every response starts in the same column, so only the last T + 1 need logits (all
+    would take GBs at a 128k vocabulary), and their float32 log-softmax runs a row at a time, recomputed in backward."""
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -192,8 +190,7 @@ def row_logprobs(logits, targets, temperature: float):
 
 
 def completion_logprobs(model, prompt_ids, response_ids, rows, args: Args, device):
-    """log π(y|x) = Σ_t log π(y_t | x, y_<t) of the completions `rows` (indices into response_ids, each with its prompt
-    in prompt_ids), (B,), with their tokens' log-probs, (B, T), and the mask of those tokens."""
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) of the completions `rows`, (B,), with token log-probs (B, T) and mask."""
     ids, mask = to_device(device, *pad_batch([prompt_ids[j] for j in rows], [response_ids[j] for j in rows]))
     width = max(len(response_ids[j]) for j in rows)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -233,10 +230,9 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 def tis_ratio(pair_logps, sampler_pair_logps, cap: float | None):
     """The off-policy correction for online DPO (--tis_cap C; None: off, w = 1), a truncated importance ratio per pair:
         w = min(C, π_θ(y_c|x) π_θ(y_r|x) / (μ(y_c|x) μ(y_r|x))),   detached: it weighs the pair's loss
-    μ sampled the pair (vLLM's log-probs come with the batch), π_θ is trained; at lag 0, w = 1. With k = 2 the pair is
-    all its prompt sampled, so before the cap w is that sample's exact likelihood ratio. Truncated importance sampling
-    (Yao et al. 2025, fengyao.notion.site/off-policy-rl; verl's sequence-level rollout IS caps at 2) on DPO's pairs.
-    IcePop (arXiv 2510.18855) would drop pairs outside a band instead: few are left of a few pairs an update."""
+    μ (vLLM) sampled the pair; at lag 0, w = 1; with k = 2 the pair is all its prompt sampled, so uncapped w is its
+    exact likelihood ratio. Truncated importance sampling (Yao et al. 2025, fengyao.notion.site/off-policy-rl; verl's
+    sequence-level rollout IS caps at 2) on DPO's pairs. IcePop's band filter (arXiv 2510.18855) would leave too few."""
     if cap is None:
         return torch.ones_like(pair_logps)
     return torch.exp(pair_logps.detach() - sampler_pair_logps).clamp(max=cap)
@@ -251,8 +247,7 @@ def rloo_advantages(rewards):
 def rloo_loss(logps, old_logps, advantages, clip_range: float):
     """Per-completion RLOO loss, PPO's clipped objective (Schulman et al. 2017, eq. 7) on the sequence ratio
     ρ = π_θ(y|x) / π_old(y|x) = exp(Σ_t log π_θ - Σ_t log π_old), where π_old sampled y:
-        max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε))
-    Also returns ρ, and where the clipped term is the larger (no gradient flows there)."""
+        max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε))   also returned: ρ, and where the clipped term is larger (no gradient)"""
     ratio = torch.exp(logps - old_logps)
     unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
     return torch.max(unclipped, clipped), ratio, clipped > unclipped
@@ -276,8 +271,7 @@ def load_weights_into_vllm(llm, named_tensors: list):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The generator process owns vLLM. These queues connect it to rank 0 (torch.multiprocessing, so that tensors cross
-# in shared memory), and what crosses them is declared below.
+# The generator process owns vLLM. Queues link it to rank 0 (torch.multiprocessing: tensors cross in shared memory).
 @dataclass
 class Queues:
     samples: Any  # generator -> trainer: Ready once vLLM is up, a Batch per step, each Evaluation once made, Done
@@ -310,9 +304,8 @@ class Evaluation:  # of policy `version`, on the held-out prompts
 
 @dataclass
 class Snapshot:
-    """The policy after an update. The trainer packs every weight, cast to vLLM's dtype, into one flat buffer in
-    shared memory (on a GPU, one CUDA IPC handle) with a (name, shape, offset) each: pack_weights. The queue sends
-    that one buffer; the generator reads views into it (unpack_weights), which vLLM copies into its weights."""
+    """The policy after an update: every weight, cast to vLLM's dtype, in one flat shared buffer (on a GPU, one CUDA
+    IPC handle) with a (name, shape, offset) each (pack_weights); vLLM copies from views into it (unpack_weights)."""
 
     version: int
     packed: tuple  # (the buffer, [(name, shape, offset)])
@@ -327,9 +320,8 @@ class Done:  # no more batches: what the generator did since the last one
 
 
 # Sync, async and the paper's off-policy study differ in one rule: batch i is sampled by policy version
-# max(0, N·(i // N - A)). One version samples a round of N = --batches_per_round batches in a row (the paper's
-# N), and the generator may run A = --async_steps rounds ahead. With N = 1 and A = 1 (the defaults) it samples
-# batch i+1 while the trainer learns from batch i, one version behind:
+# max(0, N·(i // N - A)). One version samples a round of N = --batches_per_round batches, and the generator runs
+# A = --async_steps rounds ahead. With N = A = 1 (the defaults) it samples batch i+1 as the trainer learns from b_i:
 #
 #   generator | b0 (v0)  | b1 (v0)  | b2 (v1)  | b3 (v2)  | ...      b_i (v_j): batch i sampled by version j
 #   trainer   |   wait   | train b0 | train b1 | train b2 | ...      training b_i makes version i+1
@@ -342,8 +334,7 @@ class Done:  # no more batches: what the generator did since the last one
 #   trainer   |   wait   | train b0 | train b1 | train b2 | train b3 |   wait   | train b4 | ...
 #                                                                    ^ push v4
 #
-# The version is exact, not "at least": with per-prompt sampling seeds, a run is then reproducible, and a resumed
-# run samples what the uninterrupted one would have.
+# The version is exact, not "at least": with per-prompt sampling seeds, a run is reproducible, resumed or not.
 def sampling_version(args: Args, index: int) -> int:
     """The staleness rule: the policy version that samples batch `index`."""
     N = args.batches_per_round
@@ -351,22 +342,19 @@ def sampling_version(args: Args, index: int) -> int:
 
 
 def evaluated(args: Args, version: int) -> bool:
-    """The policy versions whose held-out gold reward and KL are measured: every --eval_every, the last, and every
-    --eval_every_at_end over the last --eval_every versions (the off-policy study's final numbers are their mean)."""
+    """The versions whose held-out gold reward and KL are measured (--eval_every, --eval_every_at_end: see Args)."""
     at_end = version > args.num_steps - args.eval_every and version % max(args.eval_every_at_end, 1) == 0
     return version % args.eval_every == 0 or version == args.num_steps or (args.eval_every_at_end > 0 and at_end)
 
 
 def needed(args: Args, version: int) -> bool:
-    """The push rule: the trainer pushes, and the generator loads, only the versions that sample a batch (multiples of
-    N, up to the last batch's) and those to evaluate. With N = 1 and A = 0 (sync), that is every version."""
+    """The push rule: only versions that sample a batch or are evaluated are pushed and loaded (sync: every one)."""
     samples = version % args.batches_per_round == 0 and version <= sampling_version(args, args.num_steps - 1)
     return samples or evaluated(args, version)
 
 
 def generator(args: Args, queues: Queues, policy_path: str, version: int, first_batch: int, prompts, max_model_len):
-    """Sample batches first_batch, first_batch + 1, ... with vLLM in its own process, starting from policy `version`,
-    saved at policy_path (0, or a checkpoint's when resuming), as generator_process sets it up."""
+    """vLLM samples batches first_batch, first_batch + 1, ... from policy `version` (0, or resumed) at policy_path."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -441,10 +429,9 @@ def generator(args: Args, queues: Queues, policy_path: str, version: int, first_
 
 
 # ----------------------------------------------------------------------------------------------------
-# The weight-sync check. Each time vLLM loads pushed weights it scores a probe completion, whose log-probs the
-# trainer computed with those weights; and at lag 0 the trainer's log-probs of a batch's tokens must be vLLM's. Where
-# they differ by more than float error (both compute the same thing: dropout is zeroed, and vLLM's float32 attention
-# keeps full precision on GPUs), vLLM is not serving what was pushed: the run stops.
+# The weight-sync check. After each load of pushed weights vLLM scores a probe completion the trainer scored with
+# them; and at lag 0 the trainer's log-probs of a batch's tokens must be vLLM's. A gap beyond float error (dropout is
+# zeroed; vLLM's float32 attention keeps full precision on GPUs) means vLLM is not serving what was pushed: stop.
 @dataclass
 class Probe:
     prompt_ids: list[int]
@@ -453,8 +440,7 @@ class Probe:
 
 
 def check_weight_sync(args: Args, gap: float, version: int, probe: bool = False):
-    """Stop where vLLM and the trainer should agree up to float error, but don't: on a batch sampled by the weights
-    the trainer holds (lag 0), or on the probe after vLLM loaded pushed weights."""
+    """Stop where vLLM's and the trainer's log-probs should agree up to float error (lag 0, probe), but don't."""
     tolerance = args.logprob_gap_tolerance or (0.1 if args.bf16 else 1e-3)  # None: the default (it must be > 0)
     if gap > tolerance:
         raise WeightSyncError(gap, tolerance, version, probe, args.vllm_async_scheduling and torch.cuda.is_available())
@@ -467,15 +453,13 @@ def check_reloads(args: Args, checks: list[tuple[int, float]]):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The trainer. R ranks split every batch (data parallel). Rank 0 also trades batches and weights with the
-# generator (`link`) and writes the run folder (`run`); the other ranks have neither.
+# The trainer: R data-parallel ranks. Rank 0 also trades with the generator (`link`) and writes the run folder (`run`).
 def train(args: Args, rank: int, device, starting_point: "StartingPoint", run=None, link=None):
     R, is_rank_0 = args.trainer_ranks, rank == 0
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # The models: the policy (from the checkpoint on resume), the frozen reference where it started (under FSDP2, 1/R
-    # of each per rank), the reward, and the gold reward that scores evaluations.
+    # The policy (resumed: the checkpoint's), the frozen reference where it started (FSDP2: 1/R per rank), the rewards.
     policy, wrapped_policy, ref_policy = load_policies(args, starting_point, device)
     reward_fn, gold_fn = load_rewards(args, starting_point, device, is_rank_0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
@@ -494,9 +478,8 @@ def train(args: Args, rank: int, device, starting_point: "StartingPoint", run=No
         prompts, prompt_ids, responses, vllm_logprobs = rank_share(batch, rank, P, k)  # of each of its P·k completions
         eval_kls = measure_kl(args, ref_policy, batch.evals, device)  # of the versions the generator evaluated
 
-        # 2. Score every completion with the reward; a completion with no EOS gets the penalty instead. The
-        #    reference's log-prob of every completion, once per batch, gives the KL of the policy that sampled it,
-        #    Σ_t log π_old - log π_ref (the paper's code logs this), which RLOO's reward also charges for.
+        # 2. Score each completion (no EOS: the penalty instead). The reference's log-probs, once per batch, give the
+        #    sampler's KL Σ_t log π_old - log π_ref (logged as in the paper's code), which RLOO's reward also charges.
         has_eos = torch.tensor(ended(responses, starting_point.eos_ids))
         rewards = torch.tensor(reward_fn(prompts, prompt_ids, responses), dtype=torch.float)  # (P·k,)
         scores = apply_missing_eos_penalty(rewards, has_eos, args.missing_eos_penalty).view(P, k)
@@ -516,9 +499,8 @@ def train(args: Args, rank: int, device, starting_point: "StartingPoint", run=No
         else:  # RLOO: every completion
             completions, is_real, all_terms = list(range(P * k)), torch.ones(P * k), R * P * k
 
-        # 4. The loss on summed response log-probs, E updates on this batch. DDP and FSDP average gradients over
-        #    ranks, so each rank scales its summed loss by R / (terms in the whole batch): the update is the mean
-        #    over all terms, whatever the micro-batch size or R.
+        # 4. The loss, E updates on this batch. DDP and FSDP average gradients over ranks, so a rank scales its summed
+        #    loss by R / (terms in the whole batch): each update is the mean over all terms, whatever micro-batch or R.
         logprobs_of = partial(completion_logprobs, wrapped_policy, prompt_ids, responses, args=args, device=device)
         lr = scheduler.get_last_lr()[0]  # that of the first update
         per_term, grad_norms, first_update = defaultdict(list), [], []  # first_update: for the weight-sync check, 5.
@@ -562,9 +544,7 @@ def train(args: Args, rank: int, device, starting_point: "StartingPoint", run=No
         per_term = {name: torch.cat(values)[kept].cpu() for name, values in per_term.items()}
         t_trained = time.time()
 
-        # 5. The weight-sync check, on the first update's forward passes. At lag 0 vLLM sampled with the weights the
-        #    trainer held, so the two agree up to float error; if not, vLLM is not serving what was pushed, and the run
-        #    stops before the new weights go anywhere. At lag > 0 the gap measures how off-policy the batch is.
+        # 5. The weight-sync check (lag 0), before any push; at lag > 0 the gap measures how off-policy the batch is.
         logprob_gap = batch_logprob_gap(first_update, vllm_logprobs, device)  # NaN if DPO's pairs all tied
         if batch.version == step:
             check_weight_sync(args, logprob_gap, step)
@@ -606,9 +586,8 @@ def measure_kl(args: Args, ref_policy, evals: list[Evaluation], device) -> list[
 
 
 def step_metrics(args: Args, step: int, batch: Batch, per_completion, per_term, grad_norms, lr, logprob_gap) -> dict:
-    """What is logged of a step (docs/metrics.md), over every rank's share: per_completion holds a value per
-    completion (per prompt for scores and valid), per_term a value per term of the loss, in each micro-batch of each
-    update. Every rank computes it; rank 0 logs it."""
+    """What a step logs (docs/metrics.md), over all ranks' shares, computed on every rank: per_completion holds a value
+    per completion (per prompt: scores, valid), per_term one per loss term of each micro-batch of each update."""
     per_completion, per_term = gather_shares(args.trainer_ranks, per_completion, per_term)
 
     def mean(name: str) -> float:  # NaN where there was nothing to average: DPO with every pair tied
@@ -651,8 +630,7 @@ def step_metrics(args: Args, step: int, batch: Batch, per_completion, per_term, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# main: one trainer rank. `python async_online_dpo.py` is one; `torchrun --nproc_per_node R async_online_dpo.py` runs
-# R, on one machine or several, and --trainer_ranks R starts R through torch's launcher. Rank 0 runs the generator.
+# main: one trainer rank of R, from torchrun (one machine or several) or --trainer_ranks R. Rank 0 runs the generator.
 def main(args: Args):
     args = checked_args(args)  # with --resume, its flags; on bad input, one sentence naming the fix, before any process
     if args.trainer_ranks > 1 and not UNDER_TORCHRUN:
