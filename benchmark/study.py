@@ -184,12 +184,6 @@ def run_study(args: Args, mode_name: str):
         cmd = [sys.executable, os.path.join(ROOT, "sync_baseline.py"), "--batch_size", str(mode["batch_size"])]
         return [*cmd, *mode["flags"].split(), *run["flags"], "--cache_dir", cache_dir]  # the run's flags win
 
-    # The warm start is built (or found in the cache) first, so that no run's wall time includes it.
-    code = "import sys, tyro, async_online_dpo as A; A.warm_start(tyro.cli(A.Args, args=sys.argv[1:]))"
-    print("warm start ...", flush=True)
-    execute(
-        [sys.executable, "-c", code, "--cache_dir", cache_dir], os.path.join(args.results_dir, "logs", "warm_start.log")
-    )
     ran = False
     while True:
         groups = load_groups(args.results_dir, record)
@@ -197,6 +191,11 @@ def run_study(args: Args, mode_name: str):
         to_run = [run for run in plan(mode, groups) if (run["name"], run["seed"]) not in done]
         if not to_run:
             break
+        if not ran:  # the warm start is built (or found in the cache) first, so that no run's wall time includes it
+            code = "import sys, tyro, async_online_dpo as A; A.warm_start(tyro.cli(A.Args, args=sys.argv[1:]))"
+            print("warm start ...", flush=True)
+            log = os.path.join(args.results_dir, "logs", "warm_start.log")
+            execute([sys.executable, "-c", code, "--cache_dir", cache_dir], log)
         later = expected_runs(mode, groups) - len(done) - len(to_run)  # in the stage still to come
         run_in_turn(to_run, base_cmd, args.results_dir, record, "study.json", later=max(0, later))
         ran = True
