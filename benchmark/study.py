@@ -292,7 +292,7 @@ def decide(values: list[float], claim: str, gold: bool, level: float = 0.95) -> 
     outcome = "holds" if mean - half > 0 else "reversed" if mean + half < 0 else "undecided"
     if claim == "<":
         outcome = {"holds": "reversed", "reversed": "holds"}.get(outcome, outcome)
-    p = t_two_sided_p(mean / (sd / math.sqrt(n)), n - 1) if sd > 0 else 0.0
+    p = t_two_sided_p(mean / (sd / math.sqrt(n)), n - 1) if sd > 0 else float(mean == 0)
     needed = None
     if gold:
         needed = next(m for m in range(2, 1000) if t_quantile(0.95, m - 1) * sd / math.sqrt(m) <= MARGIN or m == 999)
