@@ -197,6 +197,8 @@ def run_in_turn(runs: list[dict], base_cmd, results_dir: str, record: dict, reco
         timing = execute(cmd, f"{logs}/{name}.log")
         (folder,) = glob.glob(os.path.join(raw, f"{name}__*"))
         shutil.rmtree(os.path.join(folder, "model"), ignore_errors=True)  # the trained weights: ~40 MB a run, unused
+        for events in glob.glob(os.path.join(folder, "events.out.tfevents.*")):  # TensorBoard's copy of metrics.jsonl
+            os.remove(events)
         run |= {"folder": os.path.relpath(folder, results_dir), "machine": machine, "started": started}
         record["runs"].append(run | timing)
         record["seconds"] = time.time() - start
