@@ -179,7 +179,7 @@ def run_in_turn(runs: list[dict], base_cmd, results_dir: str, record: dict, reco
     """Run each training run that the record does not list yet, one at a time: base_cmd(run) is its command line, to
     which the seed, the name and the folders are added. Its folder (less the trained model), its start and its timing
     go into the record, saved after each run. After each, it prints the time spent and an estimate of the time left:
-    the mean time of the runs finished so far, times the runs left here and the `later` runs still to be planned."""
+    the median time of the runs finished so far, times the runs left here and the `later` runs still to be planned."""
     raw, logs = os.path.join(results_dir, "raw"), os.path.join(results_dir, "logs")
     start = time.time() - record.get("seconds", 0.0)
     machine = describe_machine()  # per run: a resumed study may go on on another machine
@@ -204,10 +204,10 @@ def run_in_turn(runs: list[dict], base_cmd, results_dir: str, record: dict, reco
         record["seconds"] = time.time() - start
         write_json(os.path.join(raw, record_name), record)
         left = sum((r["name"], r["seed"]) not in done for r in runs[i:]) + later
-        mean_run = statistics.fmean(r["seconds"] for r in record["runs"])
+        typical = statistics.median(r["seconds"] for r in record["runs"])  # a run slowed by other work moves it little
         print(
-            f"    done in {timing['seconds']:.0f}s; {hours(record['seconds'])} so far; about {hours(left * mean_run)} "
-            f"left: {left} runs at the {mean_run:.0f} s a run so far",
+            f"    done in {timing['seconds']:.0f}s; {hours(record['seconds'])} so far; about {hours(left * typical)} "
+            f"left: {left} runs at the median {typical:.0f} s a run so far",
             flush=True,
         )
         if timing["other_cores"] > 0.1:

@@ -514,11 +514,11 @@ def test_tiny_study_tables_and_verdicts_match_raw_metrics(results_dir):
 
 def test_the_study_prints_the_time_so_far_and_left_after_each_run(tiny_study):
     """After each run: its time, the study's so far, and an estimate of the time left, the runs left (those of the
-    stage to come included) times the mean run so far."""
+    stage to come included) times the median run so far."""
     results_dir, stdout = tiny_study
     runs = json.load(open(os.path.join(results_dir, "raw", "study.json")))["runs"]
     pattern = (
-        r"done in (\d+)s; (\d+) h (\d\d) min so far; about (\d+) h (\d\d) min left: (\d+) runs at the (\d+) s a run"
+        r"done in (\d+)s; (\d+) h (\d\d) min so far; about (\d+) h (\d\d) min left: (\d+) runs at the median (\d+) s"
     )
     lines = re.findall(pattern, stdout)
     assert len(lines) == len(runs), stdout
@@ -526,7 +526,7 @@ def test_the_study_prints_the_time_so_far_and_left_after_each_run(tiny_study):
     for i, (took, h, m, left_h, left_m, left, mean) in enumerate(lines, 1):
         assert (
             took == f"{runs[i - 1]['seconds']:.0f}"
-            and mean == f"{statistics.fmean(r['seconds'] for r in runs[:i]):.0f}"
+            and mean == f"{statistics.median(r['seconds'] for r in runs[:i]):.0f}"
         )
         assert int(left) == len(runs) - i  # the tiny study's stage 2 was counted before it was planned
         assert abs(60 * (60 * int(left_h) + int(left_m)) - int(left) * int(mean)) <= 60 + 0.5 * int(left)
