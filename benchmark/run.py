@@ -175,10 +175,11 @@ def new_record(results_dir: str, mode_name: str, mode: dict, record_name: str, r
     return record
 
 
-def run_in_turn(runs: list[dict], base_cmd, results_dir: str, record: dict, record_name: str):
+def run_in_turn(runs: list[dict], base_cmd, results_dir: str, record: dict, record_name: str, later: int = 0):
     """Run each training run that the record does not list yet, one at a time: base_cmd(run) is its command line, to
-    which the seed, the name and the folders are added. Its folder (less the trained model) and timing go into the
-    record, saved after each run."""
+    which the seed, the name and the folders are added. Its folder (less the trained model), its start and its timing
+    go into the record, saved after each run. After each, it prints the time spent and an estimate of the time left:
+    the median time of the runs finished so far, times the runs left here and the `later` runs still to be planned."""
     raw, logs = os.path.join(results_dir, "raw"), os.path.join(results_dir, "logs")
     start = time.time() - record.get("seconds", 0.0)
     machine = describe_machine()  # per run: a resumed study may go on on another machine
@@ -192,16 +193,30 @@ def run_in_turn(runs: list[dict], base_cmd, results_dir: str, record: dict, reco
         cmd = [*base_cmd(run), "--seed", str(run["seed"]), "--exp_name", run["name"]]
         cmd += ["--output_dir", os.path.abspath(raw)]  # the scripts run in the repository's folder
         print(f"[{i}/{len(runs)}] {run['name']} seed {run['seed']}: {shlex.join(cmd[1:])}", flush=True)
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         timing = execute(cmd, f"{logs}/{name}.log")
         (folder,) = glob.glob(os.path.join(raw, f"{name}__*"))
         shutil.rmtree(os.path.join(folder, "model"), ignore_errors=True)  # the trained weights: ~40 MB a run, unused
-        record["runs"].append(run | {"folder": os.path.relpath(folder, results_dir), "machine": machine} | timing)
+        for events in glob.glob(os.path.join(folder, "events.out.tfevents.*")):  # TensorBoard's copy of metrics.jsonl
+            os.remove(events)
+        run |= {"folder": os.path.relpath(folder, results_dir), "machine": machine, "started": started}
+        record["runs"].append(run | timing)
         record["seconds"] = time.time() - start
         write_json(os.path.join(raw, record_name), record)
-        print(f"    done in {timing['seconds']:.0f}s; {record['seconds'] / 60:.1f} min so far", flush=True)
+        left = sum((r["name"], r["seed"]) not in done for r in runs[i:]) + later
+        typical = statistics.median(r["seconds"] for r in record["runs"])  # a run slowed by other work moves it little
+        print(
+            f"    done in {timing['seconds']:.0f}s; {hours(record['seconds'])} so far; about {hours(left * typical)} "
+            f"left: {left} runs at the median {typical:.0f} s a run so far",
+            flush=True,
+        )
         if timing["other_cores"] > 0.1:
             busy = f"other processes kept {timing['other_cores']:.2f} cores busy during this run"
             print(f"    warning: {busy}; its timings are off", flush=True)
+
+
+def hours(seconds: float) -> str:
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 def run_benchmark(args: Args, mode_name: str):

@@ -14,8 +14,9 @@ unbound number. A SOURCE is one of:
                                        or of benchmark/study_results/results.json; a cell is its mean, then its std or
                                        its interval [low, high], as results.md shows it; CELL@mean picks one part,
                                        CELL@values its per-seed values
-    study claim ID[@PART]              a verdict of the study: its mean [low, high]; @outcome its verdict, @axis1 and
-                                       @axis2 claim 2's size axis, @mean, @low, @high one part
+    study claim ID[@PART]              a verdict of the study: its mean [low, high]; @outcome its verdict (Holm's),
+                                       @raw_outcome the uncorrected one, @holm its mean [Holm interval], @p its
+                                       p-value, @mean, @low, @high one part
     summary RUN_FOLDER KEY             a key of a committed run's summary.json
     eval RUN_FOLDER VERSION            the gold reward of that version's evaluation in the run's metrics.jsonl
     'TEXT'                             a constant the page states, not a measurement (the study's margin, say)
@@ -147,10 +148,13 @@ def resolve(source: str) -> list[tuple[str, object]]:
     results = json.load(open(os.path.join(ROOT, RESULTS[kind])))
     if rest.startswith("claim "):
         claim = {c["id"]: c for c in results["claims"]}[rest.removeprefix("claim ")]
-        if part == "outcome":
-            return [("verdict", claim["outcome"])]
-        entry = claim["axis"][int(part[-1]) - 1] if part.startswith("axis") else claim["test"]
-        values = parts(entry)
+        if part in ("outcome", "raw_outcome"):
+            return [("verdict", claim[part])]
+        if part == "holm":
+            return [("number", v) for v in (claim["test"]["mean"], claim["holm"]["low"], claim["holm"]["high"])]
+        if part == "p":
+            return [("number", claim["test"]["p"])]
+        values = parts(claim["test"])
         return [("number", values[part])] if part in values else [("number", v) for v in values.values()]
     title, row_key, columns = rest.split("|")
     titles = [t["title"] for t in results["tables"]]
