@@ -16,7 +16,8 @@ unbound number. A SOURCE is one of:
                                        CELL@values its per-seed values
     study claim ID[@PART]              a verdict of the study: its mean [low, high]; @outcome its verdict (Holm's),
                                        @raw_outcome the uncorrected one, @holm its mean [Holm interval], @p its
-                                       p-value, @mean, @low, @high one part
+                                       p-value, @axis1 and @axis2 the previous study's size axis, @mean, @low,
+                                       @high one part
     summary RUN_FOLDER KEY             a key of a committed run's summary.json
     eval RUN_FOLDER VERSION            the gold reward of that version's evaluation in the run's metrics.jsonl
     'TEXT'                             a constant the page states, not a measurement (the study's margin, say)
@@ -154,7 +155,8 @@ def resolve(source: str) -> list[tuple[str, object]]:
             return [("number", v) for v in (claim["test"]["mean"], claim["holm"]["low"], claim["holm"]["high"])]
         if part == "p":
             return [("number", claim["test"]["p"])]
-        values = parts(claim["test"])
+        entry = claim["axis"][int(part[-1]) - 1] if part.startswith("axis") else claim["test"]
+        values = parts(entry)
         return [("number", values[part])] if part in values else [("number", v) for v in values.values()]
     title, row_key, columns = rest.split("|")
     titles = [t["title"] for t in results["tables"]]
