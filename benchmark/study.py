@@ -117,7 +117,7 @@ def lr_grid(mode: dict, groups: dict, loss: str) -> tuple[list[float], float | N
     or None while a run of the grid is missing."""
     grid = sorted(mode["lrs"])
     for extension in range(mode["extensions"] + 1):
-        runs = {lr: [r for r in groups.get(setting(mode["steps"], loss, 1, lr)["name"], [])] for lr in grid}
+        runs = {lr: groups.get(setting(mode["steps"], loss, 1, lr)["name"], []) for lr in grid}
         runs = {lr: [r for r in rs if r["seed"] in mode["lr_seeds"]] for lr, rs in runs.items()}
         if any(len(rs) < len(mode["lr_seeds"]) for rs in runs.values()):
             return grid, None
@@ -142,18 +142,23 @@ def stage_2(mode: dict, lr: dict) -> list[dict]:
     return [s | {"seed": seed} for seed in mode["seeds"] for s in settings]
 
 
+def stage_1(mode: dict, grids: dict) -> list[dict]:
+    """Each loss's grid (grids: {loss: rates}) at N = 1 on mode["lr_seeds"], seed by seed."""
+    steps = mode["steps"]
+    return [
+        setting(steps, loss, 1, lr) | {"seed": s} for s in mode["lr_seeds"] for loss in LOSSES for lr in grids[loss]
+    ]
+
+
 def plan(mode: dict, groups: dict) -> list[dict]:
     """The runs that the finished ones (groups) decide, in the order to run them: stage 1's grids until every rate is
     chosen, then stage 2. No N > 1 run is planned before every loss's rate is chosen. A study runs these, then plans
     again."""
-    runs = []
-    for seed in mode["lr_seeds"]:
-        for loss in LOSSES:
-            runs += [setting(mode["steps"], loss, 1, lr) | {"seed": seed} for lr in lr_grid(mode, groups, loss)[0]]
-    lr = choose_lr(mode, groups)
-    if len(lr) < len(LOSSES):
+    grids = {loss: lr_grid(mode, groups, loss) for loss in LOSSES}
+    runs = stage_1(mode, {loss: grid for loss, (grid, _) in grids.items()})
+    if any(chosen is None for _, chosen in grids.values()):
         return unique(runs)
-    return unique(runs + stage_2(mode, lr))
+    return unique(runs + stage_2(mode, {loss: chosen for loss, (_, chosen) in grids.items()}))
 
 
 def expected_runs(mode: dict, groups: dict) -> int:
@@ -161,10 +166,7 @@ def expected_runs(mode: dict, groups: dict) -> int:
     no extension, and a rate not yet chosen to be one of its grid's (its N = 1 runs are then shared)."""
     grids = {loss: lr_grid(mode, groups, loss) for loss in LOSSES}
     lr = {loss: chosen if chosen is not None else grid[0] for loss, (grid, chosen) in grids.items()}
-    grid_runs = [
-        setting(mode["steps"], x, 1, r) | {"seed": s} for s in mode["lr_seeds"] for x in LOSSES for r in grids[x][0]
-    ]
-    return len(unique(grid_runs + stage_2(mode, lr)))
+    return len(unique(stage_1(mode, {loss: grid for loss, (grid, _) in grids.items()}) + stage_2(mode, lr)))
 
 
 def unique(runs: list[dict]) -> list[dict]:
@@ -341,12 +343,12 @@ def of(fn):
     return lambda r, b: fn(r) - fn(b)
 
 
-def interval(test: dict, low="low", high="high") -> str:
+def interval(test: dict) -> str:
     """A paired difference as the tables and verdicts show it: its mean and interval, or one seed's direction."""
     d = test["decimals"]
-    if test[low] is None:
+    if test["low"] is None:
         return f"{test['mean']:+.{d}f} (one seed: a direction only)"
-    return f"{test['mean']:+.{d}f} [{test[low]:+.{d}f}, {test[high]:+.{d}f}]"
+    return f"{test['mean']:+.{d}f} [{test['low']:+.{d}f}, {test['high']:+.{d}f}]"
 
 
 def combine(outcomes: list[str]) -> str:
