@@ -518,9 +518,11 @@ def train(args: Args, rank: int, device, starting_point: "StartingPoint", run=No
                     stats = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "margin": margin}
                     # The off-policy correction, --tis_cap (off: w = 1, the loss as it was): each pair's truncated ratio
                     (sampler,) = to_device(device, old_logps[chosen[mb]] + old_logps[rejected[mb]])
-                    ratio = tis_ratio(chosen_logps + rejected_logps, sampler, args.tis_cap)
+                    pair_logps = chosen_logps + rejected_logps
+                    ratio = tis_ratio(pair_logps, sampler, args.tis_cap)
                     losses = losses * ratio
-                    stats |= {"tis_ratio": ratio, "pair_logps": chosen_logps + rejected_logps, "sampler_logps": sampler}
+                    logged = {"tis_ratio": ratio, "pair_logps": pair_logps, "sampler_logps": sampler}
+                    stats |= logged if args.tis_cap is not None else {}  # gathered over ranks: only when it is on
                 elif args.loss_type == "rloo":  # RLOO: every completion, π_old being the sampler
                     rows = completions[mb]
                     logps, token_logps, mask = logprobs_of(rows)
