@@ -625,7 +625,7 @@ def make_report(results_dir: str):
     write_json(os.path.join(results_dir, "results.json"), results)
     print(f"wrote {os.path.join(results_dir, 'results.md')}")
     for v in verdicts:
-        print(f"- {v['id']}. {v['claim']}: {v['outcome']}")
+        print(f"- {v['id']}. {v['claim']}: {v['outcome']}{direction(v)}")
 
 
 def judged(id_: str, figure: str, text: str, test: dict | None, reasons=()) -> dict:
@@ -651,11 +651,16 @@ def overall(id_: str, figure: str, text: str, subs: list[dict]) -> dict:
     return out
 
 
+def direction(v: dict) -> str:
+    """With one seed, which way a verdict's difference points; else nothing."""
+    if "direction" not in v:
+        return ""
+    return f" (one seed; it points {v['direction']})" if v["direction"] != "mixed" else " (one seed; mixed)"
+
+
 def verdict_line(v: dict) -> str:
     """A claim's row in the verdict table: Holm's verdict, and the numbers it rests on."""
-    outcome = f"**{v['outcome']}**"
-    if "direction" in v:
-        outcome += f" (one seed; it points {v['direction']})" if v["direction"] != "mixed" else " (one seed; mixed)"
+    outcome = f"**{v['outcome']}**{direction(v)}"
     if v["reasons"]:
         return f"| {v['id']} | {v['figure']} | {v['claim']} | {outcome} | {'; '.join(v['reasons'])} | | |"
     if not v["test"]:

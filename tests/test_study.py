@@ -534,6 +534,16 @@ def test_the_study_prints_the_time_so_far_and_left_after_each_run(tiny_study):
         so_far = 60 * int(h) + int(m)
 
 
+def test_the_study_prints_each_verdict_with_its_direction_on_one_seed(tiny_study):
+    """The tiny study has one seed: each printed verdict says which way its difference points, as the report does."""
+    results_dir, stdout = tiny_study
+    rows = verdict_rows(open(os.path.join(results_dir, "results.md")).read())
+    for c, cells in rows.items():
+        what, outcome = cells[2], cells[3].replace("**", "")
+        assert "(one seed; it points" in outcome or "(one seed; mixed)" in outcome or outcome == "not tested here"
+        assert f"- {c}. {what}: {outcome}\n" in stdout, (c, outcome, stdout[-1500:])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Copies of the tiny study with more seeds and other gold rewards: the report's arithmetic and rule, on runs that are
 # seed 1's.
