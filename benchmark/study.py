@@ -423,7 +423,8 @@ def gain(on_policy: list[dict]) -> dict:
 def drop(by_n: dict, n: int) -> dict:
     """Per seed, the final gold reward at N = 1 minus that at N: how much the stale data costs."""
     test = paired(by_n[1], by_n[n], of(final_gold), "final gold at N = 1 - final gold at this N, per seed", GOLD, ">")
-    return test | {"shown": interval(test)}
+    needed = f"; {test['seeds_for_margin']} seeds for ±{MARGIN}" if test["seeds_for_margin"] else ""
+    return test | {"shown": interval(test) + needed}
 
 
 def drop_difference(more: dict, less: dict, largest: int, how: str) -> dict:
@@ -506,7 +507,7 @@ def by_n_table(st: Study, title: str, column: str) -> dict:
 def drop_table(st: Study) -> dict:
     ns = st.mode["n"]
     entries = [(st.label(m), {f"N = {n}": drop(by_n, n) for n in by_n if n != 1}) for m, by_n in st.by_method.items()]
-    title = "Table 6. The drop in final gold reward from N = 1, per seed [95% interval]"
+    title = f"Table 6. The drop in final gold reward from N = 1, per seed [95% interval]; seeds to resolve ±{MARGIN}"
     return table(title, ["method", *[f"N = {n}" for n in ns[1:]]], entries)
 
 
@@ -547,28 +548,23 @@ def claims(st: Study) -> list[dict]:
 
 def described(st: Study) -> dict:
     """Table 7, reported and described, not judged: the final gold reward at the largest N, online DPO against each
-    other loss and the correction against online DPO, paired by seed: what a user of each method gets."""
-    largest, dpo, entries = max(st.mode["n"]), st.by_method["sigmoid"], []
-    for other in ("rloo", "best_of_k"):
-        how = f"per seed, final gold at N = {largest}: online DPO - {LOSSES[other]}"
-        test = paired(dpo[largest], st.by_method[other][largest], of(final_gold), how, GOLD, ">")
-        entries.append(
-            (
-                f"online DPO - {LOSSES[other]}, N = {largest}",
-                {"mean difference [95% interval]": test | {"shown": interval(test)}},
-            )
-        )
-    largest_c = max(st.mode["corrected_n"])
-    how = f"per seed, final gold at N = {largest_c}: online DPO + TIS - online DPO"
-    test = paired(st.by_method[CORRECTED][largest_c], dpo[largest_c], of(final_gold), how, GOLD, ">")
-    entries.append(
-        (
-            f"online DPO + TIS - online DPO, N = {largest_c}",
-            {"mean difference [95% interval]": test | {"shown": interval(test)}},
-        )
-    )
+    other loss and the correction against online DPO, paired by seed: what a user of each method gets. Beside each,
+    the seeds that would resolve ±MARGIN at its spread."""
+    largest, largest_c, dpo = max(st.mode["n"]), max(st.mode["corrected_n"]), st.by_method["sigmoid"]
+    pairs = [
+        (f"online DPO - {LOSSES[other]}", largest, dpo[largest], st.by_method[other][largest])
+        for other in ("rloo", "best_of_k")
+    ]
+    pairs.append(("online DPO + TIS - online DPO", largest_c, st.by_method[CORRECTED][largest_c], dpo[largest_c]))
+    margin = f"seeds to resolve ±{MARGIN}"
+    entries = []
+    for label, n, runs, reference in pairs:
+        test = paired(runs, reference, of(final_gold), f"per seed, final gold at N = {n}: {label}", GOLD, ">")
+        row = {"mean difference [95% interval]": test | {"shown": interval(test)}}
+        row[margin] = str(test["seeds_for_margin"]) if test["seeds_for_margin"] else "—"
+        entries.append((f"{label}, N = {n}", row))
     title = "Table 7. Final gold reward at the largest N, paired by seed (described, not judged)"
-    return table(title, ["comparison", "mean difference [95% interval]"], entries)
+    return table(title, ["comparison", "mean difference [95% interval]", margin], entries)
 
 
 def every_table(st: Study) -> dict:

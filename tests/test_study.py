@@ -18,6 +18,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -260,6 +261,17 @@ def check_runs(raw: Raw):
         )
         assert (a["num_steps"], a["batch_size"], a["updates_per_batch"]) == (mode["steps"], mode["batch_size"], 1)
         assert a["tis_cap"] == (TIS_CAP if r["method"] == "tis" else None)
+        # the evaluation the final gold and KL read: the mode's flags, as each run took them
+        flags = dict(zip(mode["flags"].split()[::2], mode["flags"].split()[1::2]))
+        for flag, value in flags.items():
+            assert str(a[flag.removeprefix("--")]) == value, (r["folder"], flag)
+        assert a["cpu_share_cores"] == (r["n"] == 1 and bool(mode.get("share_cores_at_n1"))), r["folder"]
+
+
+def check_run_order(record: dict):
+    """A study as it ran (not a made-up variant): raw/study.json lists the runs in the order they started."""
+    started = [time.strptime(run["started"], "%Y-%m-%d %H:%M:%S %Z") for run in record["runs"]]
+    assert started == sorted(started)
 
 
 def check_stage_table(raw: Raw):
@@ -337,7 +349,10 @@ def check_by_n_tables(raw: Raw):
                 continue
             assert_shows(gaps[LABELS[m]][f"N = {n}"], [r["gap"] for r in by_n[n]])
             if n > 1:
-                assert_interval(drops[LABELS[m]][f"N = {n}"], list(drop(by_n, n).values()))
+                diffs, cell = list(drop(by_n, n).values()), drops[LABELS[m]][f"N = {n}"]
+                assert_interval(cell, diffs)
+                if len(diffs) > 1:
+                    assert cell.endswith(f"; {seeds_for_margin(diffs)} seeds for ±{MARGIN}"), cell
 
 
 def drop(by_n: dict, n: int) -> dict:
@@ -370,7 +385,10 @@ def check_described_and_every_setting(raw: Raw):
     }
     assert list(described) == list(expected)
     for label, diffs in expected.items():
-        assert_interval(described[label]["mean difference [95% interval]"], diffs)
+        row = described[label]
+        assert list(row) == ["comparison", "mean difference [95% interval]", f"seeds to resolve ±{MARGIN}"]
+        assert_interval(row["mean difference [95% interval]"], diffs)
+        assert row[f"seeds to resolve ±{MARGIN}"] == (str(seeds_for_margin(diffs)) if len(diffs) > 1 else "—")
 
     every = table(raw.tables, "Table 9. Every setting")
     settings = {}
@@ -493,11 +511,36 @@ def check_report(results_dir: str) -> dict:
     check_by_n_tables(raw)
     check_described_and_every_setting(raw)
     assert [t.split(".")[0] for t in raw.tables] == [f"Table {i}" for i in range(1, 10)]
-    return check_verdicts(raw, learns)
+    verdicts = check_verdicts(raw, learns)
+    check_results_json(results_dir, raw)
+    return verdicts
+
+
+def check_results_json(results_dir: str, raw: Raw):
+    """results.json, which docs/study.md quotes, says what results.md shows: each table's every cell, each verdict."""
+    results = json.load(open(os.path.join(results_dir, "results.json")))
+    assert [t["title"] for t in results["tables"]] == list(raw.tables)
+    for t in results["tables"]:
+        shown = raw.tables[t["title"]]
+        assert list(shown) == [row[t["columns"][0]] for row in t["rows"]], t["title"]
+        for row in t["rows"]:
+            for column in t["columns"][1:]:
+                entry = row.get(column, "—")
+                if isinstance(entry, dict):
+                    std = f" ± {entry['std']:.{entry['decimals']}f}" if entry.get("std") is not None else ""
+                    entry = entry.get("shown", f"{entry['mean']:.{entry['decimals']}f}{std}")
+                assert shown[row[t["columns"][0]]][column] == entry, (t["title"], column, entry)
+    rows = verdict_rows(raw.text)
+    assert [c["id"] for c in results["claims"]] == list(rows)
+    for c in results["claims"]:
+        assert rows[c["id"]][3].startswith(f"**{c['outcome']}**"), (c["id"], c["outcome"], rows[c["id"]])
+        if c.get("holm"):
+            assert f"(step {c['holm']['step']} of {c['holm']['of']}," in rows[c["id"]][5]
 
 
 def test_tiny_study_tables_and_verdicts_match_raw_metrics(results_dir):
     verdicts = check_report(results_dir)
+    check_run_order(json.load(open(os.path.join(results_dir, "raw", "study.json"))))
     text = open(os.path.join(results_dir, "results.md")).read()
     results = json.load(open(os.path.join(results_dir, "results.json")))
     record = results["study"]
@@ -632,6 +675,35 @@ def test_the_rule_on_more_seeds_and_learning_runs(results_dir, tmp_path, seeds, 
         assert directions == [not seeds] * 3, verdicts
     else:
         assert all(outcome == "not tested here" for outcome, _ in verdicts.values()), verdicts
+
+
+def test_the_gate_reads_the_intervals_low_end_and_holm_counts_the_tested_claims(results_dir, tmp_path):
+    """Made up on three seeds. Each method's on-policy gain has a mean above 0.1 and an interval that reaches below
+    it: none learns, so nothing is tested. Then best-of-2 SFT alone does not learn: 1b is not tested, and Holm's
+    family is 1a and 5, two comparisons."""
+
+    def spread(args, version):  # the on-policy final evaluations: +0.9, -0.2 and 0 by seed
+        final = version > args["num_steps"] - args["eval_every"]
+        return {1: 0.9, 2: -0.2, 3: 0.0}[args["seed"]] if final and args["batches_per_round"] == 1 else 0.0
+
+    copy = variant(results_dir, str(tmp_path / "spread"), (2, 3), gold=spread)
+    assert study("--report_only", "--results_dir", copy).returncode == 0
+    raw = read_study(copy)
+    for m in LABELS:
+        mean, low, _ = interval(gains(raw, m))
+        assert mean > LEARNS > low, (m, mean, low)  # the mean alone would let it learn
+    assert all(outcome == "not tested here" for outcome, _ in check_report(copy).values())
+
+    def all_but_best_of_2(args, version):
+        amount = -0.4 if args["loss_type"] == "best_of_k" else 0.4
+        return on_policy(amount)(args, version)
+
+    copy = variant(results_dir, str(tmp_path / "two"), (2, 3), gold=all_but_best_of_2)
+    assert study("--report_only", "--results_dir", copy).returncode == 0
+    verdicts = check_report(copy)
+    assert verdicts["1b"][0] == "not tested here" and verdicts["1a"][0] != "not tested here" != verdicts["5"][0]
+    claims = {c["id"]: c for c in json.load(open(os.path.join(copy, "results.json")))["claims"]}
+    assert claims["1a"]["holm"]["of"] == claims["5"]["holm"]["of"] == 2 and "holm" not in claims["1b"]
 
 
 def with_a_grid(results_dir: str, copy: str) -> str:
