@@ -1935,6 +1935,10 @@ def set_up_generator_process(args: Args, cpu_cores: list[int]):
     """vLLM's settings, made before it is imported."""
     # With the engine inside this process, collective_rpc can pass tensors (vLLM 0.32).
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM forms a process group of one in here. Under torchrun this variable says that torchrun's agent hosts every
+    # store, so torch only connects to one (torch/distributed/rendezvous.py, _create_c10d_store): a vLLM that meets at
+    # a tcp:// address of its own (0.24's UniProcExecutor; 0.32's uses a file) would wait forever. We are no rank.
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     os.environ["VLLM_CACHE_ROOT"] = os.path.abspath(os.path.join(args.cache_dir, "vllm"))
     # vLLM 0.32 warns on every reload that RotaryEmbedding has no weights (its tables are computed, not
     # loaded); that would bury the step lines. Set VLLM_LOGGING_LEVEL=INFO to see everything.

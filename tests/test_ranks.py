@@ -5,13 +5,25 @@ every batch, so they end with the weights of one rank; and one that dies stops e
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import gone_within, max_difference, processes_with, read_run, run_script, start, weights, wrapper_script
+from conftest import (
+    ROOT,
+    gone_within,
+    max_difference,
+    processes_with,
+    read_run,
+    run_script,
+    start,
+    weights,
+    wrapper_script,
+)
 
 pytestmark = pytest.mark.usefixtures("every_core")  # two trainer ranks want a core each
 
@@ -199,3 +211,30 @@ def kill_every_process(p, marker: str):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:  # it ended meanwhile
             pass
+
+
+def test_the_generator_forms_its_own_group_of_one_under_torchrun(tmp_path):
+    """vLLM forms a process group of one inside the generator. vLLM 0.24 meets it at a tcp:// address of its own
+    (vllm/v1/executor/uniproc_executor.py, _distributed_args), and torchrun's TORCHELASTIC_USE_AGENT_STORE=True, which
+    the generator inherits, tells torch that torchrun's agent hosts every store: torch then only connects, as a client
+    (torch/distributed/rendezvous.py, _create_c10d_store), and waits for a server that never comes. The first GPU run
+    under torchrun hung there. The generator's settings drop the variable, so such a group forms at once."""
+    script = tmp_path / "group_of_one.py"
+    script.write_text(
+        f"""
+import datetime, os, socket, sys
+sys.path.insert(0, {ROOT!r})
+os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # as torchrun sets it for its ranks and their children
+import torch.distributed as dist
+import async_online_dpo as A
+A.set_up_generator_process(A.Args(cache_dir={str(tmp_path / "cache")!r}), sorted(os.sched_getaffinity(0)))
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+timeout = datetime.timedelta(seconds=10)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{{port}}", rank=0, world_size=1, timeout=timeout)
+print("a group of one")
+"""
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "a group of one" in result.stdout, result.stderr[-2000:]
