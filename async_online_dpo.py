@@ -575,18 +575,6 @@ def train(args: Args, rank: int, device, starting_point: "StartingPoint", run=No
         run.save_model(policy, final_state_dict)
 
 
-def measure_kl(args: Args, ref_policy, evals: list[Evaluation], device) -> list[float]:
-    """KL(π_v || π_ref) of each evaluated version v, by the estimator of the paper's training KL: the mean over held-out
-    prompts of Σ_t log π_v - log π_ref of a completion π_v sampled. Every rank computes it whole (FSDP needs all of
-    them in each forward pass). NaN for an evaluation restored from an older version's checkpoint: it has no samples."""
-    kls = [float("nan")] * len(evals)
-    for i, e in enumerate(evals):
-        if e.sampled_ids is not None:
-            ref = reference_logprobs(ref_policy, e.prompt_ids, e.sampled_ids, args, device)
-            kls[i] = (torch.tensor([sum(row) for row in e.sampled_logprobs]) - ref).mean().item()
-    return kls
-
-
 def step_metrics(args: Args, step: int, batch: Batch, per_completion, per_term, grad_norms, lr, logprob_gap) -> dict:
     """What a step logs (docs/metrics.md), over all ranks' shares, computed on every rank: per_completion holds a value
     per completion (per prompt: scores, valid), per_term one per loss term of each micro-batch of each update."""
@@ -919,6 +907,19 @@ def reference_logprobs(ref_policy, prompt_ids, response_ids, args: Args, device)
         logps, _, _ = completion_logprobs(ref_policy, prompt_ids, response_ids, rows, args, device)
         sums.append(logps.float())
     return torch.cat(sums).cpu()  # one copy: a copy to the CPU waits for the GPU
+
+
+def measure_kl(args: Args, ref_policy, evals: list[Evaluation], device) -> list[float]:
+    """KL(π_v || π_ref) of each evaluated version v (train(), phase 1), by the estimator of the paper's training KL:
+    the mean over held-out prompts of Σ_t log π_v - log π_ref of a completion π_v sampled. Every rank computes it whole
+    (FSDP needs all of them in each forward pass). NaN for an evaluation restored from an older version's checkpoint:
+    it has no samples."""
+    kls = [float("nan")] * len(evals)
+    for i, e in enumerate(evals):
+        if e.sampled_ids is not None:
+            ref = reference_logprobs(ref_policy, e.prompt_ids, e.sampled_ids, args, device)
+            kls[i] = (torch.tensor([sum(row) for row in e.sampled_logprobs]) - ref).mean().item()
+    return kls
 
 
 def pad_pairs_over_ranks(chosen: list[int], rejected: list[int]):
