@@ -222,17 +222,14 @@ def test_the_generator_forms_its_own_group_of_one_under_torchrun(tmp_path):
     script = tmp_path / "group_of_one.py"
     script.write_text(
         f"""
-import datetime, os, socket, sys
+import datetime, os, sys
 sys.path.insert(0, {ROOT!r})
 os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # as torchrun sets it for its ranks and their children
 import torch.distributed as dist
 import async_online_dpo as A
 A.set_up_generator_process(A.Args(cache_dir={str(tmp_path / "cache")!r}), sorted(os.sched_getaffinity(0)))
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
 timeout = datetime.timedelta(seconds=10)
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{{port}}", rank=0, world_size=1, timeout=timeout)
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timeout)
 print("a group of one")
 """
     )
