@@ -42,6 +42,7 @@ from conftest import (
 STUDY_PY = os.path.join(ROOT, "benchmark", "study.py")
 sys.path.insert(0, os.path.dirname(STUDY_PY))
 import study as S  # noqa: E402  (its plan and its t functions, for the tests that check them; never the reader's)
+from run import render  # noqa: E402  (a results.json entry as results.md shows it: to hold the two files together)
 
 
 def study(*flags, timeout=600):
@@ -524,11 +525,8 @@ def check_results_json(results_dir: str, raw: Raw):
         shown = raw.tables[t["title"]]
         assert list(shown) == [row[t["columns"][0]] for row in t["rows"]], t["title"]
         for row in t["rows"]:
-            for column in t["columns"][1:]:
-                entry = row.get(column, "—")
-                if isinstance(entry, dict):
-                    std = f" ± {entry['std']:.{entry['decimals']}f}" if entry.get("std") is not None else ""
-                    entry = entry.get("shown", f"{entry['mean']:.{entry['decimals']}f}{std}")
+            for column in t["columns"][1:]:  # each entry as the report's own renderer shows it
+                entry = render(row.get(column, "—"))
                 assert shown[row[t["columns"][0]]][column] == entry, (t["title"], column, entry)
     rows = verdict_rows(raw.text)
     assert [c["id"] for c in results["claims"]] == list(rows)
