@@ -251,6 +251,8 @@ def check_runs(raw: Raw):
     ran = [(r["method"], r["n"], f"{r['lr']:g}", r["seed"]) for r in raw.runs]
     assert sorted(ran) == sorted(want)
     assert sorted(r["folder"] for r in raw.record["runs"]) == sorted(r["folder"] for r in raw.runs)
+    words = mode["flags"].split()
+    flags = dict(zip(words[::2], words[1::2]))  # the evaluation the final gold and KL read, as every run takes it
     for r in raw.runs:
         a = r["args"]
         assert (a["model_size"], a["sft_steps"], a["num_samples"], a["beta"], a["async_steps"]) == (
@@ -262,8 +264,6 @@ def check_runs(raw: Raw):
         )
         assert (a["num_steps"], a["batch_size"], a["updates_per_batch"]) == (mode["steps"], mode["batch_size"], 1)
         assert a["tis_cap"] == (TIS_CAP if r["method"] == "tis" else None)
-        # the evaluation the final gold and KL read: the mode's flags, as each run took them
-        flags = dict(zip(mode["flags"].split()[::2], mode["flags"].split()[1::2]))
         for flag, value in flags.items():
             assert str(a[flag.removeprefix("--")]) == value, (r["folder"], flag)
         assert a["cpu_share_cores"] == (r["n"] == 1 and bool(mode.get("share_cores_at_n1"))), r["folder"]
