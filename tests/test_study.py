@@ -506,7 +506,11 @@ def check_verdicts(raw: Raw, learns: dict) -> dict:
 
 def check_report(results_dir: str) -> dict:
     """Every table and verdict of results.md, from raw/ alone. Returns the verdicts, as check_verdicts does."""
-    raw = read_study(results_dir)
+    return check_study(read_study(results_dir), results_dir)
+
+
+def check_study(raw: Raw, results_dir: str) -> dict:
+    """check_report, on the study read already."""
     check_runs(raw)
     check_stage_table(raw)
     learns = check_learning_table(raw)
@@ -1100,7 +1104,7 @@ def test_the_committed_study_tables_and_verdicts_match_its_raw_metrics():
         "lr_seeds": [1, 2],
         "share_cores_at_n1": True,
     }
-    check_report(path)
+    check_study(raw, path)
     check_run_order(raw.record)
     for r in raw.runs:
         assert r["args"]["eval_prompts"] == 256
